@@ -1,0 +1,33 @@
+"""Shared defaults for every run config; the mesh configs change only the mesh and rule table."""
+
+from ml_collections import ConfigDict, config_dict
+
+
+def get_config() -> ConfigDict:
+  config = ConfigDict()
+  config.mesh = "1x8"  # batch x model
+  config.rules = "tensor_parallel"  # tensor_parallel | data_parallel | fsdp | tp_fsdp
+  config.rule_overrides = ""  # e.g. "mlp=None,embed=batch+model"
+  config.platform = ""  # "" = JAX's default backend; "cpu" forces simulated CPU devices
+  config.num_cpu_devices = 0  # 0 = as many as the mesh needs
+  config.seed = 0
+  config.batch_size = 8
+  config.seq_len = 16
+  config.fit_to_host_memory = True  # on CPU, run fewer layers (and say so) if the model would not fit
+  config.host_memory_fraction = 0.5
+  config.report = ""  # path of a JSON report
+
+  config.model = ConfigDict()
+  config.model.preset = "qwen2.5-7b"
+  config.model.hf_config = ""  # path to an HF config.json (or its directory) instead of a preset
+  config.model.param_dtype = "float32"
+  config.model.dtype = "float32"
+  config.model.scan_layers = True
+  # Architecture overrides (None = as in the preset / config.json).
+  for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+               "head_dim", "vocab_size"):
+    config.model[name] = config_dict.placeholder(int)
+  config.model.tie_word_embeddings = config_dict.placeholder(bool)
+  config.model.rope_theta = config_dict.placeholder(float)
+  config.model.initializer_range = config_dict.placeholder(float)
+  return config

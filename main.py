@@ -1,0 +1,18 @@
+"""qwen_logical main job: python main.py --config=configs/tp8.py [--config.mesh=2x4 ...]."""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tp8.py", "Run config (see configs/).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  from qwen_logical.run import run
+  run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

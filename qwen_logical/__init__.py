@@ -1,0 +1,32 @@
+"""qwen_logical: Qwen2 / Qwen2.5 in Flax with logical-axis sharding rules.
+
+One model definition, annotated with logical axis names (`qwen_logical.axes`),
+runs on any ('batch', 'model') mesh under any rule table (`qwen_logical.rules`).
+
+    import qwen_logical as ql
+    ql.simulate_cpu_devices(8)            # before JAX starts, on a laptop
+    cfg = ql.preset("qwen2.5-0.5b")
+    part = ql.Partitioner(cfg, ql.make_mesh("1x8"), ql.get_table("tensor_parallel"))
+    params = part.init(seed=0)            # created directly in shards
+    print(ql.sharding_report(part, params).format())
+    logits = part.forward(params, tokens)
+"""
+
+from qwen_logical import axes
+from qwen_logical.config import PRESETS, ConfigError, ModelConfig, from_hf_config, preset, to_hf_config
+from qwen_logical.head_plan import HeadLayout, HeadLayoutError, plan_heads
+from qwen_logical.hf_params import CheckpointError, flax_from_hf, hf_from_flax, tensor_specs
+from qwen_logical.mesh import MeshError, make_mesh, parse_mesh_shape, simulate_cpu_devices
+from qwen_logical.model import Qwen2ForCausalLM
+from qwen_logical.partitioner import Partitioner
+from qwen_logical.report import ShardingReport, sharding_report
+from qwen_logical.rules import TABLES, RuleError, RuleTable, get_table, parse_overrides
+from qwen_logical.collectives import count_collectives
+
+__all__ = [
+    "axes", "PRESETS", "ConfigError", "ModelConfig", "from_hf_config", "preset", "to_hf_config",
+    "HeadLayout", "HeadLayoutError", "plan_heads", "CheckpointError", "flax_from_hf", "hf_from_flax",
+    "tensor_specs", "MeshError", "make_mesh", "parse_mesh_shape", "simulate_cpu_devices",
+    "Qwen2ForCausalLM", "Partitioner", "ShardingReport", "sharding_report", "TABLES", "RuleError",
+    "RuleTable", "get_table", "parse_overrides", "count_collectives",
+]

@@ -1,0 +1,187 @@
+"""Qwen2 building blocks as Flax Linen modules, annotated with logical axis names only.
+
+Shape letters: B batch, L query length, S key length, E embed, H query heads
+(layout count), K KV heads (layout count), D head_dim, I mlp, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_logical import axes as ax
+from qwen_logical.config import ModelConfig
+from qwen_logical.head_plan import PADDING, HeadLayout
+
+Initializer = Callable[..., jax.Array]
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's sharding by logical names (resolved by the bound rule table)."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def head_keyed_init(base: Initializer, source: np.ndarray, head_axis: int) -> Initializer:
+  """Initializer whose slice for layout head j depends only on (key, source[j]).
+
+  Every mesh therefore builds the same canonical model: repeated KV heads get
+  identical values, padded query heads (source PADDING) are zero, and no shard
+  needs values that belong to another shard.
+  """
+  source = np.asarray(source)
+
+  def init(key, shape, dtype=jnp.float32):
+    per_head = tuple(shape[:head_axis]) + tuple(shape[head_axis + 1:])
+
+    def one_head(index):
+      value = base(jax.random.fold_in(key, jnp.maximum(index, 0)), per_head, dtype)
+      return jnp.where(index == PADDING, jnp.zeros_like(value), value)
+
+    return jax.vmap(one_head, out_axes=head_axis)(jnp.asarray(source, jnp.int32))
+
+  return init
+
+
+def logical_param(module: nn.Module, name: str, init: Initializer, shape, names, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), dtype)
+
+
+class RMSNorm(nn.Module):
+  """x: [..., E] -> [..., E]; statistics in float32 as in HF Qwen2RMSNorm. Param scale: (norm,)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],), (ax.NORM,), _dtype(cfg.param_dtype))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    return scale.astype(_dtype(cfg.dtype)) * normed.astype(_dtype(cfg.dtype))
+
+
+class Embedder(nn.Module):
+  """Token embedding, param `embedding`: (vocab, embed). Also the tied output projection."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = logical_param(self, "embedding", nn.initializers.normal(cfg.initializer_range),
+                            (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED),
+                            _dtype(cfg.param_dtype))
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """tokens int[B, L] -> [B, L, E] (activation_batch, activation_length, activation_embed)."""
+    x = jnp.take(self.embedding, tokens, axis=0).astype(_dtype(self.config.dtype))
+    return constrain(x, ax.EMBED_ACTIVATION)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """x [B, L, E] -> logits [B, L, V] with the embedding transposed (tied weights)."""
+    dtype = _dtype(self.config.dtype)
+    return jnp.einsum("ble,ve->blv", x, self.embedding.astype(dtype))
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Half-split (rotate_half) RoPE. x [B, L, N, D], positions int[B, L]; angles in float32."""
+  dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  first, second = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention in the head layout.
+
+  Params: q_kernel (embed, heads, head_dim), q_bias (heads, head_dim),
+  k/v_kernel (embed, kv_heads, head_dim), k/v_bias (kv_heads, head_dim),
+  o_kernel (heads, head_dim, embed) — no o bias, as in Qwen2.
+  """
+
+  config: ModelConfig
+  layout: HeadLayout
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array) -> jax.Array:
+    """x [B, L, E], positions int[B, L], bias f32[B, 1, L, S] (0 or -inf-like) -> [B, L, E]."""
+    cfg, layout = self.config, self.layout
+    dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    e, d = cfg.hidden_size, cfg.head_dim
+    h, k = layout.layout_num_heads, layout.layout_num_kv_heads
+    q_src, kv_src = layout.query_head_source(), layout.kv_head_source()
+    normal = nn.initializers.normal(cfg.initializer_range)
+
+    def project(name, src, heads, head_axis_name, activation_names):
+      kernel = logical_param(self, f"{name}_kernel", head_keyed_init(normal, src, 1), (e, heads, d),
+                      (ax.EMBED, head_axis_name, ax.HEAD_DIM), pdtype)
+      bias_ = logical_param(self, f"{name}_bias", head_keyed_init(normal, src, 0), (heads, d),
+                     (head_axis_name, ax.HEAD_DIM), pdtype)
+      y = jnp.einsum("ble,ehd->blhd", x, kernel.astype(dtype)) + bias_.astype(dtype)
+      return constrain(y, activation_names)
+
+    q = project("q", q_src, h, ax.HEADS, ax.QUERY_ACTIVATION)
+    key = project("k", kv_src, k, ax.KV_HEADS, ax.KV_ACTIVATION)
+    value = project("v", kv_src, k, ax.KV_HEADS, ax.KV_ACTIVATION)
+    q = rotary_embedding(q, positions, cfg.rope_theta)
+    key = rotary_embedding(key, positions, cfg.rope_theta)
+
+    b, l = q.shape[:2]
+    grouped = q.reshape(b, l, k, h // k, d)  # layout head j uses KV head j // (h // k)
+    scores = jnp.einsum("blkgd,bskd->bkgls", grouped, key).astype(jnp.float32)
+    scores = scores * (d ** -0.5) + bias[:, :, None]
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, value).reshape(b, l, h, d)
+    out = constrain(out, ax.QUERY_ACTIVATION)
+
+    o_kernel = logical_param(self, "o_kernel", head_keyed_init(normal, q_src, 0), (h, d, e),
+                      (ax.HEADS, ax.HEAD_DIM, ax.EMBED), pdtype)
+    y = jnp.einsum("blhd,hde->ble", out, o_kernel.astype(dtype))
+    return constrain(y, ax.EMBED_ACTIVATION)
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)). gate/up (embed, mlp), down (mlp, embed)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [B, L, E] -> [B, L, E]."""
+    cfg = self.config
+    dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    normal = nn.initializers.normal(cfg.initializer_range)
+    e, i = cfg.hidden_size, cfg.intermediate_size
+    gate = logical_param(self, "gate_kernel", normal, (e, i), (ax.EMBED, ax.MLP), pdtype)
+    up = logical_param(self, "up_kernel", normal, (e, i), (ax.EMBED, ax.MLP), pdtype)
+    down = logical_param(self, "down_kernel", normal, (i, e), (ax.MLP, ax.EMBED), pdtype)
+    hidden = jax.nn.silu(x @ gate.astype(dtype)) * (x @ up.astype(dtype))
+    hidden = constrain(hidden, ax.MLP_ACTIVATION)
+    y = hidden @ down.astype(dtype)
+    return constrain(y, ax.EMBED_ACTIVATION)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). Scan-compatible."""
+
+  config: ModelConfig
+  layout: HeadLayout
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array):
+    """x [B, L, E] -> ([B, L, E], None)."""
+    h = x + Attention(self.config, self.layout, name="attention")(
+        RMSNorm(self.config, name="input_norm")(x), positions, bias)
+    out = h + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_norm")(h))
+    return constrain(out, ax.EMBED_ACTIVATION), None

@@ -1,0 +1,119 @@
+"""The sharding report: per parameter, logical axes -> mesh axes -> shard shape -> bytes per device."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from qwen_logical.partitioner import Partitioner, _path_str
+from qwen_logical.rules import format_mesh_axes
+
+
+@dataclasses.dataclass
+class ParamRow:
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  logical: tuple
+  mesh_axes: tuple
+  shard_shape: tuple[int, ...]
+  bytes_total: int
+  bytes_per_device: int
+
+  @property
+  def replicated(self) -> bool:
+    return all(a is None for a in self.mesh_axes)
+
+
+@dataclasses.dataclass
+class ShardingReport:
+  name: str
+  devices: int
+  head_plan: str
+  rows: list[ParamRow]
+  bytes_by_device: dict[str, int]  # measured from the arrays when given, else expected from specs
+  canonical_bytes: int  # the HF model's parameter bytes (no padding/repetition)
+
+  @property
+  def replicated(self) -> list[str]:
+    return [r.path for r in self.rows if r.replicated]
+
+  @property
+  def total_bytes(self) -> int:
+    return sum(r.bytes_total for r in self.rows)
+
+  def to_dict(self) -> dict:
+    return {"name": self.name, "devices": self.devices, "head_plan": self.head_plan,
+            "total_bytes": self.total_bytes, "canonical_bytes": self.canonical_bytes,
+            "bytes_by_device": self.bytes_by_device, "replicated": self.replicated,
+            "params": [dataclasses.asdict(r) for r in self.rows]}
+
+  def format(self) -> str:
+    header = ("parameter", "shape", "logical axes", "mesh axes", "shard shape", "MiB/device")
+    lines = [tuple(map(str, (
+        r.path, "x".join(map(str, r.shape)), _axes(r.logical), _axes(r.mesh_axes, mesh=True),
+        "x".join(map(str, r.shard_shape)), f"{r.bytes_per_device / 2**20:.3f}"
+        + ("  replicated" if r.replicated and self.devices > 1 else "")))) for r in self.rows]
+    widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [f"Sharding of {self.name} ({self.devices} devices)", f"Head layout: {self.head_plan}",
+           fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*row) for row in lines]
+    total = self.total_bytes
+    overhead = total / self.canonical_bytes - 1 if self.canonical_bytes else 0.0
+    out.append(f"Total parameters: {total / 2**20:.2f} MiB in the mesh layout "
+               f"({overhead:+.2%} vs the HF model's {self.canonical_bytes / 2**20:.2f} MiB).")
+    per_device = ", ".join(f"{d}: {b / 2**20:.2f}" for d, b in self.bytes_by_device.items())
+    out.append(f"Per-device MiB: {per_device}")
+    if self.devices > 1:
+      rep = self.replicated
+      out.append(f"Replicated on every device ({len(rep)}): "
+                 + (", ".join(rep) if rep else "none"))
+    return "\n".join(out)
+
+
+def _axes(values, mesh: bool = False) -> str:
+  if mesh:
+    return "(" + ", ".join(format_mesh_axes(v) for v in values) + ")"
+  return "(" + ", ".join(str(v) for v in values) + ")"
+
+
+def _shard_shape(shape, spec: PartitionSpec, mesh_shape) -> tuple[int, ...]:
+  out = []
+  for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    out.append(size // math.prod(mesh_shape[n] for n in names))
+  return tuple(out)
+
+
+def sharding_report(partitioner: Partitioner, params=None) -> ShardingReport:
+  """The report for `partitioner`; with `params`, per-device bytes are measured from the arrays."""
+  p = partitioner
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  logical = jax.tree_util.tree_leaves(p.logical_specs, is_leaf=is_spec)
+  shapes = jax.tree_util.tree_leaves_with_path(p.param_shapes)
+  shardings = jax.tree_util.tree_leaves(p.param_shardings)
+  rows = []
+  for (path, shape), names, sharding in zip(shapes, logical, shardings):
+    spec = sharding.spec
+    mesh_axes = tuple(spec) + (None,) * (len(shape.shape) - len(spec))
+    shard = _shard_shape(shape.shape, spec, p.mesh_shape)
+    itemsize = np.dtype(shape.dtype).itemsize
+    rows.append(ParamRow(_path_str(path), tuple(shape.shape), str(shape.dtype), tuple(names), mesh_axes,
+                         shard, math.prod(shape.shape) * itemsize, math.prod(shard) * itemsize))
+  by_device: dict[str, int] = defaultdict(int)
+  if params is not None:
+    for array in jax.tree_util.tree_leaves(params):
+      for shard in array.addressable_shards:
+        by_device[str(shard.device.id)] += shard.data.nbytes
+  else:
+    for device in p.mesh.devices.flat:
+      by_device[str(device.id)] = sum(r.bytes_per_device for r in rows)
+  cfg = p.config
+  canonical = cfg.num_parameters * np.dtype(cfg.param_dtype).itemsize
+  return ShardingReport(p.name, p.mesh.devices.size, p.layout.describe(), rows, dict(by_device), canonical)

@@ -1,0 +1,130 @@
+"""The main job: model on a mesh under a rule table, sharded init, report, forward pass, timings."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+
+from qwen_logical import memory
+from qwen_logical.config import ModelConfig, from_hf_config, preset
+from qwen_logical.mesh import make_mesh, parse_mesh_shape, simulate_cpu_devices
+
+ARCHITECTURE_OVERRIDES = ("num_layers", "hidden_size", "intermediate_size", "num_heads",
+                          "num_kv_heads", "head_dim", "vocab_size", "tie_word_embeddings",
+                          "rope_theta", "initializer_range")
+
+
+def model_config_from(config: ConfigDict) -> ModelConfig:
+  """The ModelConfig a run config asks for: a preset or an HF config.json, then overrides."""
+  m = config.model
+  overrides = {k: m[k] for k in ARCHITECTURE_OVERRIDES if k in m and m[k] is not None}
+  overrides.update(param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers)
+  if m.get("hf_config"):
+    return from_hf_config(m.hf_config, **overrides)
+  return preset(m.preset).replace(**overrides)
+
+
+def fit_layers_to_host(cfg: ModelConfig, budget_fraction: float, explicit_layers: bool) -> tuple[ModelConfig, str]:
+  """Reduces the layer count when the parameters would not fit the host; says so, never silently."""
+  itemsize = np.dtype(cfg.param_dtype).itemsize
+  per_layer = (cfg.replace(num_layers=2).num_parameters - cfg.replace(num_layers=1).num_parameters) * itemsize
+  fixed = cfg.num_parameters * itemsize - cfg.num_layers * per_layer
+  budget = int(memory.available_host_bytes() * budget_fraction)
+  need = fixed + cfg.num_layers * per_layer
+  if need <= budget:
+    return cfg, ""
+  fit = memory.layers_that_fit(fixed, int(per_layer * 1.15), budget, cfg.num_layers)  # 15%: head plan + buffers
+  message = (f"{cfg.name} with {cfg.num_layers} layers needs {need / 2**30:.1f} GiB of parameters in "
+             f"{cfg.param_dtype}; this host allows {budget / 2**30:.1f} GiB "
+             f"({budget_fraction:.0%} of available memory).")
+  if explicit_layers:
+    return cfg, message + " Running the requested layer count anyway (--config.model.num_layers was set)."
+  reduced = cfg.replace(num_layers=fit)
+  return reduced, (message + f" RUNNING A REDUCED VARIANT: {fit} of {cfg.num_layers} layers, every other "
+                   "dimension as in the full model. Set --config.model.num_layers to choose, or run on a "
+                   "host with more memory for the full model.")
+
+
+def setup_devices(config: ConfigDict) -> None:
+  """Simulated CPU devices for the mesh, before JAX initialises (no-op for accelerators)."""
+  batch, model = parse_mesh_shape(config.mesh)
+  count = config.num_cpu_devices if config.num_cpu_devices > 0 else batch * model
+  if config.platform in ("", "cpu"):
+    simulate_cpu_devices(count)
+  if config.platform:
+    import jax
+    jax.config.update("jax_platforms", config.platform)
+
+
+def run(config: ConfigDict) -> dict[str, Any]:
+  """Runs the main job and returns a JSON-able summary."""
+  setup_devices(config)
+  import jax
+  from qwen_logical.partitioner import Partitioner
+  from qwen_logical.report import sharding_report
+  from qwen_logical.rules import get_table
+
+  cfg = model_config_from(config)
+  note = ""
+  if config.fit_to_host_memory and jax.default_backend() == "cpu":
+    cfg, note = fit_layers_to_host(cfg, config.host_memory_fraction, config.model.num_layers is not None)
+    if note:
+      logging.warning(note)
+  mesh = make_mesh(config.mesh)
+  table = get_table(config.rules, config.rule_overrides)
+  logging.info("Model %s: %d layers, hidden %d, %d query / %d KV heads, head_dim %d, mlp %d, vocab %d, "
+               "%.2fB parameters", cfg.name, cfg.num_layers, cfg.hidden_size, cfg.num_heads,
+               cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size, cfg.num_parameters / 1e9)
+  logging.info("Mesh %s on %d %s devices; rule table %s: %s", config.mesh, mesh.devices.size,
+               jax.default_backend(), table.name, table.description)
+  partitioner = Partitioner(cfg, mesh, table)
+  partitioner.check_batch(config.batch_size, config.seq_len)
+
+  timings = {}
+  start = time.perf_counter()
+  params = jax.block_until_ready(partitioner.init(config.seed))
+  timings["init_s"] = time.perf_counter() - start
+  logging.info("Sharded init: %.2f s", timings["init_s"])
+  report = sharding_report(partitioner, params)
+  print(report.format(), flush=True)
+
+  tokens = np.random.RandomState(config.seed).randint(0, cfg.vocab_size, (config.batch_size, config.seq_len))
+  mask = np.ones_like(tokens)
+  start = time.perf_counter()
+  compiled = partitioner.lower_forward(config.batch_size, config.seq_len).compile()
+  timings["compile_s"] = time.perf_counter() - start
+  logging.info("Compile forward [%d, %d]: %.2f s", config.batch_size, config.seq_len, timings["compile_s"])
+  from qwen_logical.collectives import count_collectives
+  collectives = {k: v for k, v in count_collectives(compiled.as_text()).items() if v["count"]}
+  start = time.perf_counter()
+  logits = jax.block_until_ready(compiled(params, tokens.astype(np.int32), mask.astype(np.int32)))
+  timings["run_s"] = time.perf_counter() - start
+  logging.info("Forward pass: %.3f s (%.1f tokens/s)", timings["run_s"], tokens.size / timings["run_s"])
+
+  host_logits = np.asarray(logits)
+  summary = {
+      "model": cfg.name, "num_layers": cfg.num_layers, "mesh": config.mesh, "rules": table.name,
+      "devices": int(mesh.devices.size), "backend": jax.default_backend(), "note": note,
+      "head_plan": partitioner.layout.describe(), "timings": timings,
+      "logits_shape": list(host_logits.shape), "logits_sharding": str(logits.sharding.spec),
+      "logits_mean": float(host_logits.mean()), "logits_std": float(host_logits.std()),
+      "next_tokens": host_logits[:, -1].argmax(-1).tolist(), "collectives": collectives,
+      "bytes_by_device": report.bytes_by_device, "replicated": report.replicated,
+  }
+  print(f"\nForward pass on a [{config.batch_size}, {config.seq_len}] batch: logits {tuple(host_logits.shape)} "
+        f"sharded {logits.sharding.spec}, mean {summary['logits_mean']:+.4f}, std {summary['logits_std']:.4f}")
+  print(f"Collectives in the compiled forward: {collectives or 'none'}")
+  print(f"Timings: init {timings['init_s']:.2f} s, compile {timings['compile_s']:.2f} s, "
+        f"run {timings['run_s']:.3f} s")
+  if note:
+    print(f"NOTE: {note}")
+  if config.report:
+    with open(config.report, "w") as f:
+      json.dump({"summary": summary, "sharding": report.to_dict()}, f, indent=1, default=str)
+    logging.info("Wrote report to %s", config.report)
+  return summary
