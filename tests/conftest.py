@@ -1,0 +1,24 @@
+"""Every test process sees 8 simulated CPU devices (set before JAX initialises)."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from qwen_logical.mesh import make_mesh  # noqa: E402
+
+MESHES = ("1x1", "1x8", "2x4", "4x2", "8x1")
+
+
+def mesh_of(shape: str):
+  """The mesh for `shape`; 1x1 uses the first device only."""
+  return make_mesh(shape, devices=jax.devices()[:1] if shape == "1x1" else None)
+
+
+@pytest.fixture(scope="session")
+def eight_devices():
+  assert len(jax.devices()) == 8, "tests expect 8 simulated CPU devices"
+  return jax.devices()

@@ -1,0 +1,87 @@
+"""Per-device bytes and the collectives of the compiled forward pass under tensor parallelism."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import mesh_of
+from qwen_logical.collectives import count_collectives
+from qwen_logical.config import preset
+from qwen_logical.partitioner import Partitioner
+from qwen_logical.report import sharding_report
+from qwen_logical.rules import get_table
+
+CONFIG = preset("tiny")
+
+
+def test_tensor_parallel_bytes_per_device():
+  part = Partitioner(CONFIG, mesh_of("1x8"), get_table("tensor_parallel"))
+  params = part.init(seed=0)
+  report = sharding_report(part, params)
+  # Expectation from first principles: under Megatron TP only norm scales are replicated;
+  # everything else is split 8 ways.
+  expected_replicated = {"final_norm/scale", "layers/input_norm/scale", "layers/post_attention_norm/scale"}
+  assert set(report.replicated) == expected_replicated
+  sizes = {"/".join(str(k.key) for k in path): leaf.size * leaf.dtype.itemsize
+           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  replicated = sum(b for name, b in sizes.items() if name in expected_replicated)
+  sharded = sum(b for name, b in sizes.items() if name not in expected_replicated)
+  expected = sharded // 8 + replicated
+  assert len(report.bytes_by_device) == 8
+  for device, measured in report.bytes_by_device.items():
+    assert measured == expected, device
+  assert sharded / 8 / (sharded / 8 + replicated) > 0.95
+  text = report.format()
+  for name in expected_replicated:
+    assert name in text
+  assert "Per-device MiB" in text and "query groups padded 7 -> 8" in text
+
+
+def test_fsdp_bytes_are_spread_over_every_device():
+  part = Partitioner(CONFIG, mesh_of("2x4"), get_table("fsdp"))
+  report = sharding_report(part, part.init(seed=0))
+  total = report.total_bytes
+  replicated = sum(r.bytes_total for r in report.rows if r.replicated)
+  assert all(b == (total - replicated) // 8 + replicated for b in report.bytes_by_device.values())
+
+
+def _collectives(table, mesh, layers=3):
+  cfg = CONFIG.replace(num_layers=layers, scan_layers=False)
+  part = Partitioner(cfg, mesh_of(mesh), get_table(table))
+  return count_collectives(part.lower_forward(8, 12).compile().as_text())
+
+
+def test_tensor_parallel_forward_has_only_the_designed_collectives():
+  """Per layer one all-reduce after attention and one after the MLP, plus one for the
+  vocab-parallel embedding lookup; the logits stay vocab-sharded. Any all-gather fails."""
+  layers = 3
+  counts = _collectives("tensor_parallel", "1x8", layers)
+  assert counts["all-reduce"]["count"] == 2 * layers + 1
+  activation_bytes = 8 * 12 * CONFIG.hidden_size * 4
+  assert counts["all-reduce"]["bytes"] == (2 * layers + 1) * activation_bytes
+  for kind in ("all-gather", "reduce-scatter", "all-to-all", "collective-permute"):
+    assert counts[kind]["count"] == 0, (kind, counts)
+
+
+def test_data_parallel_forward_has_no_collectives():
+  counts = _collectives("data_parallel", "1x8")
+  assert all(v["count"] == 0 for v in counts.values()), counts
+
+
+def test_fsdp_forward_gathers_weights():
+  counts = _collectives("fsdp", "1x8")
+  assert counts["all-gather"]["count"] >= 7 * 3  # every layer's kernels are gathered
+  assert counts["all-reduce"]["count"] == 0
+
+
+def test_count_collectives_parses_async_and_tuples():
+  text = """
+  %ar = f32[4,8]{1,0} all-reduce(%x), replica_groups={}
+  %ag-start = (f32[2]{0}, f32[8]{0}) all-gather-start(%y)
+  %z = bf16[16]{0} add(%a, %b)
+  """
+  counts = count_collectives(text)
+  assert counts["all-reduce"] == {"count": 1, "bytes": 128}
+  assert counts["all-gather"] == {"count": 1, "bytes": 40}
