@@ -62,8 +62,8 @@ class ShardingReport:
     widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [f"Sharding of {self.name} ({self.devices} devices)", f"Head layout: {self.head_plan}",
-           fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*row) for row in lines]
+           fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*row).rstrip() for row in lines]
     total = self.total_bytes
     overhead = total / self.canonical_bytes - 1 if self.canonical_bytes else 0.0
     out.append(f"Total parameters: {total / 2**20:.2f} MiB in the mesh layout "
