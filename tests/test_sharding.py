@@ -85,3 +85,18 @@ def test_count_collectives_parses_async_and_tuples():
   counts = count_collectives(text)
   assert counts["all-reduce"] == {"count": 1, "bytes": 128}
   assert counts["all-gather"] == {"count": 1, "bytes": 40}
+
+
+def test_sharded_init_never_builds_a_full_parameter():
+  """The compiled init holds only shard-sized arrays of every sharded parameter (per device)."""
+  import re
+  part = Partitioner(CONFIG, mesh_of("1x8"), get_table("tensor_parallel"))
+  part.init(seed=0)
+  hlo = part._init_jit.lower(jax.random.key(0)).compile().as_text()
+  shapes = {tuple(int(d) for d in m.split(",") if d) for m in re.findall(r"[a-z]+\d*\[([\d,]*)\]", hlo)}
+  largest = max(math.prod(s) for s in shapes)
+  sharded = [r for r in sharding_report(part).rows if not r.replicated]
+  smallest_full = min(math.prod(r.shape) for r in sharded if math.prod(r.shape) >= 8 * 1024)
+  # Every big parameter (embedding, lm_head, q/o/mlp kernels) exists only as its 1/8 shards.
+  assert largest < smallest_full, (largest, smallest_full)
+  assert largest == max(math.prod(r.shard_shape) for r in sharded)
