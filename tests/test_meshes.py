@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import MESHES, mesh_of
+from qwen_logical import axes as ax
 from qwen_logical.config import preset
 from qwen_logical.partitioner import Partitioner
 from qwen_logical.rules import TABLES, get_table
@@ -29,7 +30,10 @@ def _top100(logits):
 @pytest.mark.parametrize("mesh", MESHES)
 def test_mesh_and_table_match_single_device(mesh, table):
   part = Partitioner(CONFIG, mesh_of(mesh), get_table(table))
-  logits = np.asarray(part.forward(part.init(seed=0), TOKENS))
+  output = part.forward(part.init(seed=0), TOKENS)
+  # Rules are bound per Partitioner: the jit cache never hands back another table's program.
+  assert output.sharding.spec == part.sharding(ax.LOGITS_ACTIVATION).spec
+  logits = np.asarray(output)
   expected = reference_logits(True)
   assert expected.std() > 0.5
   assert np.abs(logits - expected).max() <= 1e-5
