@@ -14,7 +14,7 @@ def get_config() -> ConfigDict:
   config.batch_size = 8
   config.seq_len = 16
   config.fit_to_host_memory = True  # on CPU, run fewer layers (and say so) if the model would not fit
-  config.host_memory_fraction = 0.3  # sharded init on CPU peaks near 2.4x the parameter bytes
+  config.host_memory_fraction = 0.7  # of available memory, for parameters plus init temporaries
   config.report = ""  # path of a JSON report
 
   config.model = ConfigDict()

@@ -114,13 +114,23 @@ class Partitioner:
     return self.model.init(key, tokens)
 
   def init(self, seed: int = 0) -> Params:
-    """Random parameters created directly in their shards (nothing full-size on one device)."""
+    """Random parameters created directly in their shards (nothing full-size on one device).
+
+    One jitted program per parameter (XLA drops the others' computations), so the
+    host's peak holds the finished shards plus one parameter's temporaries only.
+    """
     if self._init_jit is None:
-      def init_fn(key):
+      def init_one(path, key):
         with self.bound():
-          return nn.meta.unbox(self._init_variables(key)["params"])
-      self._init_jit = jax.jit(init_fn, out_shardings=self.param_shardings)
-    return self._init_jit(jax.random.key(seed))
+          leaves = dict(jax.tree_util.tree_leaves_with_path(
+              nn.meta.unbox(self._init_variables(key)["params"])))
+          return leaves[path]
+      self._init_jit = {
+          path: jax.jit(functools.partial(init_one, path), out_shardings=sharding)
+          for path, sharding in jax.tree_util.tree_leaves_with_path(self.param_shardings)}
+    key = jax.random.key(seed)
+    leaves = [jax.block_until_ready(fn(key)) for fn in self._init_jit.values()]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self.param_shapes), leaves)
 
   def place(self, host_params: Params) -> Params:
     """Puts layout-shaped host (numpy) params onto the mesh, checking every shape first."""
