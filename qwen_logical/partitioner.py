@@ -30,7 +30,7 @@ from qwen_logical.rules import RuleTable
 Params = Any  # nested dict of arrays, Flax layout
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
@@ -73,7 +73,7 @@ class Partitioner:
         self.logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     shapes = jax.tree_util.tree_leaves(self.param_shapes)
     for (path, spec), shape in zip(specs, shapes):
-      problems += validation.check_array(f"parameter {_path_str(path)} {tuple(shape.shape)}",
+      problems += validation.check_array(f"parameter {path_str(path)} {tuple(shape.shape)}",
                                          shape.shape, tuple(spec), self.table, self.mesh_shape)
     cfg, lay = self.config, self.layout
     activations = {
@@ -135,15 +135,15 @@ class Partitioner:
   def place(self, host_params: Params) -> Params:
     """Puts layout-shaped host (numpy) params onto the mesh, checking every shape first."""
     expected = jax.tree_util.tree_leaves_with_path(self.param_shapes)
-    flat = dict((_path_str(p), v) for p, v in jax.tree_util.tree_leaves_with_path(host_params))
+    flat = dict((path_str(p), v) for p, v in jax.tree_util.tree_leaves_with_path(host_params))
     for path, shape in expected:
-      key = _path_str(path)
+      key = path_str(path)
       if key not in flat:
         raise ValueError(f"parameter {key} is missing; expected shape {tuple(shape.shape)}")
       if tuple(np.shape(flat[key])) != tuple(shape.shape):
         raise ValueError(f"parameter {key} has shape {tuple(np.shape(flat[key]))}, expected "
                          f"{tuple(shape.shape)} (layout of {self.layout.describe()})")
-    extra = set(flat) - {_path_str(p) for p, _ in expected}
+    extra = set(flat) - {path_str(p) for p, _ in expected}
     if extra:
       raise ValueError(f"unexpected parameter(s) {sorted(extra)} for this model config")
     cast = jax.tree_util.tree_map(lambda x, s: np.asarray(x, dtype=s.dtype), host_params, self.param_shapes)

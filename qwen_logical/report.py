@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from qwen_logical.partitioner import Partitioner, _path_str
+from qwen_logical.partitioner import Partitioner, path_str
 from qwen_logical.rules import format_mesh_axes
 
 
@@ -104,7 +104,7 @@ def sharding_report(partitioner: Partitioner, params=None) -> ShardingReport:
     mesh_axes = tuple(spec) + (None,) * (len(shape.shape) - len(spec))
     shard = _shard_shape(shape.shape, spec, p.mesh_shape)
     itemsize = np.dtype(shape.dtype).itemsize
-    rows.append(ParamRow(_path_str(path), tuple(shape.shape), str(shape.dtype), tuple(names), mesh_axes,
+    rows.append(ParamRow(path_str(path), tuple(shape.shape), str(shape.dtype), tuple(names), mesh_axes,
                          shard, math.prod(shape.shape) * itemsize, math.prod(shard) * itemsize))
   by_device: dict[str, int] = defaultdict(int)
   if params is not None:
