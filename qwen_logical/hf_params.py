@@ -1,147 +1,180 @@
 """The HF name map: HF Qwen2ForCausalLM tensors <-> Flax parameters in the head layout.
 
 One table (`tensor_specs`) says, for every HF tensor, which Flax parameter it
-becomes, the HF shape, and how it is transposed/reshaped and laid out by the
-head plan. Conversions in both directions read that table and nothing else.
+becomes, its HF shape, the view that turns it into the canonical Flax shape
+(transposes and reshapes only, so a memory-mapped tensor is not read), and which
+axis carries heads for the head layout plan. Full conversions (`flax_from_hf`,
+`hf_from_flax`) and the slice-wise checkpoint loader all read that table.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from qwen_logical.config import ModelConfig
-from qwen_logical.head_plan import HeadLayout, plan_heads
+from qwen_logical.head_plan import PADDING, HeadLayout, plan_heads
 
 
 class CheckpointError(ValueError):
-  """A tensor that is missing, unexpected or misshaped for the model config."""
+  """A tensor or file that is missing, unexpected, misshaped or corrupt."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-  """One HF tensor: its name and shape, its Flax path, and the two conversions."""
+  """One HF tensor and the Flax parameter it becomes.
+
+  Attributes:
+    hf_name, hf_shape: as in the checkpoint.
+    flax_path: path in the Flax params tree (a stacked `layers` param when scanned).
+    view: HF array -> canonical Flax-shaped array (views only: transpose/reshape).
+    unview: canonical Flax-shaped array -> HF array.
+    head_axis, head_kind: the canonical axis holding heads ('query' or 'kv'), or None.
+    layer: decoder layer index; None for global tensors.
+  """
 
   hf_name: str
   hf_shape: tuple[int, ...]
   flax_path: tuple[str, ...]
-  to_flax: Callable[[np.ndarray], np.ndarray]
-  from_flax: Callable[[np.ndarray], np.ndarray]
-  layer: int | None = None  # decoder layer index, None for global tensors
+  view: Callable[[np.ndarray], np.ndarray]
+  unview: Callable[[np.ndarray], np.ndarray]
+  head_axis: int | None = None
+  head_kind: str | None = None
+  layer: int | None = None
+
+  def layout_shape(self, layout: HeadLayout) -> tuple[int, ...]:
+    """Shape of this tensor in the Flax head layout (one layer, unstacked)."""
+    shape = list(self.view(np.empty(self.hf_shape, np.uint8)).shape)
+    if self.head_axis is not None:
+      shape[self.head_axis] = layout.layout_num_heads if self.head_kind == "query" else layout.layout_num_kv_heads
+    return tuple(shape)
+
+  def read(self, hf_array: np.ndarray, layout: HeadLayout, index: Sequence[slice], dtype) -> np.ndarray:
+    """The `index` slice of the layout-shaped parameter, reading only what it needs from `hf_array`."""
+    canonical = self.view(hf_array)
+    index = tuple(index) + (slice(None),) * (canonical.ndim - len(index))
+    if self.head_axis is None:
+      return np.asarray(canonical[index], dtype=dtype)
+    others = tuple(slice(None) if a == self.head_axis else s for a, s in enumerate(index))
+    source = layout.query_head_source() if self.head_kind == "query" else layout.kv_head_source()
+    source = source[index[self.head_axis]]
+    picked = np.take(canonical[others], np.maximum(source, 0), axis=self.head_axis)
+    picked = np.asarray(picked, dtype=dtype)
+    if (source == PADDING).any():
+      shape = [1] * picked.ndim
+      shape[self.head_axis] = source.size
+      picked = np.where((source != PADDING).reshape(shape), picked, np.zeros((), dtype))
+    return picked
+
+  def to_flax(self, hf_array: np.ndarray, layout: HeadLayout) -> np.ndarray:
+    return self.read(hf_array, layout, (), hf_array.dtype)
+
+  def from_flax(self, value: np.ndarray, layout: HeadLayout) -> np.ndarray:
+    if self.head_axis is not None:
+      value = layout.from_layout(value, axis=self.head_axis, kind=self.head_kind)
+    return self.unview(value)
 
 
-# torch Linear weight (out, in) <-> kernel (in, out).
-_TRANSPOSE = (lambda w: w.T, lambda k: k.T)
+def _transpose(w):
+  """torch Linear weight (out, in) <-> kernel (in, out)."""
+  return w.T
 
 
-def _heads_in(layout: HeadLayout, kind: str, heads: int, head_dim: int):
-  """(heads*head_dim, embed) weight <-> (embed, layout heads, head_dim) kernel."""
-  def to(w):
-    return layout.to_layout(w.T.reshape(w.shape[1], heads, head_dim), axis=1, kind=kind)
-  def back(k):
-    k = layout.from_layout(k, axis=1, kind=kind)
-    return k.reshape(k.shape[0], heads * head_dim).T
-  return to, back
+def _identity(x):
+  return x
 
 
-def _heads_bias(layout: HeadLayout, kind: str, heads: int, head_dim: int):
-  def to(b):
-    return layout.to_layout(b.reshape(heads, head_dim), axis=0, kind=kind)
-  def back(b):
-    return layout.from_layout(b, axis=0, kind=kind).reshape(heads * head_dim)
-  return to, back
-
-
-def _heads_out(layout: HeadLayout, heads: int, head_dim: int):
-  """o_proj (embed, heads*head_dim) <-> (layout heads, head_dim, embed)."""
-  def to(w):
-    return layout.to_layout(w.T.reshape(heads, head_dim, w.shape[0]), axis=0, kind="query")
-  def back(k):
-    k = layout.from_layout(k, axis=0, kind="query")
-    return k.reshape(heads * head_dim, k.shape[-1]).T
-  return to, back
-
-
-_IDENTITY = (lambda x: x, lambda x: x)
-
-
-def tensor_specs(config: ModelConfig, layout: HeadLayout | None = None) -> list[TensorSpec]:
-  """Every HF tensor of `config`, in checkpoint order, with its Flax target."""
-  layout = layout or plan_heads(config.num_heads, config.num_kv_heads, 1)
+def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
+  """Every HF tensor of `config`, in checkpoint order, with its Flax target (layout-independent)."""
   e, i, d = config.hidden_size, config.intermediate_size, config.head_dim
   h, k, v = config.num_heads, config.num_kv_heads, config.vocab_size
-  specs = [TensorSpec("model.embed_tokens.weight", (v, e), ("embed_tokens", "embedding"), *_IDENTITY)]
+
+  def heads_in(n):  # (n*d, e) weight <-> (e, n, d) kernel
+    return (lambda w: w.T.reshape(e, n, d), lambda x: x.reshape(e, n * d).T)
+
+  def heads_bias(n):  # (n*d,) <-> (n, d)
+    return (lambda b: b.reshape(n, d), lambda x: x.reshape(n * d))
+
+  heads_out = (lambda w: w.T.reshape(h, d, e), lambda x: x.reshape(h * d, e).T)
+  specs = [TensorSpec("model.embed_tokens.weight", (v, e), ("embed_tokens", "embedding"), _identity, _identity)]
   for n in range(config.num_layers):
-    pre = f"model.layers.{n}."
     layer = [
-        ("self_attn.q_proj.weight", (h * d, e), ("attention", "q_kernel"), _heads_in(layout, "query", h, d)),
-        ("self_attn.q_proj.bias", (h * d,), ("attention", "q_bias"), _heads_bias(layout, "query", h, d)),
-        ("self_attn.k_proj.weight", (k * d, e), ("attention", "k_kernel"), _heads_in(layout, "kv", k, d)),
-        ("self_attn.k_proj.bias", (k * d,), ("attention", "k_bias"), _heads_bias(layout, "kv", k, d)),
-        ("self_attn.v_proj.weight", (k * d, e), ("attention", "v_kernel"), _heads_in(layout, "kv", k, d)),
-        ("self_attn.v_proj.bias", (k * d,), ("attention", "v_bias"), _heads_bias(layout, "kv", k, d)),
-        ("self_attn.o_proj.weight", (e, h * d), ("attention", "o_kernel"), _heads_out(layout, h, d)),
-        ("mlp.gate_proj.weight", (i, e), ("mlp", "gate_kernel"), _TRANSPOSE),
-        ("mlp.up_proj.weight", (i, e), ("mlp", "up_kernel"), _TRANSPOSE),
-        ("mlp.down_proj.weight", (e, i), ("mlp", "down_kernel"), _TRANSPOSE),
-        ("input_layernorm.weight", (e,), ("input_norm", "scale"), _IDENTITY),
-        ("post_attention_layernorm.weight", (e,), ("post_attention_norm", "scale"), _IDENTITY),
+        ("self_attn.q_proj.weight", (h * d, e), ("attention", "q_kernel"), heads_in(h), 1, "query"),
+        ("self_attn.q_proj.bias", (h * d,), ("attention", "q_bias"), heads_bias(h), 0, "query"),
+        ("self_attn.k_proj.weight", (k * d, e), ("attention", "k_kernel"), heads_in(k), 1, "kv"),
+        ("self_attn.k_proj.bias", (k * d,), ("attention", "k_bias"), heads_bias(k), 0, "kv"),
+        ("self_attn.v_proj.weight", (k * d, e), ("attention", "v_kernel"), heads_in(k), 1, "kv"),
+        ("self_attn.v_proj.bias", (k * d,), ("attention", "v_bias"), heads_bias(k), 0, "kv"),
+        ("self_attn.o_proj.weight", (e, h * d), ("attention", "o_kernel"), heads_out, 0, "query"),
+        ("mlp.gate_proj.weight", (i, e), ("mlp", "gate_kernel"), (_transpose, _transpose), None, None),
+        ("mlp.up_proj.weight", (i, e), ("mlp", "up_kernel"), (_transpose, _transpose), None, None),
+        ("mlp.down_proj.weight", (e, i), ("mlp", "down_kernel"), (_transpose, _transpose), None, None),
+        ("input_layernorm.weight", (e,), ("input_norm", "scale"), (_identity, _identity), None, None),
+        ("post_attention_layernorm.weight", (e,), ("post_attention_norm", "scale"), (_identity, _identity),
+         None, None),
     ]
-    layer_root = ("layers",) if config.scan_layers else (f"layers_{n}",)
-    specs += [TensorSpec(pre + name, shape, layer_root + path, *fns, layer=n)
-              for name, shape, path, fns in layer]
-  specs.append(TensorSpec("model.norm.weight", (e,), ("final_norm", "scale"), *_IDENTITY))
+    root = ("layers",) if config.scan_layers else (f"layers_{n}",)
+    specs += [TensorSpec(f"model.layers.{n}.{name}", shape, root + path, fns[0], fns[1], axis, kind, n)
+              for name, shape, path, fns, axis, kind in layer]
+  specs.append(TensorSpec("model.norm.weight", (e,), ("final_norm", "scale"), _identity, _identity))
   if not config.tie_word_embeddings:
-    specs.append(TensorSpec("lm_head.weight", (v, e), ("lm_head",), *_TRANSPOSE))
+    specs.append(TensorSpec("lm_head.weight", (v, e), ("lm_head",), _transpose, _transpose))
   return specs
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
 
 
-def _get(tree: Mapping, path: tuple[str, ...]):
+def get_path(tree: Mapping, path: tuple[str, ...]):
   for key in path:
     tree = tree[key]
   return tree
+
+
+def check_tensor(spec: TensorSpec, shape: Sequence[int], where: str = "") -> None:
+  if tuple(shape) != spec.hf_shape:
+    raise CheckpointError(f"tensor {spec.hf_name}{where} has shape {tuple(shape)}, expected "
+                          f"{spec.hf_shape} for this config.json.")
 
 
 def flax_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig,
                  layout: HeadLayout | None = None) -> dict:
   """HF-named numpy tensors -> Flax params (numpy, head layout applied, layers stacked if scanned).
 
-  Raises CheckpointError naming the tensor for a missing or misshaped one. Tensors
-  the model does not use are rejected by the checkpoint loader, not here.
+  Raises CheckpointError naming the tensor for a missing or misshaped one.
   """
+  layout = layout or plan_heads(config.num_heads, config.num_kv_heads, 1)
   params: dict = {}
   stacked: dict[tuple[str, ...], list] = {}
-  for spec in tensor_specs(config, layout):
+  for spec in tensor_specs(config):
     if spec.hf_name not in tensors:
       raise CheckpointError(f"tensor {spec.hf_name} is missing; expected shape {spec.hf_shape}.")
     array = np.asarray(tensors[spec.hf_name])
-    if tuple(array.shape) != spec.hf_shape:
-      raise CheckpointError(f"tensor {spec.hf_name} has shape {tuple(array.shape)}, expected "
-                            f"{spec.hf_shape} for this config.")
-    value = spec.to_flax(array)
+    check_tensor(spec, array.shape)
+    value = spec.to_flax(array, layout)
     if spec.layer is not None and config.scan_layers:
       stacked.setdefault(spec.flax_path, []).append(value)
     else:
-      _set(params, spec.flax_path, value)
+      set_path(params, spec.flax_path, value)
   for path, values in stacked.items():
-    _set(params, path, np.stack(values))
+    set_path(params, path, np.stack(values))
   return params
+
+
+def hf_tensor_from_flax(params: Mapping, spec: TensorSpec, config: ModelConfig, layout: HeadLayout) -> np.ndarray:
+  """One HF tensor from Flax params (numpy or jax; a stacked layer is sliced before the host copy)."""
+  value = get_path(params, spec.flax_path)
+  if spec.layer is not None and config.scan_layers:
+    value = value[spec.layer]
+  return np.ascontiguousarray(spec.from_flax(np.asarray(value), layout))
 
 
 def hf_from_flax(params: Mapping, config: ModelConfig, layout: HeadLayout | None = None) -> dict[str, np.ndarray]:
   """Flax params (numpy or jax) -> HF-named numpy tensors, the head plan undone."""
-  result = {}
-  for spec in tensor_specs(config, layout):
-    value = np.asarray(_get(params, spec.flax_path))
-    if spec.layer is not None and config.scan_layers:
-      value = value[spec.layer]
-    result[spec.hf_name] = np.ascontiguousarray(spec.from_flax(value))
-  return result
+  layout = layout or plan_heads(config.num_heads, config.num_kv_heads, 1)
+  return {spec.hf_name: hf_tensor_from_flax(params, spec, config, layout) for spec in tensor_specs(config)}

@@ -1,0 +1,233 @@
+"""HF Qwen2 checkpoint directories: validate, load straight into shards, export.
+
+A directory holds `config.json` and either `model.safetensors` or
+`model.safetensors.index.json` with the shards it names. Everything is checked
+(config, index, every file header, every tensor name and shape) before a byte of
+tensor data is read; then each device's slice of each parameter is read from a
+memory map of its tensor (`jax.make_array_from_callback`), through the HF name
+map and the head layout plan (`hf_params.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from collections import defaultdict
+from typing import Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from qwen_logical import safetensors_io
+from qwen_logical.config import ModelConfig, from_hf_config, to_hf_config
+from qwen_logical.hf_params import CheckpointError, TensorSpec, get_path, hf_tensor_from_flax, tensor_specs
+from qwen_logical.partitioner import Partitioner, path_str
+from qwen_logical.progress import Progress
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some exporters write that are not parameters.
+_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "vocab.json",
+               "merges.txt", "special_tokens_map.json")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """A validated checkpoint: its config and where every tensor the model needs lives."""
+
+  directory: str
+  config: ModelConfig
+  entries: dict[str, safetensors_io.TensorEntry]
+  files: list[str]
+
+  @property
+  def nbytes(self) -> int:
+    return sum(e.nbytes for e in self.entries.values())
+
+  @property
+  def dtypes(self) -> set[str]:
+    return {str(e.dtype) for e in self.entries.values()}
+
+
+def _read_json(path: str, what: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+def _tensor_files(directory: str) -> tuple[list[str], dict[str, str] | None]:
+  index_path = os.path.join(directory, INDEX_FILE)
+  if os.path.exists(index_path):
+    index = _read_json(index_path, "index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise CheckpointError(f"index {index_path} has no 'weight_map'.")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+      if not os.path.exists(os.path.join(directory, name)):
+        owners = [t for t, f in weight_map.items() if f == name]
+        raise CheckpointError(f"index {index_path} names shard {name}, which is missing from {directory} "
+                              f"(it should hold {len(owners)} tensors, e.g. {owners[0]}). Copy the "
+                              "complete checkpoint.")
+    return [os.path.join(directory, f) for f in files], weight_map
+  single = os.path.join(directory, SINGLE_FILE)
+  if os.path.exists(single):
+    return [single], None
+  raise CheckpointError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}; point "
+                        "--config.checkpoint at a Hugging Face model directory.")
+
+
+def open_checkpoint(directory: str, **config_overrides) -> Checkpoint:
+  """Validates a checkpoint directory against its config.json; reads headers only."""
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"checkpoint directory {directory} does not exist.")
+  config = from_hf_config(directory, **config_overrides)
+  files, weight_map = _tensor_files(directory)
+  entries: dict[str, safetensors_io.TensorEntry] = {}
+  for path in files:
+    for name, entry in safetensors_io.read_header(path).items():
+      if name in entries:
+        raise CheckpointError(f"tensor {name} appears in both {entries[name].path} and {path}.")
+      entries[name] = entry
+  if weight_map is not None:
+    for name, file in weight_map.items():
+      if name not in entries:
+        raise CheckpointError(f"index {INDEX_FILE} places tensor {name} in {file}, but that file "
+                              "does not contain it: the checkpoint is incomplete or mixed up.")
+  specs = tensor_specs(config)
+  needed = {s.hf_name for s in specs}
+  missing = [s.hf_name for s in specs if s.hf_name not in entries]
+  if missing:
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    raise CheckpointError(f"{directory} lacks {len(missing)} tensor(s) the config needs: {shown}.")
+  extra = sorted(n for n in entries if n not in needed and not _IGNORED.match(n))
+  if config.tie_word_embeddings and "lm_head.weight" in extra:
+    logging.warning("%s: ignoring lm_head.weight: config.json ties it to the embedding.", directory)
+    extra.remove("lm_head.weight")
+  if extra:
+    raise CheckpointError(f"{directory} has {len(extra)} tensor(s) this Qwen2 model does not use: "
+                          f"{', '.join(extra[:5])}. Is config.json from the same model?")
+  for spec in specs:
+    entry = entries[spec.hf_name]
+    if entry.shape != spec.hf_shape:
+      raise CheckpointError(f"tensor {spec.hf_name} in {os.path.basename(entry.path)} has shape "
+                            f"{entry.shape}, expected {spec.hf_shape} from config.json.")
+  return Checkpoint(directory, config, {n: entries[n] for n in needed}, files)
+
+
+def _leaf_specs(config: ModelConfig) -> dict[tuple[str, ...], list[TensorSpec]]:
+  groups: dict[tuple[str, ...], list[TensorSpec]] = defaultdict(list)
+  for spec in tensor_specs(config):
+    groups[spec.flax_path].append(spec)
+  return groups
+
+
+def load_params(checkpoint: Checkpoint, partitioner: Partitioner, progress: bool = True):
+  """Sharded params: each device's slice read from the files, nothing full-size built first."""
+  config, layout = partitioner.config, partitioner.layout
+  groups = _leaf_specs(config)
+  shapes = jax.tree_util.tree_leaves_with_path(partitioner.param_shapes)
+  shardings = jax.tree_util.tree_leaves(partitioner.param_shardings)
+  bar = Progress(f"Loading {os.path.basename(checkpoint.directory.rstrip('/'))}", len(checkpoint.entries),
+                 checkpoint.nbytes, enabled=progress)
+  leaves = []
+  for (path, shape), sharding in zip(shapes, shardings):
+    key = tuple(str(getattr(k, "key", k)) for k in path)
+    specs = groups[key]
+    stacked = specs[0].layer is not None and config.scan_layers
+    cache: dict = {}
+
+    def read(index, specs=specs, stacked=stacked, dtype=shape.dtype, cache=cache):
+      token = tuple((s.start, s.stop, s.step) for s in index)
+      if token not in cache:
+        if stacked:
+          layers = specs[index[0]]
+          cache[token] = np.stack([s.read(checkpoint.entries[s.hf_name].memmap(), layout, index[1:], dtype)
+                                   for s in layers])
+        else:
+          spec = specs[0]
+          cache[token] = spec.read(checkpoint.entries[spec.hf_name].memmap(), layout, index, dtype)
+      return cache[token]
+
+    leaves.append(jax.make_array_from_callback(tuple(shape.shape), sharding, read))
+    cache.clear()
+    bar.update(len(specs), sum(checkpoint.entries[s.hf_name].nbytes for s in specs))
+  elapsed = bar.close()
+  logging.info("Loaded %d tensors (%.1f MiB) in %.2f s onto %s", len(checkpoint.entries),
+               checkpoint.nbytes / 2**20, elapsed, partitioner.name)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(partitioner.param_shapes), leaves)
+
+
+def load_checkpoint(directory: str, mesh, table, *, param_dtype: str = "float32", dtype: str = "float32",
+                    scan_layers: bool = True, progress: bool = True):
+  """(sharded params, ModelConfig, Partitioner) for an HF directory on `mesh` under rule `table`."""
+  checkpoint = open_checkpoint(directory, param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers)
+  partitioner = Partitioner(checkpoint.config, mesh, table)
+  return load_params(checkpoint, partitioner, progress), checkpoint.config, partitioner
+
+
+def export_checkpoint(params, partitioner: Partitioner, directory: str, *, dtype: str | None = None,
+                      max_shard_bytes: int = 4 * 2**30, copy_files_from: str | None = None,
+                      progress: bool = True) -> list[str]:
+  """Writes params as an HF directory (safetensors shards + index + config.json), head plan undone.
+
+  Returns the files written. `copy_files_from` copies tokenizer and generation
+  config files from another checkpoint directory.
+  """
+  config, layout = partitioner.config, partitioner.layout
+  out_dtype = np.dtype(safetensors_io.DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[
+      dtype or config.param_dtype]])
+  specs = tensor_specs(config)
+  sizes = [int(np.prod(s.hf_shape)) * out_dtype.itemsize for s in specs]
+  shards: list[list[int]] = [[]]
+  used = 0
+  for i, size in enumerate(sizes):
+    if shards[-1] and used + size > max_shard_bytes:
+      shards.append([])
+      used = 0
+    shards[-1].append(i)
+    used += size
+  os.makedirs(directory, exist_ok=True)
+  names = ([SINGLE_FILE] if len(shards) == 1 else
+           [f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))])
+  bar = Progress(f"Exporting to {directory}", len(specs), sum(sizes), enabled=progress)
+  weight_map = {}
+  for name, members in zip(names, shards):
+    def tensors(members=members):
+      for i in members:
+        spec = specs[i]
+        yield spec.hf_name, hf_tensor_from_flax(params, spec, config, layout).astype(out_dtype)
+        bar.update(1, sizes[i])
+    safetensors_io.write_file(os.path.join(directory, name), list(tensors()))
+    weight_map.update({specs[i].hf_name: name for i in members})
+  bar.close()
+  written = [os.path.join(directory, n) for n in names]
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+      json.dump(index, f, indent=2)
+    written.append(os.path.join(directory, INDEX_FILE))
+  hf_config = to_hf_config(config.replace(param_dtype=dtype or config.param_dtype))
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+  written.append(os.path.join(directory, "config.json"))
+  if copy_files_from:
+    for side in _SIDE_FILES:
+      source = os.path.join(copy_files_from, side)
+      if os.path.exists(source):
+        shutil.copy(source, os.path.join(directory, side))
+        written.append(os.path.join(directory, side))
+  return written
+
+
+def tensor_names_by_file(files: Sequence[str]) -> dict[str, list[str]]:
+  """{file: [tensor names]} straight from the headers (for reports and tests)."""
+  return {f: sorted(safetensors_io.read_header(f)) for f in files}
