@@ -12,10 +12,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from qwen_logical.config import ModelConfig
 from qwen_logical.head_plan import PADDING, HeadLayout, plan_heads
+
+
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 class CheckpointError(ValueError):
@@ -51,22 +55,35 @@ class TensorSpec:
       shape[self.head_axis] = layout.layout_num_heads if self.head_kind == "query" else layout.layout_num_kv_heads
     return tuple(shape)
 
-  def read(self, hf_array: np.ndarray, layout: HeadLayout, index: Sequence[slice], dtype) -> np.ndarray:
-    """The `index` slice of the layout-shaped parameter, reading only what it needs from `hf_array`."""
+  def read_into(self, hf_array: np.ndarray, layout: HeadLayout, index: Sequence[slice], out: np.ndarray) -> None:
+    """Writes the `index` slice of the layout-shaped parameter into `out`, reading only that slice.
+
+    `hf_array` may be a memory map: views select the slice before anything is read.
+    """
     canonical = self.view(hf_array)
     index = tuple(index) + (slice(None),) * (canonical.ndim - len(index))
     if self.head_axis is None:
-      return np.asarray(canonical[index], dtype=dtype)
-    others = tuple(slice(None) if a == self.head_axis else s for a, s in enumerate(index))
+      convert_into(out, canonical[index])
+      return
+    axis = self.head_axis
+    others = tuple(slice(None) if a == axis else s for a, s in enumerate(index))
     source = layout.query_head_source() if self.head_kind == "query" else layout.kv_head_source()
-    source = source[index[self.head_axis]]
-    picked = np.take(canonical[others], np.maximum(source, 0), axis=self.head_axis)
-    picked = np.asarray(picked, dtype=dtype)
-    if (source == PADDING).any():
-      shape = [1] * picked.ndim
-      shape[self.head_axis] = source.size
-      picked = np.where((source != PADDING).reshape(shape), picked, np.zeros((), dtype))
-    return picked
+    selected = canonical[others]
+    for position, head in enumerate(source[index[axis]]):
+      target = out[(slice(None),) * axis + (position,)]
+      if head == PADDING:
+        target[...] = 0
+      else:
+        convert_into(target, selected[(slice(None),) * axis + (head,)])
+
+  def read(self, hf_array: np.ndarray, layout: HeadLayout, index: Sequence[slice], dtype) -> np.ndarray:
+    """The `index` slice of the layout-shaped parameter as a new array of `dtype`."""
+    full = [slice(0, n) for n in self.layout_shape(layout)]
+    index = [s if isinstance(s, slice) else slice(s, s + 1) for s in index] + full[len(index):]
+    shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, self.layout_shape(layout)))
+    out = np.empty(shape, dtype)
+    self.read_into(hf_array, layout, index, out)
+    return out
 
   def to_flax(self, hf_array: np.ndarray, layout: HeadLayout) -> np.ndarray:
     return self.read(hf_array, layout, (), hf_array.dtype)
@@ -75,6 +92,14 @@ class TensorSpec:
     if self.head_axis is not None:
       value = layout.from_layout(value, axis=self.head_axis, kind=self.head_kind)
     return self.unview(value)
+
+
+def convert_into(out: np.ndarray, source: np.ndarray) -> None:
+  """out[...] = source cast to out.dtype; bfloat16 -> float32 by a bit shift (exact, fast)."""
+  if source.dtype == _BFLOAT16 and out.dtype == np.float32:
+    np.left_shift(source.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+  else:
+    np.copyto(out, source, casting="unsafe")
 
 
 def _transpose(w):
