@@ -16,6 +16,8 @@ def get_config() -> ConfigDict:
   config.fit_to_host_memory = True  # on CPU, run fewer layers (and say so) if the model would not fit
   config.host_memory_fraction = 0.7  # of available memory, for parameters plus init temporaries
   config.report = ""  # path of a JSON report
+  config.checkpoint = ""  # an HF Qwen2 directory (config.json + safetensors); the architecture comes from it
+  config.export = ""  # write the params as an HF directory here (safetensors shards + index + config)
 
   config.model = ConfigDict()
   config.model.preset = "qwen2.5-7b"

@@ -10,6 +10,10 @@ runs on any ('batch', 'model') mesh under any rule table (`qwen_logical.rules`).
     params = part.init(seed=0)            # created directly in shards
     print(ql.sharding_report(part, params).format())
     logits = part.forward(params, tokens)
+
+    # A Hugging Face directory straight into shards, and back out:
+    params, cfg, part = ql.load_checkpoint("/path/to/Qwen2.5-7B-Instruct", mesh, table)
+    ql.export_checkpoint(params, part, "/tmp/exported")
 """
 
 from qwen_logical import axes
@@ -22,11 +26,14 @@ from qwen_logical.partitioner import Partitioner
 from qwen_logical.report import ShardingReport, sharding_report
 from qwen_logical.rules import TABLES, RuleError, RuleTable, get_table, parse_overrides
 from qwen_logical.collectives import count_collectives
+from qwen_logical.checkpoint import Checkpoint, export_checkpoint, load_checkpoint, load_params, open_checkpoint
+from qwen_logical.tokenizer import Tokenizer, TokenizerError
 
 __all__ = [
     "axes", "PRESETS", "ConfigError", "ModelConfig", "from_hf_config", "preset", "to_hf_config",
     "HeadLayout", "HeadLayoutError", "plan_heads", "CheckpointError", "flax_from_hf", "hf_from_flax",
     "tensor_specs", "MeshError", "make_mesh", "parse_mesh_shape", "simulate_cpu_devices",
     "Qwen2ForCausalLM", "Partitioner", "ShardingReport", "sharding_report", "TABLES", "RuleError",
-    "RuleTable", "get_table", "parse_overrides", "count_collectives",
+    "RuleTable", "get_table", "parse_overrides", "count_collectives", "Checkpoint", "export_checkpoint",
+    "load_checkpoint", "load_params", "open_checkpoint", "Tokenizer", "TokenizerError",
 ]

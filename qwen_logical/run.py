@@ -12,7 +12,7 @@ from ml_collections import ConfigDict
 
 from qwen_logical import memory
 from qwen_logical.config import ModelConfig, from_hf_config, preset
-from qwen_logical.mesh import make_mesh, parse_mesh_shape, simulate_cpu_devices
+from qwen_logical.mesh import make_mesh, mesh_name, parse_mesh_shape, simulate_cpu_devices
 
 ARCHITECTURE_OVERRIDES = ("num_layers", "hidden_size", "intermediate_size", "num_heads",
                           "num_kv_heads", "head_dim", "vocab_size", "tie_word_embeddings",
@@ -75,66 +75,107 @@ def setup_devices(config: ConfigDict) -> None:
     jax.config.update("jax_platforms", config.platform)
 
 
-def run(config: ConfigDict) -> dict[str, Any]:
-  """Runs the main job and returns a JSON-able summary."""
-  setup_devices(config)
+def _model_config_and_params(config: ConfigDict, mesh, table):
+  """(Partitioner, params, note, timings) from a checkpoint directory or a sharded random init."""
   import jax
   from qwen_logical.partitioner import Partitioner
-  from qwen_logical.report import sharding_report
-  from qwen_logical.rules import get_table
 
+  timings: dict[str, float] = {}
+  if config.checkpoint:
+    from qwen_logical.checkpoint import load_params, open_checkpoint
+    overridden = [k for k in ARCHITECTURE_OVERRIDES if config.model.get(k) is not None]
+    if overridden:
+      raise ValueError(f"--config.model.{overridden[0]} cannot change a checkpoint's architecture; the "
+                       f"model comes from {config.checkpoint}/config.json. Drop the override.")
+    checkpoint = open_checkpoint(config.checkpoint, param_dtype=config.model.param_dtype,
+                                 dtype=config.model.dtype, scan_layers=config.model.scan_layers)
+    partitioner = Partitioner(checkpoint.config, mesh, table)
+    _log_model(partitioner, mesh, table)
+    start = time.perf_counter()
+    params = jax.block_until_ready(load_params(checkpoint, partitioner))
+    timings["load_s"] = time.perf_counter() - start
+    return partitioner, params, "", timings
   cfg = model_config_from(config)
   note = ""
   if config.fit_to_host_memory and jax.default_backend() == "cpu":
     cfg, note = fit_layers_to_host(cfg, config.host_memory_fraction, config.model.num_layers is not None)
     if note:
       logging.warning(note)
-  mesh = make_mesh(config.mesh)
-  table = get_table(config.rules, config.rule_overrides)
-  logging.info("Model %s: %d layers, hidden %d, %d query / %d KV heads, head_dim %d, mlp %d, vocab %d, "
-               "%.2fB parameters", cfg.name, cfg.num_layers, cfg.hidden_size, cfg.num_heads,
-               cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size, cfg.num_parameters / 1e9)
-  logging.info("Mesh %s on %d %s devices; rule table %s: %s", config.mesh, mesh.devices.size,
-               jax.default_backend(), table.name, table.description)
   partitioner = Partitioner(cfg, mesh, table)
-  partitioner.check_batch(config.batch_size, config.seq_len)
-
-  timings = {}
+  _log_model(partitioner, mesh, table)
   start = time.perf_counter()
   params = jax.block_until_ready(partitioner.init(config.seed))
   timings["init_s"] = time.perf_counter() - start
   logging.info("Sharded init: %.2f s", timings["init_s"])
-  report = sharding_report(partitioner, params)
-  print(report.format(), flush=True)
+  return partitioner, params, note, timings
 
+
+def _log_model(partitioner, mesh, table) -> None:
+  import jax
+  cfg = partitioner.config
+  logging.info("Model %s: %d layers, hidden %d, %d query / %d KV heads, head_dim %d, mlp %d, vocab %d, "
+               "%.2fB parameters", cfg.name, cfg.num_layers, cfg.hidden_size, cfg.num_heads,
+               cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size, cfg.num_parameters / 1e9)
+  logging.info("Mesh %s on %d %s devices; rule table %s: %s", mesh_name(mesh), mesh.devices.size,
+               jax.default_backend(), table.name, table.description)
+
+
+def _forward_sample(config: ConfigDict, partitioner, params, timings) -> dict[str, Any]:
+  """Compiles and runs the forward pass on a random [batch_size, seq_len] batch."""
+  import jax
+  from qwen_logical.collectives import count_collectives
+
+  cfg = partitioner.config
+  partitioner.check_batch(config.batch_size, config.seq_len)
   tokens = np.random.RandomState(config.seed).randint(0, cfg.vocab_size, (config.batch_size, config.seq_len))
   mask = np.ones_like(tokens)
   start = time.perf_counter()
   compiled = partitioner.lower_forward(config.batch_size, config.seq_len).compile()
   timings["compile_s"] = time.perf_counter() - start
   logging.info("Compile forward [%d, %d]: %.2f s", config.batch_size, config.seq_len, timings["compile_s"])
-  from qwen_logical.collectives import count_collectives
   collectives = {k: v for k, v in count_collectives(compiled.as_text()).items() if v["count"]}
   start = time.perf_counter()
   logits = jax.block_until_ready(compiled(params, tokens.astype(np.int32), mask.astype(np.int32)))
   timings["run_s"] = time.perf_counter() - start
   logging.info("Forward pass: %.3f s (%.1f tokens/s)", timings["run_s"], tokens.size / timings["run_s"])
-
   host_logits = np.asarray(logits)
-  summary = {
+  print(f"\nForward pass on a [{config.batch_size}, {config.seq_len}] batch: logits {tuple(host_logits.shape)} "
+        f"sharded {logits.sharding.spec}, mean {host_logits.mean():+.4f}, std {host_logits.std():.4f}")
+  print(f"Collectives in the compiled forward: {collectives or 'none'}")
+  return {"logits_shape": list(host_logits.shape), "logits_sharding": str(logits.sharding.spec),
+          "logits_mean": float(host_logits.mean()), "logits_std": float(host_logits.std()),
+          "next_tokens": host_logits[:, -1].argmax(-1).tolist(), "collectives": collectives}
+
+
+def run(config: ConfigDict) -> dict[str, Any]:
+  """Runs the main job and returns a JSON-able summary."""
+  setup_devices(config)
+  import jax
+  from qwen_logical.report import sharding_report
+  from qwen_logical.rules import get_table
+
+  mesh = make_mesh(config.mesh)
+  table = get_table(config.rules, config.rule_overrides)
+  partitioner, params, note, timings = _model_config_and_params(config, mesh, table)
+  cfg = partitioner.config
+  report = sharding_report(partitioner, params)
+  print(report.format(), flush=True)
+
+  summary: dict[str, Any] = {
       "model": cfg.name, "num_layers": cfg.num_layers, "mesh": config.mesh, "rules": table.name,
       "devices": int(mesh.devices.size), "backend": jax.default_backend(), "note": note,
       "head_plan": partitioner.layout.describe(), "timings": timings,
-      "logits_shape": list(host_logits.shape), "logits_sharding": str(logits.sharding.spec),
-      "logits_mean": float(host_logits.mean()), "logits_std": float(host_logits.std()),
-      "next_tokens": host_logits[:, -1].argmax(-1).tolist(), "collectives": collectives,
       "bytes_by_device": report.bytes_by_device, "replicated": report.replicated,
   }
-  print(f"\nForward pass on a [{config.batch_size}, {config.seq_len}] batch: logits {tuple(host_logits.shape)} "
-        f"sharded {logits.sharding.spec}, mean {summary['logits_mean']:+.4f}, std {summary['logits_std']:.4f}")
-  print(f"Collectives in the compiled forward: {collectives or 'none'}")
-  print(f"Timings: init {timings['init_s']:.2f} s, compile {timings['compile_s']:.2f} s, "
-        f"run {timings['run_s']:.3f} s")
+  summary.update(_forward_sample(config, partitioner, params, timings))
+  if config.export:
+    from qwen_logical.checkpoint import export_checkpoint
+    start = time.perf_counter()
+    files = export_checkpoint(params, partitioner, config.export, copy_files_from=config.checkpoint or None)
+    timings["export_s"] = time.perf_counter() - start
+    logging.info("Exported %d files to %s in %.2f s", len(files), config.export, timings["export_s"])
+    summary["exported"] = files
+  print("Timings: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items()))
   if note:
     print(f"NOTE: {note}")
   if config.report:

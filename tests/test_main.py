@@ -67,3 +67,32 @@ def test_main_device_mismatch_error(tmp_path):
                           text=True, timeout=300)
   assert result.returncode != 0
   assert "Mesh 1x8 needs 8 devices but JAX sees 4" in result.stderr
+
+
+def test_main_loads_a_checkpoint_and_exports_it(tmp_path):
+  from hf_reference import tiny_hf_model
+  source = tmp_path / "hf"
+  tiny_hf_model(heads=14, kv_heads=2, hidden=112).save_pretrained(source, max_shard_size="60KB")
+  exported = tmp_path / "exported"
+  result, report = _main(tmp_path, "--config=configs/tp8.py", f"--config.checkpoint={source}",
+                         f"--config.export={exported}")
+  summary = report["summary"]
+  assert summary["num_layers"] == 2 and "load_s" in summary["timings"]
+  assert (exported / "model.safetensors").exists() and (exported / "config.json").exists()
+  assert "Timings: load" in result.stdout
+  from qwen_logical.checkpoint import open_checkpoint
+  original, again = open_checkpoint(str(source)), open_checkpoint(str(exported))
+  for name, entry in original.entries.items():
+    assert (entry.memmap() == again.entries[name].memmap()).all(), name
+
+
+def test_main_rejects_architecture_overrides_with_a_checkpoint(tmp_path):
+  from hf_reference import tiny_hf_model
+  source = tmp_path / "hf"
+  tiny_hf_model().save_pretrained(source)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run([sys.executable, "main.py", "--config=configs/single.py", f"--config.checkpoint={source}",
+                           "--config.model.num_layers=1"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode != 0
+  assert "--config.model.num_layers cannot change a checkpoint's architecture" in result.stderr
