@@ -1,6 +1,6 @@
 """Qwen2 building blocks as Flax Linen modules, annotated with logical axis names only.
 
-Shape letters: B batch, L query length, S key length, E embed, H query heads
+Shape letters: B batch, L query length, S key length (KV cache slots when cached), E embed, H query heads
 (layout count), K KV heads (layout count), D head_dim, I mlp, V vocab.
 """
 
@@ -18,6 +18,7 @@ from qwen_logical.config import ModelConfig
 from qwen_logical.head_plan import PADDING, HeadLayout
 
 Initializer = Callable[..., jax.Array]
+KVCache = dict  # one layer's {'k': [B, S, K, D], 'v': [B, S, K, D]} (logical ax.KV_CACHE)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -114,8 +115,15 @@ class Attention(nn.Module):
   layout: HeadLayout
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array) -> jax.Array:
-    """x [B, L, E], positions int[B, L], bias f32[B, 1, L, S] (0 or -inf-like) -> [B, L, E]."""
+  def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array,
+               cache: KVCache | None = None, cache_index: jax.Array | None = None):
+    """x [B, L, E], positions int[B, L], bias f32[B, 1, L, S] (0 or -inf-like) -> [B, L, E].
+
+    Without `cache`, S == L and the keys are this call's tokens. With `cache`
+    ({'k', 'v'}: [B, S, K, D], logical KV_CACHE), this call's keys/values are
+    written at slots [cache_index, cache_index + L) and the queries attend over
+    all S slots (the bias masks empty and padded ones); returns (y, new cache).
+    """
     cfg, layout = self.config, self.layout
     dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     e, d = cfg.hidden_size, cfg.head_dim
@@ -137,6 +145,13 @@ class Attention(nn.Module):
     q = rotary_embedding(q, positions, cfg.rope_theta)
     key = rotary_embedding(key, positions, cfg.rope_theta)
 
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      key = constrain(jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start), ax.KV_CACHE)
+      value = constrain(jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start), ax.KV_CACHE)
+      cache = {"k": key, "v": value}
+      key, value = key.astype(dtype), value.astype(dtype)
+
     b, l = q.shape[:2]
     grouped = q.reshape(b, l, k, h // k, d)  # layout head j uses KV head j // (h // k)
     scores = jnp.einsum("blkgd,bskd->bkgls", grouped, key).astype(jnp.float32)
@@ -147,8 +162,8 @@ class Attention(nn.Module):
 
     o_kernel = logical_param(self, "o_kernel", head_keyed_init(normal, q_src, 0), (h, d, e),
                       (ax.HEADS, ax.HEAD_DIM, ax.EMBED), pdtype)
-    y = jnp.einsum("blhd,hde->ble", out, o_kernel.astype(dtype))
-    return constrain(y, ax.EMBED_ACTIVATION)
+    y = constrain(jnp.einsum("blhd,hde->ble", out, o_kernel.astype(dtype)), ax.EMBED_ACTIVATION)
+    return y if cache is None else (y, cache)
 
 
 class MLP(nn.Module):
@@ -179,9 +194,15 @@ class DecoderLayer(nn.Module):
   layout: HeadLayout
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array):
-    """x [B, L, E] -> ([B, L, E], None)."""
-    h = x + Attention(self.config, self.layout, name="attention")(
-        RMSNorm(self.config, name="input_norm")(x), positions, bias)
+  def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array,
+               cache: KVCache | None = None, cache_index: jax.Array | None = None):
+    """x [B, L, E] -> ([B, L, E], None), or ([B, L, E], new cache) when given a cache."""
+    attention = Attention(self.config, self.layout, name="attention")
+    normed = RMSNorm(self.config, name="input_norm")(x)
+    if cache is None:
+      attended = attention(normed, positions, bias)
+    else:
+      attended, cache = attention(normed, positions, bias, cache, cache_index)
+    h = x + attended
     out = h + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_norm")(h))
-    return constrain(out, ax.EMBED_ACTIVATION), None
+    return constrain(out, ax.EMBED_ACTIVATION), cache

@@ -1,0 +1,72 @@
+"""The preallocated KV cache: its shapes, logical axes and shardings.
+
+Per layer the cache holds keys and values `[B, S, K, D]` with logical axes
+(cache_batch, cache_sequence, cache_kv_heads, cache_head_dim) = `ax.KV_CACHE`,
+K being the head layout's KV head count (repeated KV heads included, so the cache
+splits over the same mesh axis as the k/v projections). The tree mirrors the
+parameters: scanned layers stack one array per kind, `[N, B, S, K, D]` with a
+leading `layers` axis; unrolled layers keep one array per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen_logical import axes as ax
+from qwen_logical import validation
+from qwen_logical.config import ModelConfig
+from qwen_logical.head_plan import HeadLayout
+
+Cache = Any
+
+
+def _tree(config: ModelConfig, leaf_fn) -> Cache:
+  if config.scan_layers:
+    return {"layers": {kind: leaf_fn((config.num_layers,), (ax.LAYERS,)) for kind in ("k", "v")}}
+  return {f"layers_{i}": {kind: leaf_fn((), ()) for kind in ("k", "v")} for i in range(config.num_layers)}
+
+
+def cache_shapes(config: ModelConfig, layout: HeadLayout, batch: int, length: int) -> Cache:
+  """Tree of jax.ShapeDtypeStruct for a cache of `batch` rows and `length` slots (compute dtype)."""
+  tail = (batch, length, layout.layout_num_kv_heads, config.head_dim)
+  return _tree(config, lambda lead, _: jax.ShapeDtypeStruct(lead + tail, jnp.dtype(config.dtype)))
+
+
+def cache_logical_axes(config: ModelConfig) -> Cache:
+  """Tree of logical-name tuples, e.g. ('layers', 'cache_batch', 'cache_sequence', ...)."""
+  return _tree(config, lambda _, names: names + ax.KV_CACHE)
+
+
+def cache_shardings(partitioner, batch: int, length: int) -> Cache:
+  """Tree of NamedSharding of the cache under the partitioner's rule table and mesh."""
+  del batch, length  # the shardings do not depend on the sizes; `check_cache` checks them
+  return jax.tree_util.tree_map(partitioner.sharding, cache_logical_axes(partitioner.config),
+                                is_leaf=lambda x: isinstance(x, tuple))
+
+
+def cache_bytes(config: ModelConfig, layout: HeadLayout, batch: int, length: int) -> int:
+  """Bytes of the whole cache (all devices together)."""
+  return sum(s.size * s.dtype.itemsize for s in jax.tree_util.tree_leaves(
+      cache_shapes(config, layout, batch, length)))
+
+
+def check_cache(partitioner, batch: int, length: int) -> None:
+  """Raises RuleError if a cache of `batch` rows x `length` slots does not split over the mesh."""
+  cfg, lay = partitioner.config, partitioner.layout
+  shape = (batch, length, lay.layout_num_kv_heads, cfg.head_dim)
+  problems = validation.check_array(f"kv cache {shape}", shape, ax.KV_CACHE, partitioner.table,
+                                    partitioner.mesh_shape)
+  validation.raise_if(problems, partitioner.table, partitioner.mesh_shape)
+
+
+def zeros_in_jit(partitioner, batch: int, length: int) -> Cache:
+  """An empty cache built inside a traced function, constrained to its logical axes."""
+  shapes = cache_shapes(partitioner.config, partitioner.layout, batch, length)
+  names = cache_logical_axes(partitioner.config)
+  return jax.tree_util.tree_map(
+      lambda s, n: nn.with_logical_constraint(jnp.zeros(s.shape, s.dtype), n), shapes, names,
+      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
