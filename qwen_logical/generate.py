@@ -386,6 +386,7 @@ class Generator:
     decoded = [""] * real
 
     def emit(step: int, host_tokens: np.ndarray) -> StreamEvent:
+      last = step == max_new_tokens - 1
       new: list[int | None] = []
       texts: list[str | None] = []
       for r in range(real):
@@ -400,7 +401,7 @@ class Generator:
           finished[r], reasons[r] = True, "stop"
         if tokenizer is not None:
           text = _decode(tokenizer, [t for t in out[r] if t not in stop_ids])
-          if text.endswith("\ufffd") and not finished[r]:
+          if text.endswith("\ufffd") and not (finished[r] or last):
             texts.append("")  # an incomplete multi-byte character: wait for its next token
           else:
             texts.append(text[len(decoded[r]):] if text.startswith(decoded[r]) else text)
