@@ -17,6 +17,15 @@ def get_config() -> ConfigDict:
   config.host_memory_fraction = 0.7  # of available memory, for parameters plus init temporaries
   config.report = ""  # path of a JSON report
   config.checkpoint = ""  # an HF Qwen2 directory (config.json + safetensors); the architecture comes from it
+  # Generation (with a prompt the job generates text instead of running the sample forward pass).
+  config.prompt = ""
+  config.prompts = ""  # a file with one prompt per line, or prompts joined by '||'; batched together
+  config.tokenizer = ""  # directory with tokenizer.json (default: the checkpoint's)
+  config.chat = False  # wrap each prompt in the tokenizer's chat template as a user message
+  config.max_new_tokens = 64
+  config.temperature = 0.0  # 0 = greedy
+  config.top_k = 0
+  config.top_p = 1.0
   config.export = ""  # write the params as an HF directory here (safetensors shards + index + config)
 
   config.model = ConfigDict()

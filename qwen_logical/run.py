@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -147,6 +148,57 @@ def _forward_sample(config: ConfigDict, partitioner, params, timings) -> dict[st
           "next_tokens": host_logits[:, -1].argmax(-1).tolist(), "collectives": collectives}
 
 
+def read_prompts(config: ConfigDict) -> list[str]:
+  """--config.prompt, plus --config.prompts: a file (one prompt per line) or prompts joined by '||'."""
+  prompts = [config.prompt] if config.prompt else []
+  if config.prompts:
+    if os.path.isfile(config.prompts):
+      with open(config.prompts) as f:
+        prompts += [line.rstrip("\n") for line in f if line.strip()]
+    else:
+      prompts += [p.strip() for p in config.prompts.split("||") if p.strip()]
+  return prompts
+
+
+def _generate(config: ConfigDict, partitioner, params, prompts: list[str]) -> dict[str, Any]:
+  """Tokenizes (chat template optional), generates with streaming, prints the text."""
+  import sys
+  from qwen_logical.generate import generate
+  from qwen_logical.tokenizer import Tokenizer
+
+  source = config.tokenizer or config.checkpoint
+  if not source:
+    raise ValueError("A text prompt needs a tokenizer: pass --config.checkpoint=DIR (with tokenizer.json) "
+                     "or --config.tokenizer=DIR.")
+  tokenizer = Tokenizer.from_directory(source)
+  if config.chat:
+    inputs = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+  else:
+    inputs = [tokenizer.encode(p) for p in prompts]
+  streamed = len(prompts) == 1
+
+  def show(event):
+    if streamed and event.texts and event.texts[0]:
+      sys.stdout.write(event.texts[0])
+      sys.stdout.flush()
+
+  if streamed:
+    print(f"\n>>> {prompts[0]}\n", flush=True)
+  result = generate(partitioner, params, inputs, tokenizer=tokenizer, max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                    seed=config.seed, callback=show)
+  if streamed:
+    print()
+  else:
+    for prompt, text, reason in zip(prompts, result.texts, result.finish_reasons):
+      print(f"\n>>> {prompt}\n{text}\n[{reason}]")
+  t = result.timings
+  print(f"\nGeneration: prefill {t.prefill_tokens_per_s:.1f} tokens/s, decode {t.decode_tokens_per_s:.1f} "
+        f"tokens/s, compile {t.compile_s:.2f} s, {t.new_tokens} new tokens")
+  return {"texts": result.texts, "tokens": result.tokens, "finish_reasons": result.finish_reasons,
+          "generation_timings": t.to_dict()}
+
+
 def run(config: ConfigDict) -> dict[str, Any]:
   """Runs the main job and returns a JSON-able summary."""
   setup_devices(config)
@@ -167,7 +219,11 @@ def run(config: ConfigDict) -> dict[str, Any]:
       "head_plan": partitioner.layout.describe(), "timings": timings,
       "bytes_by_device": report.bytes_by_device, "replicated": report.replicated,
   }
-  summary.update(_forward_sample(config, partitioner, params, timings))
+  prompts = read_prompts(config)
+  if prompts:
+    summary.update(_generate(config, partitioner, params, prompts))
+  else:
+    summary.update(_forward_sample(config, partitioner, params, timings))
   if config.export:
     from qwen_logical.checkpoint import export_checkpoint
     start = time.perf_counter()

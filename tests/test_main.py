@@ -96,3 +96,62 @@ def test_main_rejects_architecture_overrides_with_a_checkpoint(tmp_path):
                           timeout=300)
   assert result.returncode != 0
   assert "--config.model.num_layers cannot change a checkpoint's architecture" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def instruct_checkpoint(tmp_path_factory):
+  """A tiny HF checkpoint with a real (trained on the spot) Qwen-style tokenizer beside it."""
+  from hf_reference import tiny_hf_model
+  from tokenizer_files import write_tokenizer_dir
+  directory = tmp_path_factory.mktemp("instruct")
+  write_tokenizer_dir(directory)
+  model = tiny_hf_model(heads=14, kv_heads=2, hidden=112, vocab=896)
+  model.save_pretrained(directory)
+  write_tokenizer_dir(directory)  # save_pretrained rewrote generation_config.json
+  return directory, model
+
+
+def _hf_greedy(model, ids, new_tokens):
+  import torch
+  with torch.no_grad():
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+  return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_main_generates_text_from_a_checkpoint(tmp_path, instruct_checkpoint, chat):
+  from transformers import AutoTokenizer
+  directory, model = instruct_checkpoint
+  prompt = "def add(a, b): return a + b  # 你好 🙂"
+  result, report = _main(tmp_path, "--config=configs/tp4_dp2.py", f"--config.checkpoint={directory}",
+                         f"--config.prompt={prompt}", f"--config.chat={chat}", "--config.max_new_tokens=12")
+  hf_tokenizer = AutoTokenizer.from_pretrained(directory)
+  if chat:
+    ids = hf_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)
+  else:
+    ids = hf_tokenizer(prompt)["input_ids"]
+  summary = report["summary"]
+  expected = _hf_greedy(model, list(ids), 12)
+  got = summary["tokens"][0]
+  stops = {hf_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+  if summary["finish_reasons"][0] == "stop":  # stopped on a stop id: HF (no eos) continues past it
+    expected = expected[:len(got)]
+    assert got[-1] in stops
+  assert got == expected
+  assert summary["texts"][0] == hf_tokenizer.decode([t for t in got if t not in stops], skip_special_tokens=True)
+  assert summary["texts"][0] in result.stdout and "Generation: prefill" in result.stdout
+
+
+def test_main_batches_prompts(tmp_path, instruct_checkpoint):
+  directory, model = instruct_checkpoint
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("Hello world\nprint('x')\n東京\n")
+  _, report = _main(tmp_path, "--config=configs/tp8.py", f"--config.checkpoint={directory}",
+                    f"--config.prompts={prompts}", "--config.max_new_tokens=6")
+  from qwen_logical.tokenizer import Tokenizer
+  tokenizer = Tokenizer.from_directory(directory)
+  for text, got in zip(["Hello world", "print('x')", "東京"], report["summary"]["tokens"]):
+    expected = _hf_greedy(model, tokenizer.encode(text), 6)
+    assert got == expected[:len(got)]
