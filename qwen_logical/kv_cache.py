@@ -1,11 +1,11 @@
 """The preallocated KV cache: its shapes, logical axes and shardings.
 
-Per layer the cache holds keys and values `[B, S, K, D]` with logical axes
-(cache_batch, cache_sequence, cache_kv_heads, cache_head_dim) = `ax.KV_CACHE`,
-K being the head layout's KV head count (repeated KV heads included, so the cache
+Per layer the cache holds keys and values `[B, K, S, D]` with logical axes
+(cache_batch, cache_kv_heads, cache_sequence, cache_head_dim) = `layers.CACHE_LAYOUT`
+(heads before slots: attention reads each head's [S, D] block contiguously), K being the head layout's KV head count (repeated KV heads included, so the cache
 splits over the same mesh axis as the k/v projections). The tree mirrors the
 parameters: scanned layers stack one array per kind, `[N, B, S, K, D]` with a
-leading `layers` axis; unrolled layers keep one array per layer.
+leading `layers` axis; unrolled layers keep one array per layer ([N, B, K, S, D] and [B, K, S, D]).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from qwen_logical import axes as ax
 from qwen_logical import validation
 from qwen_logical.config import ModelConfig
 from qwen_logical.head_plan import HeadLayout
+from qwen_logical.layers import CACHE_LAYOUT
 
 Cache = Any
 
@@ -32,13 +33,13 @@ def _tree(config: ModelConfig, leaf_fn) -> Cache:
 
 def cache_shapes(config: ModelConfig, layout: HeadLayout, batch: int, length: int) -> Cache:
   """Tree of jax.ShapeDtypeStruct for a cache of `batch` rows and `length` slots (compute dtype)."""
-  tail = (batch, length, layout.layout_num_kv_heads, config.head_dim)
+  tail = (batch, layout.layout_num_kv_heads, length, config.head_dim)
   return _tree(config, lambda lead, _: jax.ShapeDtypeStruct(lead + tail, jnp.dtype(config.dtype)))
 
 
 def cache_logical_axes(config: ModelConfig) -> Cache:
   """Tree of logical-name tuples, e.g. ('layers', 'cache_batch', 'cache_sequence', ...)."""
-  return _tree(config, lambda _, names: names + ax.KV_CACHE)
+  return _tree(config, lambda _, names: names + CACHE_LAYOUT)
 
 
 def cache_shardings(partitioner, batch: int, length: int) -> Cache:
@@ -57,8 +58,8 @@ def cache_bytes(config: ModelConfig, layout: HeadLayout, batch: int, length: int
 def check_cache(partitioner, batch: int, length: int) -> None:
   """Raises RuleError if a cache of `batch` rows x `length` slots does not split over the mesh."""
   cfg, lay = partitioner.config, partitioner.layout
-  shape = (batch, length, lay.layout_num_kv_heads, cfg.head_dim)
-  problems = validation.check_array(f"kv cache {shape}", shape, ax.KV_CACHE, partitioner.table,
+  shape = (batch, lay.layout_num_kv_heads, length, cfg.head_dim)
+  problems = validation.check_array(f"kv cache {shape}", shape, CACHE_LAYOUT, partitioner.table,
                                     partitioner.mesh_shape)
   validation.raise_if(problems, partitioner.table, partitioner.mesh_shape)
 

@@ -18,7 +18,11 @@ from qwen_logical.config import ModelConfig
 from qwen_logical.head_plan import PADDING, HeadLayout
 
 Initializer = Callable[..., jax.Array]
-KVCache = dict  # one layer's {'k': [B, S, K, D], 'v': [B, S, K, D]} (logical ax.KV_CACHE)
+KVCache = dict  # one layer's {'k': [B, K, S, D], 'v': [B, K, S, D]} (logical CACHE_LAYOUT)
+
+# The cache's dimension order: heads before slots, so attention reads each head's [S, D] block
+# contiguously and a decode step writes one [D] row per head in place (no per-step relayout).
+CACHE_LAYOUT = (ax.CACHE_BATCH, ax.CACHE_KV_HEADS, ax.CACHE_SEQUENCE, ax.CACHE_HEAD_DIM)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -120,7 +124,7 @@ class Attention(nn.Module):
     """x [B, L, E], positions int[B, L], bias f32[B, 1, L, S] (0 or -inf-like) -> [B, L, E].
 
     Without `cache`, S == L and the keys are this call's tokens. With `cache`
-    ({'k', 'v'}: [B, S, K, D], logical KV_CACHE), this call's keys/values are
+    ({'k', 'v'}: [B, K, S, D], logical CACHE_LAYOUT), this call's keys/values are
     written at slots [cache_index, cache_index + L) and the queries attend over
     all S slots (the bias masks empty and padded ones); returns (y, new cache).
     """
@@ -145,24 +149,28 @@ class Attention(nn.Module):
     q = rotary_embedding(q, positions, cfg.rope_theta)
     key = rotary_embedding(key, positions, cfg.rope_theta)
 
+    keys = "bskd"  # this call's keys [B, L, K, D]
     if cache is not None:
-      start = (0, cache_index, 0, 0)
-      key = constrain(jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start), ax.KV_CACHE)
-      value = constrain(jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start), ax.KV_CACHE)
-      cache = {"k": key, "v": value}
-      key, value = key.astype(dtype), value.astype(dtype)
+      def write(slots, new):  # new [B, L, K, D] into slots [B, K, S, D] at cache_index
+        new = jnp.swapaxes(new, 1, 2).astype(slots.dtype)
+        return constrain(jax.lax.dynamic_update_slice(slots, new, (0, 0, cache_index, 0)), CACHE_LAYOUT)
+      cache = {"k": write(cache["k"], key), "v": write(cache["v"], value)}
+      key, value, keys = cache["k"].astype(dtype), cache["v"].astype(dtype), "bksd"
 
     b, l = q.shape[:2]
     grouped = q.reshape(b, l, k, h // k, d)  # layout head j uses KV head j // (h // k)
-    scores = jnp.einsum("blkgd,bskd->bkgls", grouped, key).astype(jnp.float32)
+    scores = jnp.einsum(f"blkgd,{keys}->bkgls", grouped, key).astype(jnp.float32)
     scores = scores * (d ** -0.5) + bias[:, :, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, value).reshape(b, l, h, d)
+    out = jnp.einsum(f"bkgls,{keys}->blkgd", probs, value).reshape(b, l, h, d)
     out = constrain(out, ax.QUERY_ACTIVATION)
 
     o_kernel = logical_param(self, "o_kernel", head_keyed_init(normal, q_src, 0), (h, d, e),
                       (ax.HEADS, ax.HEAD_DIM, ax.EMBED), pdtype)
-    y = constrain(jnp.einsum("blhd,hde->ble", out, o_kernel.astype(dtype)), ax.EMBED_ACTIVATION)
+    # One [H*D, E] matmul: the kernel is used in its stored order (an einsum over (h, d) lets
+    # XLA:CPU transpose the whole kernel on every call).
+    y = out.reshape(b, l, h * d) @ o_kernel.astype(dtype).reshape(h * d, e)
+    y = constrain(y, ax.EMBED_ACTIVATION)
     return y if cache is None else (y, cache)
 
 

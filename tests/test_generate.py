@@ -139,13 +139,14 @@ def test_cache_is_sharded_by_its_logical_names_and_donated():
   part, _ = setup("1x8", "tensor_parallel")
   layout = part.layout
   shapes = kv_cache.cache_shapes(part.config, layout, 8, 64)
-  assert shapes["layers"]["k"].shape == (part.config.num_layers, 8, 64, layout.layout_num_kv_heads, 8)
+  assert shapes["layers"]["k"].shape == (part.config.num_layers, 8, layout.layout_num_kv_heads, 64, 8)
   sharding = kv_cache.cache_shardings(part, 8, 64)["layers"]["k"]
-  assert sharding.spec == PartitionSpec(None, "batch", None, "model", None)  # 8 layout KV heads over model
-  assert sharding.shard_shape(shapes["layers"]["k"].shape)[3] == 1
+  assert sharding.spec == PartitionSpec(None, "batch", "model", None, None)  # 8 layout KV heads over model
+  assert sharding.shard_shape(shapes["layers"]["k"].shape)[2] == 1
   hlo = Generator(part).lower_decode(8, 16, 64).compile().as_text()
   assert "input_output_alias" in hlo  # the donated cache is updated in place
-  assert kv_cache.cache_logical_axes(part.config)["layers"]["v"] == (ax.LAYERS,) + ax.KV_CACHE
+  assert kv_cache.cache_logical_axes(part.config)["layers"]["v"] == (
+      ax.LAYERS, ax.CACHE_BATCH, ax.CACHE_KV_HEADS, ax.CACHE_SEQUENCE, ax.CACHE_HEAD_DIM)
 
 
 def test_streaming_yields_each_step_and_the_result():
