@@ -198,7 +198,7 @@ class Generator:
       with part.bound():
         cache = kv_cache.zeros_in_jit(part, batch, slots)
         logits, cache = part.model.apply({"params": params}, tokens, slot_mask, cache=cache,
-                                         cache_index=jnp.int32(0), last_only=True)
+                                         cache_index=0, last_only=True)
         keys = row_keys(jax.random.key(seed), jnp.arange(batch), 0)
         token = sample(logits[:, -1], keys, sampling)
         return cache, token, jnp.isin(token, stop_ids)

@@ -127,6 +127,8 @@ class Attention(nn.Module):
     ({'k', 'v'}: [B, K, S, D], logical CACHE_LAYOUT), this call's keys/values are
     written at slots [cache_index, cache_index + L) and the queries attend over
     all S slots (the bias masks empty and padded ones); returns (y, new cache).
+    A Python int cache_index of 0 (prefill) attends over the L new keys only
+    (bias [B, 1, L, L]), skipping the empty slots.
     """
     cfg, layout = self.config, self.layout
     dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
@@ -155,7 +157,9 @@ class Attention(nn.Module):
         new = jnp.swapaxes(new, 1, 2).astype(slots.dtype)
         return constrain(jax.lax.dynamic_update_slice(slots, new, (0, 0, cache_index, 0)), CACHE_LAYOUT)
       cache = {"k": write(cache["k"], key), "v": write(cache["v"], value)}
-      key, value, keys = cache["k"].astype(dtype), cache["v"].astype(dtype), "bksd"
+      if not (isinstance(cache_index, int) and cache_index == 0):
+        key, value, keys = cache["k"].astype(dtype), cache["v"].astype(dtype), "bksd"
+      # else (prefill from an empty cache): attend over this call's keys only, S == L.
 
     b, l = q.shape[:2]
     grouped = q.reshape(b, l, k, h // k, d)  # layout head j uses KV head j // (h // k)

@@ -76,7 +76,8 @@ class Qwen2ForCausalLM(nn.Module):
     With `cache` (tree of [.., B, S, K, D] arrays, `qwen_logical.kv_cache`),
     `attention_mask` is int[B, S] over the cache slots, the tokens go to slots
     [cache_index, cache_index + L), positions default to the count of real slots
-    before each one, and the result is (logits, new cache).
+    before each one, and the result is (logits, new cache). cache_index given as the
+    Python int 0 (prefill into an empty cache) attends over the L new tokens only.
     """
     cfg, layout = self.config, self._layout()
     length = tokens.shape[1]
@@ -90,10 +91,14 @@ class Qwen2ForCausalLM(nn.Module):
       if attention_mask is None or cache_index is None:
         raise ValueError("Qwen2ForCausalLM with a cache needs attention_mask int[B, S] over the "
                          "cache slots and cache_index (the slot of the first token).")
-      cache_index = jnp.asarray(cache_index, jnp.int32)
-      if positions is None:
-        positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, length, 1)
-      bias = cached_attention_bias(attention_mask, cache_index, length)
+      if isinstance(cache_index, int) and cache_index == 0:  # prefill: only this call's keys exist
+        positions = positions_from_mask(attention_mask[:, :length]) if positions is None else positions
+        bias = attention_bias(attention_mask[:, :length])
+      else:
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        if positions is None:
+          positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, length, 1)
+        bias = cached_attention_bias(attention_mask, cache_index, length)
 
     embedder = Embedder(cfg, name="embed_tokens")
     x = embedder(tokens)
