@@ -10,7 +10,9 @@ map and the head layout plan (`hf_params.py`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import mmap
 import os
@@ -131,6 +133,13 @@ def _leaf_specs(config: ModelConfig) -> dict[tuple[str, ...], list[TensorSpec]]:
   return groups
 
 
+@functools.lru_cache(maxsize=1)
+def _readers() -> concurrent.futures.ThreadPoolExecutor:
+  """Threads for reading layers concurrently (numpy releases the GIL while copying/converting)."""
+  return concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                               thread_name_prefix="qwen_logical_load")
+
+
 def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
   """An uninitialised, page-aligned array that XLA:CPU can adopt without a copy.
 
@@ -153,8 +162,10 @@ def _read_shard(checkpoint: Checkpoint, specs: list[TensorSpec], layout, stacked
   """One device's slice of one parameter, read straight into its final buffer."""
   out = aligned_empty(shape, dtype)
   if stacked:
-    for position, spec in enumerate(specs[index[0]]):
+    def read_layer(position: int, spec: TensorSpec) -> None:
       spec.read_into(checkpoint.entries[spec.hf_name].memmap(), layout, index[1:], out[position])
+    for future in [_readers().submit(read_layer, p, s) for p, s in enumerate(specs[index[0]])]:
+      future.result()
   else:
     specs[0].read_into(checkpoint.entries[specs[0].hf_name].memmap(), layout, index, out)
   return out
