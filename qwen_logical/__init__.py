@@ -28,6 +28,10 @@ from qwen_logical.rules import TABLES, RuleError, RuleTable, get_table, parse_ov
 from qwen_logical.collectives import count_collectives
 from qwen_logical.checkpoint import Checkpoint, export_checkpoint, load_checkpoint, load_params, open_checkpoint
 from qwen_logical.tokenizer import Tokenizer, TokenizerError
+from qwen_logical import kv_cache
+from qwen_logical.generate import (GenerationError, GenerationResult, GenerationStream, Generator, StreamEvent,
+                                   Timings, generate)
+from qwen_logical.sampling import SamplingError, SamplingParams
 
 __all__ = [
     "axes", "PRESETS", "ConfigError", "ModelConfig", "from_hf_config", "preset", "to_hf_config",
@@ -36,4 +40,6 @@ __all__ = [
     "Qwen2ForCausalLM", "Partitioner", "ShardingReport", "sharding_report", "TABLES", "RuleError",
     "RuleTable", "get_table", "parse_overrides", "count_collectives", "Checkpoint", "export_checkpoint",
     "load_checkpoint", "load_params", "open_checkpoint", "Tokenizer", "TokenizerError",
+    "kv_cache", "GenerationError", "GenerationResult", "GenerationStream", "Generator", "StreamEvent",
+    "Timings", "generate", "SamplingError", "SamplingParams",
 ]

@@ -157,18 +157,23 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
   return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
-def _read_shard(checkpoint: Checkpoint, specs: list[TensorSpec], layout, stacked: bool,
-                index: tuple[slice, ...], shape: tuple[int, ...], dtype) -> np.ndarray:
-  """One device's slice of one parameter, read straight into its final buffer."""
-  out = aligned_empty(shape, dtype)
+_CHUNK_BYTES = 32 * 2**20
+
+
+def _read_tasks(checkpoint: Checkpoint, specs: list[TensorSpec], layout, stacked: bool,
+                index: tuple[slice, ...], out: np.ndarray) -> list:
+  """Independent pieces of reading one device's slice into `out`: a layer each, or row chunks."""
+  def task(spec: TensorSpec, sub_index, target):
+    return lambda: spec.read_into(checkpoint.entries[spec.hf_name].memmap(), layout, sub_index, target)
+
   if stacked:
-    def read_layer(position: int, spec: TensorSpec) -> None:
-      spec.read_into(checkpoint.entries[spec.hf_name].memmap(), layout, index[1:], out[position])
-    for future in [_readers().submit(read_layer, p, s) for p, s in enumerate(specs[index[0]])]:
-      future.result()
-  else:
-    specs[0].read_into(checkpoint.entries[specs[0].hf_name].memmap(), layout, index, out)
-  return out
+    return [task(spec, index[1:], out[p]) for p, spec in enumerate(specs[index[0]])]
+  if out.ndim == 0 or out.nbytes <= _CHUNK_BYTES:
+    return [task(specs[0], index, out)]
+  first = index[0].start or 0 if index else 0
+  rows = max(1, _CHUNK_BYTES // (out.nbytes // out.shape[0]))
+  return [task(specs[0], (slice(first + a, first + min(a + rows, out.shape[0])),) + tuple(index[1:]),
+               out[a:a + rows]) for a in range(0, out.shape[0], rows)]
 
 
 def load_params(checkpoint: Checkpoint, partitioner: Partitioner, progress: bool = True):
@@ -188,15 +193,22 @@ def load_params(checkpoint: Checkpoint, partitioner: Partitioner, progress: bool
     specs = groups[tuple(str(getattr(k, "key", k)) for k in path)]
     stacked = specs[0].layer is not None and config.scan_layers
     shard_shape = sharding.shard_shape(tuple(shape.shape))
-    read: dict = {}
-    arrays = []
+    buffers: dict = {}
+    tasks = []
+    placement = []
     for device, index in sharding.addressable_devices_indices_map(tuple(shape.shape)).items():
       key = tuple((s.start, s.stop) for s in index)
-      if key not in read:
-        read[key] = _read_shard(checkpoint, specs, layout, stacked, index, shard_shape, shape.dtype)
-        arrays.append(jax.device_put(read[key], device, may_alias=True))
-      else:  # replicated: every further device gets its own copy
-        arrays.append(jax.device_put(read[key], device))
+      if key not in buffers:
+        buffers[key] = aligned_empty(shard_shape, shape.dtype)
+        tasks += _read_tasks(checkpoint, specs, layout, stacked, index, buffers[key])
+      placement.append((device, key))
+    for future in [_readers().submit(t) for t in tasks]:
+      future.result()
+    adopted: set = set()
+    arrays = []
+    for device, key in placement:  # the first device of each slice adopts its buffer; replicas copy
+      arrays.append(jax.device_put(buffers[key], device, may_alias=key not in adopted))
+      adopted.add(key)
     leaves.append(jax.make_array_from_single_device_arrays(tuple(shape.shape), sharding, arrays))
     bar.update(len(specs), sum(checkpoint.entries[s.hf_name].nbytes for s in specs))
   elapsed = bar.close()

@@ -1,7 +1,7 @@
 """The preallocated KV cache: its shapes, logical axes and shardings.
 
 Per layer the cache holds keys and values `[B, K, S, D]` with logical axes
-(cache_batch, cache_kv_heads, cache_sequence, cache_head_dim) = `layers.CACHE_LAYOUT`
+(cache_batch, cache_kv_heads, cache_sequence, cache_head_dim) = `axes.KV_CACHE`
 (heads before slots: attention reads each head's [S, D] block contiguously), K being the head layout's KV head count (repeated KV heads included, so the cache
 splits over the same mesh axis as the k/v projections). The tree mirrors the
 parameters: scanned layers stack one array per kind, `[N, B, S, K, D]` with a
@@ -20,7 +20,6 @@ from qwen_logical import axes as ax
 from qwen_logical import validation
 from qwen_logical.config import ModelConfig
 from qwen_logical.head_plan import HeadLayout
-from qwen_logical.layers import CACHE_LAYOUT
 
 Cache = Any
 
@@ -39,7 +38,7 @@ def cache_shapes(config: ModelConfig, layout: HeadLayout, batch: int, length: in
 
 def cache_logical_axes(config: ModelConfig) -> Cache:
   """Tree of logical-name tuples, e.g. ('layers', 'cache_batch', 'cache_sequence', ...)."""
-  return _tree(config, lambda _, names: names + CACHE_LAYOUT)
+  return _tree(config, lambda _, names: names + ax.KV_CACHE)
 
 
 def cache_shardings(partitioner, batch: int, length: int) -> Cache:
@@ -59,7 +58,7 @@ def check_cache(partitioner, batch: int, length: int) -> None:
   """Raises RuleError if a cache of `batch` rows x `length` slots does not split over the mesh."""
   cfg, lay = partitioner.config, partitioner.layout
   shape = (batch, lay.layout_num_kv_heads, length, cfg.head_dim)
-  problems = validation.check_array(f"kv cache {shape}", shape, CACHE_LAYOUT, partitioner.table,
+  problems = validation.check_array(f"kv cache {shape}", shape, ax.KV_CACHE, partitioner.table,
                                     partitioner.mesh_shape)
   validation.raise_if(problems, partitioner.table, partitioner.mesh_shape)
 

@@ -18,11 +18,10 @@ from qwen_logical.config import ModelConfig
 from qwen_logical.head_plan import PADDING, HeadLayout
 
 Initializer = Callable[..., jax.Array]
-KVCache = dict  # one layer's {'k': [B, K, S, D], 'v': [B, K, S, D]} (logical CACHE_LAYOUT)
+KVCache = dict  # one layer's {'k': [B, K, S, D], 'v': [B, K, S, D]} (logical ax.KV_CACHE)
 
 # The cache's dimension order: heads before slots, so attention reads each head's [S, D] block
 # contiguously and a decode step writes one [D] row per head in place (no per-step relayout).
-CACHE_LAYOUT = (ax.CACHE_BATCH, ax.CACHE_KV_HEADS, ax.CACHE_SEQUENCE, ax.CACHE_HEAD_DIM)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -124,7 +123,7 @@ class Attention(nn.Module):
     """x [B, L, E], positions int[B, L], bias f32[B, 1, L, S] (0 or -inf-like) -> [B, L, E].
 
     Without `cache`, S == L and the keys are this call's tokens. With `cache`
-    ({'k', 'v'}: [B, K, S, D], logical CACHE_LAYOUT), this call's keys/values are
+    ({'k', 'v'}: [B, K, S, D], logical ax.KV_CACHE), this call's keys/values are
     written at slots [cache_index, cache_index + L) and the queries attend over
     all S slots (the bias masks empty and padded ones); returns (y, new cache).
     A Python int cache_index of 0 (prefill) attends over the L new keys only
@@ -155,7 +154,7 @@ class Attention(nn.Module):
     if cache is not None:
       def write(slots, new):  # new [B, L, K, D] into slots [B, K, S, D] at cache_index
         new = jnp.swapaxes(new, 1, 2).astype(slots.dtype)
-        return constrain(jax.lax.dynamic_update_slice(slots, new, (0, 0, cache_index, 0)), CACHE_LAYOUT)
+        return constrain(jax.lax.dynamic_update_slice(slots, new, (0, 0, cache_index, 0)), ax.KV_CACHE)
       cache = {"k": write(cache["k"], key), "v": write(cache["v"], value)}
       if not (isinstance(cache_index, int) and cache_index == 0):
         key, value, keys = cache["k"].astype(dtype), cache["v"].astype(dtype), "bksd"

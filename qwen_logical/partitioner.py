@@ -24,7 +24,6 @@ from qwen_logical import validation
 from qwen_logical.config import ModelConfig
 from qwen_logical.head_plan import HeadLayout, plan_heads
 from qwen_logical.mesh import mesh_name
-from qwen_logical.layers import CACHE_LAYOUT
 from qwen_logical.model import Qwen2ForCausalLM
 from qwen_logical.rules import RuleTable
 
@@ -83,7 +82,7 @@ class Partitioner:
         "activation kv heads": ((0, 0, lay.layout_num_kv_heads, cfg.head_dim), ax.KV_ACTIVATION),
         "activation mlp": ((0, 0, cfg.intermediate_size), ax.MLP_ACTIVATION),
         "activation logits": ((0, 0, cfg.vocab_size), ax.LOGITS_ACTIVATION),
-        "kv cache": ((0, lay.layout_num_kv_heads, 0, cfg.head_dim), CACHE_LAYOUT),
+        "kv cache": ((0, lay.layout_num_kv_heads, 0, cfg.head_dim), ax.KV_CACHE),
     }
     for label, (shape, names) in activations.items():
       problems += validation.check_array(label, shape, names, self.table, self.mesh_shape)
