@@ -4,7 +4,7 @@ Per layer the cache holds keys and values `[B, K, S, D]` with logical axes
 (cache_batch, cache_kv_heads, cache_sequence, cache_head_dim) = `axes.KV_CACHE`
 (heads before slots: attention reads each head's [S, D] block contiguously), K being the head layout's KV head count (repeated KV heads included, so the cache
 splits over the same mesh axis as the k/v projections). The tree mirrors the
-parameters: scanned layers stack one array per kind, `[N, B, S, K, D]` with a
+parameters: scanned layers stack one array per kind, `[N, B, K, S, D]` with a
 leading `layers` axis; unrolled layers keep one array per layer ([N, B, K, S, D] and [B, K, S, D]).
 """
 

@@ -21,7 +21,7 @@ from qwen_logical.layers import DecoderLayer, Embedder, RMSNorm, logical_param, 
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
-Cache = Any  # {'layers': {'k', 'v': [N, B, S, K, D]}} scanned, {'layers_i': {'k', 'v': [B, S, K, D]}} unrolled
+Cache = Any  # {'layers': {'k', 'v': [N, B, K, S, D]}} scanned, {'layers_i': {'k', 'v': [B, K, S, D]}} unrolled
 
 
 def attention_bias(attention_mask: jax.Array) -> jax.Array:
@@ -73,7 +73,7 @@ class Qwen2ForCausalLM(nn.Module):
     Logits are (activation_batch, activation_length, activation_vocab); `last_only`
     computes them for the last position only ([B, 1, V]).
 
-    With `cache` (tree of [.., B, S, K, D] arrays, `qwen_logical.kv_cache`),
+    With `cache` (tree of [.., B, K, S, D] arrays, `qwen_logical.kv_cache`),
     `attention_mask` is int[B, S] over the cache slots, the tokens go to slots
     [cache_index, cache_index + L), positions default to the count of real slots
     before each one, and the result is (logits, new cache). cache_index given as the
