@@ -5,7 +5,7 @@ Per layer the cache holds keys and values `[B, K, S, D]` with logical axes
 (heads before slots: attention reads each head's [S, D] block contiguously), K being the head layout's KV head count (repeated KV heads included, so the cache
 splits over the same mesh axis as the k/v projections). The tree mirrors the
 parameters: scanned layers stack one array per kind, `[N, B, K, S, D]` with a
-leading `layers` axis; unrolled layers keep one array per layer ([N, B, K, S, D] and [B, K, S, D]).
+leading `layers` axis; unrolled layers keep one [B, K, S, D] array per layer.
 """
 
 from __future__ import annotations
