@@ -61,31 +61,25 @@ def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
   n = int(gib * 2**30) // 4
   src, dst = np.ones(n, np.float32), np.zeros(n, np.float32)
 
-  def copy(threads: int) -> float:
-    chunks = np.array_split(np.arange(n), threads)
-    bounds = [(c[0], c[-1] + 1) for c in chunks]
+  def fastest(make_jobs) -> float:
+    """Best wall time over `repeats` of running make_jobs()'s (target, args) pairs in threads."""
     best = float("inf")
     for _ in range(repeats):
-      workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds]
+      workers = [threading.Thread(target=t, args=a) for t, a in make_jobs()]
       start = time.perf_counter()
       for w in workers:
         w.start()
       for w in workers:
         w.join()
       best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best
+    return best
+
+  def copy(threads: int) -> float:
+    bounds = [(c[0], c[-1] + 1) for c in np.array_split(np.arange(n), threads)]
+    return 2 * src.nbytes / fastest(lambda: [(np.copyto, (dst[a:b], src[a:b])) for a, b in bounds])
 
   def read(threads: int) -> float:  # a read-only stream (sums), the access pattern of decode
-    best = float("inf")
-    for _ in range(repeats):
-      workers = [threading.Thread(target=np.add.reduce, args=(part,)) for part in np.array_split(src, threads)]
-      start = time.perf_counter()
-      for w in workers:
-        w.start()
-      for w in workers:
-        w.join()
-      best = min(best, time.perf_counter() - start)
-    return src.nbytes / best
+    return src.nbytes / fastest(lambda: [(np.add.reduce, (p,)) for p in np.array_split(src, threads)])
 
   result = {"1_thread_GBps": copy(1) / 1e9, "2_threads_GBps": copy(2) / 1e9}
   result["bandwidth_GBps"] = max(result.values())  # the roofline's bandwidth (copy, read + write)
