@@ -219,3 +219,36 @@ def test_directory_without_weights(tmp_path, broken):
     open_checkpoint(str(empty))
   with pytest.raises(CheckpointError, match="does not exist"):
     open_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_float16_files_load_into_float32(checkpoints, tmp_path):
+  directory, reference = checkpoints["untied-f32-sharded"]
+  params, _, part = load_checkpoint(directory, mesh_of("1x8"), get_table("tensor_parallel"), progress=False)
+  half = str(tmp_path / "f16")
+  export_checkpoint(params, part, half, dtype="float16", progress=False)
+  assert open_checkpoint(half).dtypes == {"float16"}
+  again, _, part16 = load_checkpoint(half, mesh_of("2x4"), get_table("tp_fsdp"), progress=False)
+  original = _tensors(directory)
+  for name, value in _tensors(half).items():
+    np.testing.assert_array_equal(value, original[name].astype(np.float16), err_msg=name)
+  np.testing.assert_array_equal(np.asarray(again["lm_head"]),
+                                np.asarray(params["lm_head"]).astype(np.float16).astype(np.float32))
+  np.testing.assert_allclose(np.asarray(part16.forward(again, TOKENS)), hf_logits(reference, TOKENS), atol=2e-2)
+
+
+def test_progress_bar_counts_tensors_and_bytes():
+  import io
+  from qwen_logical.progress import Progress
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  stream = Terminal()
+  bar = Progress("Loading x", total_items=3, total_bytes=3 * 2**20, stream=stream)
+  for _ in range(3):
+    bar.update(1, 2**20)
+  bar.close()
+  text = stream.getvalue()
+  assert "1/3 tensors, 1/3 MiB" in text and "3/3 tensors, 3/3 MiB" in text
+  assert "[" + "#" * 30 + "]" in text and text.endswith("\n")
