@@ -278,7 +278,3 @@ def export_checkpoint(params, partitioner: Partitioner, directory: str, *, dtype
         written.append(os.path.join(directory, side))
   return written
 
-
-def tensor_names_by_file(files: Sequence[str]) -> dict[str, list[str]]:
-  """{file: [tensor names]} straight from the headers (for reports and tests)."""
-  return {f: sorted(safetensors_io.read_header(f)) for f in files}

@@ -38,7 +38,3 @@ def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
       sizes[m["kind"]] += _bytes(m["shape"])
   return {kind: {"count": counts[kind], "bytes": sizes[kind]} for kind in KINDS}
 
-
-def compiled_collectives(lowered) -> dict[str, dict[str, int]]:
-  """Counts for a `jax.jit(...).lower(...)` result after compilation."""
-  return count_collectives(lowered.compile().as_text())

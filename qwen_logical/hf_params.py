@@ -50,7 +50,7 @@ class TensorSpec:
 
   def layout_shape(self, layout: HeadLayout) -> tuple[int, ...]:
     """Shape of this tensor in the Flax head layout (one layer, unstacked)."""
-    shape = list(self.view(np.empty(self.hf_shape, np.uint8)).shape)
+    shape = list(self.view(np.broadcast_to(np.zeros((), np.uint8), self.hf_shape)).shape)
     if self.head_axis is not None:
       shape[self.head_axis] = layout.layout_num_heads if self.head_kind == "query" else layout.layout_num_kv_heads
     return tuple(shape)
@@ -78,9 +78,9 @@ class TensorSpec:
 
   def read(self, hf_array: np.ndarray, layout: HeadLayout, index: Sequence[slice], dtype) -> np.ndarray:
     """The `index` slice of the layout-shaped parameter as a new array of `dtype`."""
-    full = [slice(0, n) for n in self.layout_shape(layout)]
-    index = [s if isinstance(s, slice) else slice(s, s + 1) for s in index] + full[len(index):]
-    shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, self.layout_shape(layout)))
+    layout_shape = self.layout_shape(layout)
+    index = list(index) + [slice(None)] * (len(layout_shape) - len(index))
+    shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, layout_shape))
     out = np.empty(shape, dtype)
     self.read_into(hf_array, layout, index, out)
     return out

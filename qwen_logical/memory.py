@@ -16,8 +16,3 @@ def available_host_bytes() -> int:
     pass
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
-
-def layers_that_fit(bytes_fixed: int, bytes_per_layer: int, budget: int, wanted: int) -> int:
-  """How many of `wanted` layers fit in `budget` beside `bytes_fixed` (at least 1)."""
-  room = max(budget - bytes_fixed, 0)
-  return max(1, min(wanted, room // max(bytes_per_layer, 1)))

@@ -134,6 +134,3 @@ def parse_overrides(text: str) -> dict[str, MeshAxes]:
     result[name] = _normalize(tuple(v.strip() for v in value.split("+")) if "+" in value else value)
   return result
 
-
-def table_names() -> Iterable[str]:
-  return TABLES.keys()

@@ -39,8 +39,8 @@ def init_host_bytes(cfg: ModelConfig) -> int:
   """Estimated peak host bytes of sharded init on CPU: all shards plus one parameter's temporaries."""
   itemsize = np.dtype(cfg.param_dtype).itemsize
   per_layer = (cfg.replace(num_layers=2).num_parameters - cfg.replace(num_layers=1).num_parameters) * itemsize
-  per_layer = int(per_layer * 1.15)  # head plan padding/repetition and allocator slack
-  total = cfg.num_parameters * itemsize + int(0.15 * per_layer / 1.15) * cfg.num_layers
+  # +15% per layer for head plan padding/repetition and allocator slack.
+  total = cfg.num_parameters * itemsize + int(0.15 * per_layer) * cfg.num_layers
   stacked = cfg.num_layers if cfg.scan_layers else 1  # scanned layers make one array per kernel
   largest = max(cfg.vocab_size, stacked * cfg.intermediate_size) * cfg.hidden_size * itemsize
   return total + int(INIT_TEMPORARY_FACTOR * largest)
