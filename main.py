@@ -1,5 +1,7 @@
 """qwen_logical main job: python main.py --config=configs/tp8.py [--config.mesh=2x4 ...]."""
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -11,7 +13,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   from qwen_logical.run import run
-  run(_CONFIG.value)
+  if not run(_CONFIG.value).get("ok", True):
+    sys.exit(1)
 
 
 if __name__ == "__main__":

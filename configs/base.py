@@ -5,6 +5,7 @@ from ml_collections import ConfigDict, config_dict
 
 def get_config() -> ConfigDict:
   config = ConfigDict()
+  config.job = "run"  # run: one mesh and table | verify: the verification suite (configs/verify.py)
   config.mesh = "1x8"  # batch x model
   config.rules = "tensor_parallel"  # tensor_parallel | data_parallel | fsdp | tp_fsdp
   config.rule_overrides = ""  # e.g. "mlp=None,embed=batch+model"

@@ -117,3 +117,47 @@ def sharding_report(partitioner: Partitioner, params=None) -> ShardingReport:
   cfg = p.config
   canonical = cfg.num_parameters * np.dtype(cfg.param_dtype).itemsize
   return ShardingReport(p.name, p.mesh.devices.size, p.layout.describe(), rows, dict(by_device), canonical)
+
+
+def _block(index: tuple[slice, ...], shape) -> tuple[tuple[int, int], ...]:
+  return tuple((s.start or 0, size if s.stop is None else s.stop) for s, size in zip(index, shape))
+
+
+def device_picture(path: str, shape, sharding, logical) -> str:
+  """A text picture of which devices hold which block of an array.
+
+  Blocks of the first split dimension run down, of the second across (one split
+  dimension: a single row); further split dimensions are named inside the cell. Each
+  cell names the devices holding that block ("d0,d4": replicas).
+  """
+  shape = tuple(shape)
+  blocks: dict[tuple, list[int]] = defaultdict(list)
+  for device, index in sharding.devices_indices_map(shape).items():
+    blocks[_block(index, shape)].append(device.id)
+  split = [d for d in range(len(shape)) if len({b[d] for b in blocks}) > 1]
+  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+  title = (f"{path} {list(shape)} ({', '.join(map(str, logical))}) -> "
+           f"({', '.join(format_mesh_axes(a) for a in spec)})")
+  if not split:
+    devices = sorted(next(iter(blocks.values())))
+    return f"{title}\n    whole array on every device ({len(devices)})"
+  name = lambda d: str(logical[d]) if d < len(logical) else f"dim{d}"
+  span = lambda d, block: f"{block[d][0]}:{block[d][1]}"
+  rows_dim, cols_dim = split[0], (split[1] if len(split) > 1 else None)
+  rows = sorted({b[rows_dim] for b in blocks})
+  cols = sorted({b[cols_dim] for b in blocks}) if cols_dim is not None else [None]
+  cells: dict[tuple, list[str]] = defaultdict(list)
+  for block, devices in blocks.items():
+    extra = "".join(f" {name(d)} {span(d, block)}" for d in split[2:])
+    key = (block[rows_dim], block[cols_dim] if cols_dim is not None else None)
+    cells[key].append(",".join(f"d{i}" for i in sorted(devices)) + extra)
+  if cols_dim is None:  # one split dimension: a row of blocks over a row of devices
+    table = [[name(rows_dim)] + [f"{r[0]}:{r[1]}" for r in rows],
+             ["devices"] + [" ".join(cells[(r, None)]) for r in rows]]
+  else:
+    table = [[f"{name(rows_dim)} \\ {name(cols_dim)}"] + [f"{c[0]}:{c[1]}" for c in cols]]
+    for r in rows:
+      table.append([f"{r[0]}:{r[1]}"] + [" ".join(cells.get((r, c), ["-"])) for c in cols])
+  widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+  lines = ["    " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+  return "\n".join([title] + lines)

@@ -28,6 +28,10 @@ class RuleTable:
   name: str
   rules: tuple[tuple[str, MeshAxes], ...]
   description: str = ""
+  # What the strategy promises: parameter axes it shards, as (logical name, mesh axes).
+  # Overrides keep the promise, so the verification suite can flag an override that
+  # silently replicates what the table claims to split.
+  claims: tuple[tuple[str, MeshAxes], ...] = ()
 
   def mapping(self) -> dict[str, MeshAxes]:
     return dict(self.rules)
@@ -35,6 +39,13 @@ class RuleTable:
   def mesh_axes(self, logical_name: str) -> tuple[str, ...]:
     """The mesh axes `logical_name` is sharded over, as a tuple (empty: replicated)."""
     value = self.mapping().get(logical_name)
+    if value is None:
+      return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+  def claimed_axes(self, logical_name: str) -> tuple[str, ...]:
+    """The mesh axes this strategy claims to shard parameter axis `logical_name` over."""
+    value = dict(self.claims).get(logical_name)
     if value is None:
       return ()
     return (value,) if isinstance(value, str) else tuple(value)
@@ -52,7 +63,8 @@ class RuleTable:
     known = {name for name, _ in rules}
     rules += tuple((name, _normalize(v)) for name, v in overrides.items() if name not in known)
     desc = ", ".join(f"{k}={format_mesh_axes(_normalize(v))}" for k, v in overrides.items())
-    return RuleTable(f"{self.name}+overrides", rules, f"{self.description} (overridden: {desc})")
+    return RuleTable(f"{self.name}+overrides", rules, f"{self.description} (overridden: {desc})",
+                     self.claims)
 
 
 def _normalize(value: MeshAxes | Sequence[str]) -> MeshAxes:
@@ -73,7 +85,8 @@ def format_mesh_axes(value: MeshAxes) -> str:
 def _table(name: str, description: str, **entries: MeshAxes) -> RuleTable:
   missing = set(ax.ALL_AXES) - set(entries)
   assert not missing, f"table {name} lacks {missing}"
-  return RuleTable(name, tuple((k, entries[k]) for k in ax.ALL_AXES), description)
+  claims = tuple((k, entries[k]) for k in ax.PARAMETER_AXES if entries[k] is not None)
+  return RuleTable(name, tuple((k, entries[k]) for k in ax.ALL_AXES), description, claims)
 
 
 _NO_SHARDING = {name: None for name in ax.ALL_AXES}

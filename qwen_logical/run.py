@@ -67,8 +67,10 @@ def fit_layers_to_host(cfg: ModelConfig, budget_fraction: float, explicit_layers
 
 def setup_devices(config: ConfigDict) -> None:
   """Simulated CPU devices for the mesh, before JAX initialises (no-op for accelerators)."""
-  batch, model = parse_mesh_shape(config.mesh)
-  count = config.num_cpu_devices if config.num_cpu_devices > 0 else batch * model
+  shapes = [parse_mesh_shape(config.mesh)]
+  if config.job == "verify":
+    shapes = [parse_mesh_shape(m) for m in config.verify.meshes.split(",") if m.strip()]
+  count = config.num_cpu_devices if config.num_cpu_devices > 0 else max(b * m for b, m in shapes)
   if config.platform in ("", "cpu"):
     simulate_cpu_devices(count)
   if config.platform:
@@ -199,9 +201,25 @@ def _generate(config: ConfigDict, partitioner, params, prompts: list[str]) -> di
           "generation_timings": t.to_dict()}
 
 
+def _write_report(path: str, report: dict[str, Any]) -> None:
+  from qwen_logical.distributed import is_main_process
+  if path and is_main_process():
+    with open(path, "w") as f:
+      json.dump(report, f, indent=1, default=str)
+    logging.info("Wrote report to %s", path)
+
+
 def run(config: ConfigDict) -> dict[str, Any]:
-  """Runs the main job and returns a JSON-able summary."""
+  """Runs the job `config.job` names and returns a JSON-able summary (`ok`: whether it passed)."""
+  if config.job not in ("run", "verify"):
+    raise ValueError(f"--config.job={config.job!r}: use 'run' (one mesh and table) or 'verify' "
+                     "(the verification suite, configs/verify.py).")
   setup_devices(config)
+  if config.job == "verify":
+    from qwen_logical.verify import verify
+    report = verify(config)
+    _write_report(config.report, report)
+    return report
   import jax
   from qwen_logical.report import sharding_report
   from qwen_logical.rules import get_table
@@ -234,8 +252,5 @@ def run(config: ConfigDict) -> dict[str, Any]:
   print("Timings: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items()))
   if note:
     print(f"NOTE: {note}")
-  if config.report:
-    with open(config.report, "w") as f:
-      json.dump({"summary": summary, "sharding": report.to_dict()}, f, indent=1, default=str)
-    logging.info("Wrote report to %s", config.report)
+  _write_report(config.report, {"summary": summary, "sharding": report.to_dict()})
   return summary

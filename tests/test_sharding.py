@@ -100,3 +100,14 @@ def test_sharded_init_never_builds_a_full_parameter():
   # Every big parameter (embedding, lm_head, q/o/mlp kernels) exists only as its 1/8 shards.
   assert largest < smallest_full, (largest, smallest_full)
   assert largest == max(math.prod(r.shard_shape) for r in sharded)
+
+
+@pytest.mark.parametrize("table", ["tensor_parallel", "fsdp"])
+def test_scanned_layers_count_collectives_per_layer(table):
+  """A collective in the scanned layer loop counts once per iteration, as if unrolled."""
+  cfg = CONFIG.replace(num_layers=3)
+  unrolled = _collectives(table, "1x8", layers=3)
+  part = Partitioner(cfg.replace(scan_layers=True), mesh_of("1x8"), get_table(table))
+  scanned = count_collectives(part.lower_forward(8, 12).compile().as_text())
+  for kind in ("all-reduce", "all-gather"):
+    assert scanned[kind]["count"] == unrolled[kind]["count"], (kind, scanned, unrolled)

@@ -1,0 +1,33 @@
+"""The verification suite: every mesh x every rule table vs the single-device run, one report.
+
+  python main.py --config=configs/verify.py [--config.report=verify.json]
+  python main.py --config=configs/verify.py --config.checkpoint=/path/to/Qwen2.5-0.5B
+
+Exits non-zero when any combination disagrees beyond tolerance or replicates a
+parameter axis its table claims to shard. The model is the Qwen2.5-0.5B shape with
+random weights unless a checkpoint is given.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.job = "verify"
+  config.mesh = "1x8"  # the suite makes its own meshes; this only sizes the simulated devices
+  config.model.preset = "qwen2.5-0.5b"
+  config.verify = ConfigDict()
+  config.verify.meshes = "1x1,1x8,2x4,4x2,8x1"  # batch x model
+  config.verify.tables = "tensor_parallel,data_parallel,fsdp,tp_fsdp"  # --config.rule_overrides applies to each
+  config.verify.weights = "place"  # place: the 1x1 run's weights put on each mesh | init: sharded init per mesh
+  config.verify.batch_size = 8
+  config.verify.seq_len = 32  # forward batch [batch_size, seq_len]; greedy prompts are its rows, cut to seq_len/2..seq_len
+  config.verify.new_tokens = 4  # greedy tokens generated per prompt and compared
+  config.verify.max_logit_diff = 1e-4  # float32; raise it for bfloat16 compute
+  config.verify.top_k = 100
+  config.verify.min_top_k_overlap = 0.98  # per position; a near-tie at rank k may swap one token
+  config.verify.key_params = ("embed_tokens/embedding,layers/attention/q_kernel,layers/attention/k_kernel,"
+                              "layers/attention/o_kernel,layers/mlp/up_kernel,layers/mlp/down_kernel,lm_head")
+  return config
