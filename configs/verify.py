@@ -21,7 +21,9 @@ def get_config():
   config.verify = ConfigDict()
   config.verify.meshes = "1x1,1x8,2x4,4x2,8x1"  # batch x model
   config.verify.tables = "tensor_parallel,data_parallel,fsdp,tp_fsdp"  # --config.rule_overrides applies to each
-  config.verify.weights = "place"  # place: the 1x1 run's weights put on each mesh | init: sharded init per mesh
+  # reference: the 1x1 run's random weights, saved as an HF checkpoint in a temporary directory
+  # and loaded onto each mesh | init: sharded random init on each mesh (also checks init)
+  config.verify.weights = "reference"
   config.verify.batch_size = 8
   config.verify.seq_len = 32  # forward batch [batch_size, seq_len]; greedy prompts are its rows, cut to seq_len/2..seq_len
   config.verify.new_tokens = 4  # greedy tokens generated per prompt and compared

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import shutil
+import tempfile
 import time
 import traceback
 from typing import Any
@@ -50,7 +52,7 @@ class Settings:
 
   meshes: tuple[str, ...]
   tables: tuple[str, ...]
-  weights: str  # "place": the reference's weights put on each mesh | "init": sharded init per mesh
+  weights: str  # "reference": the 1x1 run's weights loaded onto each mesh | "init": sharded init per mesh
   batch_size: int
   seq_len: int
   new_tokens: int
@@ -62,9 +64,9 @@ class Settings:
   @classmethod
   def from_config(cls, v: ConfigDict) -> "Settings":
     split = lambda text: tuple(s.strip() for s in text.split(",") if s.strip())
-    if v.weights not in ("place", "init"):
-      raise ValueError(f"--config.verify.weights={v.weights!r}: use 'place' (the reference's weights put on "
-                       "each mesh) or 'init' (sharded random init on each mesh).")
+    if v.weights not in ("reference", "init"):
+      raise ValueError(f"--config.verify.weights={v.weights!r}: use 'reference' (the 1x1 run's weights loaded "
+                       "onto each mesh) or 'init' (sharded random init on each mesh).")
     return cls(split(v.meshes), split(v.tables), v.weights, v.batch_size, v.seq_len, v.new_tokens,
                v.max_logit_diff, v.top_k, v.min_top_k_overlap, split(v.key_params))
 
@@ -75,7 +77,6 @@ class Reference:
 
   logits: np.ndarray  # [B, L, V] float32
   tokens: list[list[int]]  # greedy tokens per prompt
-  canonical: dict | None  # HF-shaped host weights, for weights="place"
 
 
 def top_k_overlap(logits: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:
@@ -128,6 +129,7 @@ class Suite:
   def __init__(self, config: ConfigDict, settings: Settings):
     self.config, self.settings = config, settings
     self.checkpoint = None
+    self.scratch: str | None = None  # where the reference's random weights are saved, if anywhere
     if config.checkpoint:
       from qwen_logical.checkpoint import open_checkpoint
       self.checkpoint = open_checkpoint(config.checkpoint, param_dtype=config.model.param_dtype,
@@ -146,14 +148,11 @@ class Suite:
 
   # --- the pieces of one run ----------------------------------------------------------
   def _weights(self, partitioner: Partitioner):
-    """(params, how) for this partitioner: loaded, placed from the reference, or initialised."""
+    """(params, how) for this partitioner: loaded (a checkpoint, or the reference saved as one) or initialised."""
     if self.checkpoint is not None:
       from qwen_logical.checkpoint import load_params
-      return load_params(self.checkpoint, partitioner, progress=False), "loaded from the checkpoint"
-    if self.settings.weights == "place" and self.reference is not None:
-      from qwen_logical.hf_params import flax_from_hf
-      host = flax_from_hf(self.reference.canonical, self.model_config, partitioner.layout)
-      return partitioner.place(host), "the reference's weights, placed"
+      how = "the reference's weights, loaded" if self.scratch else "loaded from the checkpoint"
+      return load_params(self.checkpoint, partitioner, progress=False), how
     return partitioner.init(self.config.seed), "sharded init"
 
   def _run(self, partitioner: Partitioner) -> tuple[dict[str, Any], Any, np.ndarray, list[list[int]]]:
@@ -186,14 +185,24 @@ class Suite:
     partitioner = Partitioner(self.model_config, make_mesh("1x1", devices=jax.devices()[:1]),
                               get_table("tensor_parallel"))
     info, params, logits, tokens = self._run(partitioner)
-    canonical = None
-    if self.checkpoint is None and self.settings.weights == "place":
-      from qwen_logical.hf_params import hf_from_flax
-      canonical = hf_from_flax(params, self.model_config, partitioner.layout)
+    if self.checkpoint is None and self.settings.weights == "reference":
+      # Saved as an HF checkpoint, the weights reach every mesh through the sharded loader:
+      # each device reads its own slice, and the host never holds another full copy.
+      from qwen_logical.checkpoint import export_checkpoint, open_checkpoint
+      self.scratch = tempfile.mkdtemp(prefix="qwen_logical_verify_")
+      export_checkpoint(params, partitioner, self.scratch, progress=False)
+      cfg = self.model_config
+      self.checkpoint = open_checkpoint(self.scratch, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
+                                        scan_layers=cfg.scan_layers)
     del params
-    self.reference = Reference(logits, tokens, canonical)
+    self.reference = Reference(logits, tokens)
     info.update(logits_std=float(logits.std()), tokens=tokens)
     return info
+
+  def close(self) -> None:
+    if self.scratch:
+      shutil.rmtree(self.scratch, ignore_errors=True)
+      self.scratch = None
 
   def run_combination(self, mesh_shape: str, table_name: str) -> dict[str, Any]:
     """One (mesh, table): status 'ok', 'fail' or 'skipped', with everything measured."""
@@ -309,22 +318,23 @@ def verify(config: ConfigDict, suite: Suite | None = None) -> dict[str, Any]:
   say = distributed.printer()
   started = time.perf_counter()
   suite = suite or Suite(config, Settings.from_config(config.verify))
-  settings = suite.settings
-  cfg = suite.model_config
+  settings, cfg = suite.settings, suite.model_config
   say(f"Verifying {cfg.name} ({cfg.num_layers} layers, {cfg.num_parameters / 1e9:.2f}B parameters, "
       f"{cfg.param_dtype}) on {len(jax.devices())} {jax.default_backend()} devices: meshes "
       f"{', '.join(settings.meshes)} x tables {', '.join(settings.tables)}"
       + (f" (overrides: {config.rule_overrides})" if config.rule_overrides else ""))
-  reference = suite.run_reference()
-  t = reference["timings"]
-  say(f"== reference 1x1: weights {t['weights_s']:.2f} s ({reference['weights']}), compile "
-      f"{t['compile_s']:.2f} s, forward {t['run_s']:.3f} s, logits std {reference['logits_std']:.3f}")
   entries = []
-  for mesh_shape in settings.meshes:
-    for table_name in settings.tables:
-      entry = suite.run_combination(mesh_shape, table_name)
-      entries.append(entry)
-      say(format_combination(entry, settings))
+  try:
+    reference = suite.run_reference()
+    t = reference["timings"]
+    say(f"== reference 1x1: weights {t['weights_s']:.2f} s ({reference['weights']}), compile "
+        f"{t['compile_s']:.2f} s, forward {t['run_s']:.3f} s, logits std {reference['logits_std']:.3f}")
+    for mesh_shape in settings.meshes:
+      for table_name in settings.tables:
+        entries.append(suite.run_combination(mesh_shape, table_name))
+        say(format_combination(entries[-1], settings))
+  finally:
+    suite.close()
   failed = [e for e in entries if e["status"] == "fail"]
   skipped = [e for e in entries if e["status"] == "skipped"]
   say("\nSummary (vs the single-device run; collectives per forward: AR all-reduce, AG all-gather, "
