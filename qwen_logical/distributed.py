@@ -25,6 +25,17 @@ def printer() -> Callable[..., None]:
   return lambda *args, **kwargs: None
 
 
+def global_array(host: np.ndarray, sharding: jax.sharding.Sharding):
+  """A host array that is the same on every process, as a global jax.Array with `sharding`.
+
+  Each process builds only its own devices' slices. With one process the numpy array
+  is returned as it is (jit places it).
+  """
+  if jax.process_count() == 1:
+    return host
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def to_host(array: jax.Array) -> np.ndarray:
   """The whole of a global array as numpy, on every process (gathered across hosts if needed)."""
   if array.is_fully_addressable:

@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_logical import axes as ax
+from qwen_logical import distributed
 from qwen_logical import kv_cache
 from qwen_logical.partitioner import Params, Partitioner
 from qwen_logical.sampling import SamplingParams, row_keys, sample
@@ -371,6 +372,9 @@ class Generator:
       slot_mask[r, prompt - len(p):prompt] = 1
     slot_mask[real:, prompt - 1] = 1  # padding rows: one real slot keeps their softmax well defined
     timings.prompt_tokens = sum(len(p) for p in ids)
+    token_sharding = self.partitioner.sharding(ax.TOKENS)
+    tokens = distributed.global_array(tokens, token_sharding)
+    slot_mask = distributed.global_array(slot_mask, token_sharding)
 
     before = self.compilations
     prefill, t_prefill = self._program("prefill", batch, prompt, slots, sampling, stops.size)
@@ -411,7 +415,7 @@ class Generator:
     start = time.perf_counter()
     cache, token, done = prefill(params, tokens, slot_mask, seed_arr, stops)
     index = jax.device_put(np.int32(prompt), self._replicated())
-    host = np.asarray(token)
+    host = distributed.to_host(token)
     timings.prefill_s = time.perf_counter() - start
     decode_start = time.perf_counter()
     yield emit(0, host)
@@ -423,7 +427,7 @@ class Generator:
         cache, token, done, index = ahead
         if step + 1 < max_new_tokens:  # dispatch the next step before waiting for this one
           ahead = decode(params, cache, token, done, index, slot_mask, seed_arr, stops, pad_arr)
-        host = np.asarray(token)
+        host = distributed.to_host(token)
         steps += 1
         event = emit(step, host)
         timings.decode_s = time.perf_counter() - decode_start

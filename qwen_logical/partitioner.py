@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_logical import axes as ax
+from qwen_logical import distributed
 from qwen_logical import validation
 from qwen_logical.config import ModelConfig
 from qwen_logical.head_plan import HeadLayout, plan_heads
@@ -170,7 +171,9 @@ class Partitioner:
     tokens = np.asarray(tokens, np.int32)
     mask = np.ones_like(tokens) if attention_mask is None else np.asarray(attention_mask, np.int32)
     self.check_batch(*tokens.shape)
-    return self.forward_fn()(params, tokens, mask)
+    sharding = self.sharding(ax.TOKENS)
+    return self.forward_fn()(params, distributed.global_array(tokens, sharding),
+                             distributed.global_array(mask, sharding))
 
   def lower_forward(self, batch_size: int, length: int):
     """The lowered forward for a [batch_size, length] batch (for compile timing and HLO)."""
