@@ -29,6 +29,15 @@ def get_config() -> ConfigDict:
   config.top_p = 1.0
   config.export = ""  # write the params as an HF directory here (safetensors shards + index + config)
 
+  # Several processes (one per host): all join one job and the mesh spans every process's devices.
+  config.distributed = ConfigDict()
+  config.distributed.coordinator = ""  # HOST:PORT of process 0; "" = a single process
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
+  config.distributed.auto = False  # let JAX read the cluster's environment (SLURM, Open MPI, TPU pods)
+  config.distributed.initialization_timeout_s = 300  # waiting for every process to join
+  config.distributed.heartbeat_timeout_s = 100  # a silent peer for this long ends every process with an error
+
   config.model = ConfigDict()
   config.model.preset = "qwen2.5-7b"
   config.model.hf_config = ""  # path to an HF config.json (or its directory) instead of a preset

@@ -20,6 +20,12 @@ ARCHITECTURE_OVERRIDES = ("num_layers", "hidden_size", "intermediate_size", "num
                           "rope_theta", "initializer_range")
 
 
+def say(*args, **kwargs) -> None:
+  """print, flushed, on process 0 only (every process computes the same results)."""
+  from qwen_logical.distributed import printer
+  printer()(*args, **kwargs)
+
+
 def model_config_from(config: ConfigDict) -> ModelConfig:
   """The ModelConfig a run config asks for: a preset or an HF config.json, then overrides."""
   m = config.model
@@ -66,16 +72,44 @@ def fit_layers_to_host(cfg: ModelConfig, budget_fraction: float, explicit_layers
 
 
 def setup_devices(config: ConfigDict) -> None:
-  """Simulated CPU devices for the mesh, before JAX initialises (no-op for accelerators)."""
+  """Simulated CPU devices for the mesh and, for a multi-process run, joining the job.
+
+  Runs before JAX initialises. On CPU each process simulates its share of the mesh's
+  devices (all of them when alone); accelerators bring their own.
+  """
+  from qwen_logical import distributed
+  d = config.distributed
+  multi = bool(d.coordinator) or d.auto
+  processes = d.num_processes if multi and d.num_processes > 0 else 1
   shapes = [parse_mesh_shape(config.mesh)]
   if config.job == "verify":
     shapes = [parse_mesh_shape(m) for m in config.verify.meshes.split(",") if m.strip()]
-  count = config.num_cpu_devices if config.num_cpu_devices > 0 else max(b * m for b, m in shapes)
-  if config.platform in ("", "cpu"):
+  total = max(b * m for b, m in shapes)
+  if config.num_cpu_devices > 0:
+    count = config.num_cpu_devices
+  elif processes >= 1 and total % processes == 0:
+    count = total // processes
+  else:
+    raise distributed.DistributedError(
+        f"mesh {config.mesh} has {total} devices, which do not split evenly over "
+        f"--config.distributed.num_processes={d.num_processes}; set --config.num_cpu_devices (per process) "
+        "or use a mesh whose size is a multiple of the process count.")
+  on_cpu = config.platform in ("", "cpu")
+  if on_cpu:
     simulate_cpu_devices(count)
   if config.platform:
     import jax
     jax.config.update("jax_platforms", config.platform)
+  if multi:
+    import jax
+    distributed.initialize(d.coordinator, d.num_processes, d.process_id, auto=d.auto,
+                           cpu=on_cpu,
+                           initialization_timeout_s=d.initialization_timeout_s,
+                           heartbeat_timeout_s=d.heartbeat_timeout_s)
+    if not distributed.is_main_process():
+      logging.set_verbosity(logging.WARNING)
+    logging.info("Process %d of %d: %d local / %d global devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
 
 
 def _model_config_and_params(config: ConfigDict, mesh, table):
@@ -126,7 +160,9 @@ def _log_model(partitioner, mesh, table) -> None:
 def _forward_sample(config: ConfigDict, partitioner, params, timings) -> dict[str, Any]:
   """Compiles and runs the forward pass on a random [batch_size, seq_len] batch."""
   import jax
+  from qwen_logical import axes as ax
   from qwen_logical.collectives import count_collectives
+  from qwen_logical.distributed import global_array, to_host
 
   cfg = partitioner.config
   partitioner.check_batch(config.batch_size, config.seq_len)
@@ -138,13 +174,15 @@ def _forward_sample(config: ConfigDict, partitioner, params, timings) -> dict[st
   logging.info("Compile forward [%d, %d]: %.2f s", config.batch_size, config.seq_len, timings["compile_s"])
   collectives = {k: v for k, v in count_collectives(compiled.as_text()).items() if v["count"]}
   start = time.perf_counter()
-  logits = jax.block_until_ready(compiled(params, tokens.astype(np.int32), mask.astype(np.int32)))
+  token_sharding = partitioner.sharding(ax.TOKENS)
+  logits = jax.block_until_ready(compiled(params, global_array(tokens.astype(np.int32), token_sharding),
+                                          global_array(mask.astype(np.int32), token_sharding)))
   timings["run_s"] = time.perf_counter() - start
   logging.info("Forward pass: %.3f s (%.1f tokens/s)", timings["run_s"], tokens.size / timings["run_s"])
-  host_logits = np.asarray(logits)
-  print(f"\nForward pass on a [{config.batch_size}, {config.seq_len}] batch: logits {tuple(host_logits.shape)} "
+  host_logits = to_host(logits)
+  say(f"\nForward pass on a [{config.batch_size}, {config.seq_len}] batch: logits {tuple(host_logits.shape)} "
         f"sharded {logits.sharding.spec}, mean {host_logits.mean():+.4f}, std {host_logits.std():.4f}")
-  print(f"Collectives in the compiled forward: {collectives or 'none'}")
+  say(f"Collectives in the compiled forward: {collectives or 'none'}")
   return {"logits_shape": list(host_logits.shape), "logits_sharding": str(logits.sharding.spec),
           "logits_mean": float(host_logits.mean()), "logits_std": float(host_logits.std()),
           "next_tokens": host_logits[:, -1].argmax(-1).tolist(), "collectives": collectives}
@@ -164,7 +202,6 @@ def read_prompts(config: ConfigDict) -> list[str]:
 
 def _generate(config: ConfigDict, partitioner, params, prompts: list[str]) -> dict[str, Any]:
   """Tokenizes (chat template optional), generates with streaming, prints the text."""
-  import sys
   from qwen_logical.generate import generate
   from qwen_logical.tokenizer import Tokenizer
 
@@ -181,21 +218,20 @@ def _generate(config: ConfigDict, partitioner, params, prompts: list[str]) -> di
 
   def show(event):
     if streamed and event.texts and event.texts[0]:
-      sys.stdout.write(event.texts[0])
-      sys.stdout.flush()
+      say(event.texts[0], end="")
 
   if streamed:
-    print(f"\n>>> {prompts[0]}\n", flush=True)
+    say(f"\n>>> {prompts[0]}\n", flush=True)
   result = generate(partitioner, params, inputs, tokenizer=tokenizer, max_new_tokens=config.max_new_tokens,
                     temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                     seed=config.seed, callback=show)
   if streamed:
-    print()
+    say()
   else:
     for prompt, text, reason in zip(prompts, result.texts, result.finish_reasons):
-      print(f"\n>>> {prompt}\n{text}\n[{reason}]")
+      say(f"\n>>> {prompt}\n{text}\n[{reason}]")
   t = result.timings
-  print(f"\nGeneration: prefill {t.prefill_tokens_per_s:.1f} tokens/s, decode {t.decode_tokens_per_s:.1f} "
+  say(f"\nGeneration: prefill {t.prefill_tokens_per_s:.1f} tokens/s, decode {t.decode_tokens_per_s:.1f} "
         f"tokens/s, compile {t.compile_s:.2f} s, {t.new_tokens} new tokens")
   return {"texts": result.texts, "tokens": result.tokens, "finish_reasons": result.finish_reasons,
           "generation_timings": t.to_dict()}
@@ -229,7 +265,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
   partitioner, params, note, timings = _model_config_and_params(config, mesh, table)
   cfg = partitioner.config
   report = sharding_report(partitioner, params)
-  print(report.format(), flush=True)
+  say(report.format(), flush=True)
 
   summary: dict[str, Any] = {
       "model": cfg.name, "num_layers": cfg.num_layers, "mesh": config.mesh, "rules": table.name,
@@ -249,8 +285,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
     timings["export_s"] = time.perf_counter() - start
     logging.info("Exported %d files to %s in %.2f s", len(files), config.export, timings["export_s"])
     summary["exported"] = files
-  print("Timings: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items()))
+  say("Timings: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items()))
   if note:
-    print(f"NOTE: {note}")
+    say(f"NOTE: {note}")
   _write_report(config.report, {"summary": summary, "sharding": report.to_dict()})
   return summary

@@ -168,7 +168,9 @@ class Suite:
     timings["compile_s"] = time.perf_counter() - start
     mask = np.ones_like(self.tokens)
     start = time.perf_counter()
-    logits = jax.block_until_ready(compiled(params, self.tokens, mask))
+    sharding = partitioner.sharding(ax.TOKENS)
+    logits = jax.block_until_ready(compiled(params, distributed.global_array(self.tokens, sharding),
+                                            distributed.global_array(mask, sharding)))
     timings["run_s"] = time.perf_counter() - start
     host_logits = distributed.to_host(logits)
     del logits
