@@ -317,6 +317,9 @@ def verify(config: ConfigDict, suite: Suite | None = None) -> dict[str, Any]:
 
   `suite` (built from the same config) lets a caller inspect the reference run afterwards.
   """
+  if jax.process_count() > 1:
+    raise ValueError("The verification suite runs in one process (its 1x1 reference lives on one device); "
+                     "drop --config.distributed.* and simulate the devices on one host instead.")
   say = distributed.printer()
   started = time.perf_counter()
   suite = suite or Suite(config, Settings.from_config(config.verify))
