@@ -106,6 +106,22 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Ar
   return x * cos + rotated * sin
 
 
+def _decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, bias: jax.Array,
+                      scale: float) -> jax.Array:
+  """One query per row over the cache. q [B, K, G, D] (G query heads per KV head), keys/values
+  [B, K, S, D] (ax.KV_CACHE), bias f32[B, 1, S] -> [B, K, G, D].
+
+  Written as broadcast multiplies and reductions rather than dot_generals: with a single query
+  XLA:CPU then fuses each product into one loop over the cache, where batched dots would go to
+  a library call that wants the cache transposed (a copy of every layer's cache every step).
+  """
+  dtype = q.dtype
+  scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None, :, :], axis=-1, dtype=jnp.float32)
+  scores = scores * scale + bias[:, :, None, :]  # [B, K, G, S]
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  return jnp.sum(probs[..., None] * values[:, :, None, :, :], axis=3)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention in the head layout.
 
@@ -119,7 +135,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array,
-               cache: KVCache | None = None, cache_index: jax.Array | None = None):
+               cache: KVCache | None = None, cache_index: jax.Array | None = None,
+               last_query_only: bool = False):
     """x [B, L, E], positions int[B, L], bias f32[B, 1, L, S] (0 or -inf-like) -> [B, L, E].
 
     Without `cache`, S == L and the keys are this call's tokens. With `cache`
@@ -127,7 +144,8 @@ class Attention(nn.Module):
     written at slots [cache_index, cache_index + L) and the queries attend over
     all S slots (the bias masks empty and padded ones); returns (y, new cache).
     A Python int cache_index of 0 (prefill) attends over the L new keys only
-    (bias [B, 1, L, L]), skipping the empty slots.
+    (bias [B, 1, L, L]), skipping the empty slots. `last_query_only` keeps keys and
+    values for all L tokens but computes the output for the last one only ([B, 1, E]).
     """
     cfg, layout = self.config, self.layout
     dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
@@ -136,7 +154,7 @@ class Attention(nn.Module):
     q_src, kv_src = layout.query_head_source(), layout.kv_head_source()
     normal = nn.initializers.normal(cfg.initializer_range)
 
-    def project(name, src, heads, head_axis_name, activation_names):
+    def project(name, src, heads, head_axis_name, activation_names, x=x):
       kernel = logical_param(self, f"{name}_kernel", head_keyed_init(normal, src, 1), (e, heads, d),
                       (ax.EMBED, head_axis_name, ax.HEAD_DIM), pdtype)
       bias_ = logical_param(self, f"{name}_bias", head_keyed_init(normal, src, 0), (heads, d),
@@ -144,10 +162,12 @@ class Attention(nn.Module):
       y = jnp.einsum("ble,ehd->blhd", x, kernel.astype(dtype)) + bias_.astype(dtype)
       return constrain(y, activation_names)
 
-    q = project("q", q_src, h, ax.HEADS, ax.QUERY_ACTIVATION)
+    x_q, q_positions = (x[:, -1:], positions[:, -1:]) if last_query_only else (x, positions)
+    bias = bias[:, :, -1:] if last_query_only else bias
+    q = project("q", q_src, h, ax.HEADS, ax.QUERY_ACTIVATION, x=x_q)
     key = project("k", kv_src, k, ax.KV_HEADS, ax.KV_ACTIVATION)
     value = project("v", kv_src, k, ax.KV_HEADS, ax.KV_ACTIVATION)
-    q = rotary_embedding(q, positions, cfg.rope_theta)
+    q = rotary_embedding(q, q_positions, cfg.rope_theta)
     key = rotary_embedding(key, positions, cfg.rope_theta)
 
     keys = "bskd"  # this call's keys [B, L, K, D]
@@ -162,10 +182,13 @@ class Attention(nn.Module):
 
     b, l = q.shape[:2]
     grouped = q.reshape(b, l, k, h // k, d)  # layout head j uses KV head j // (h // k)
-    scores = jnp.einsum(f"blkgd,{keys}->bkgls", grouped, key).astype(jnp.float32)
-    scores = scores * (d ** -0.5) + bias[:, :, None]
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum(f"bkgls,{keys}->blkgd", probs, value).reshape(b, l, h, d)
+    if l == 1 and keys == "bksd":
+      out = _decode_attention(grouped[:, 0], key, value, bias[:, :, 0], d ** -0.5).reshape(b, 1, h, d)
+    else:
+      scores = jnp.einsum(f"blkgd,{keys}->bkgls", grouped, key).astype(jnp.float32)
+      scores = scores * (d ** -0.5) + bias[:, :, None]
+      probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+      out = jnp.einsum(f"bkgls,{keys}->blkgd", probs, value).reshape(b, l, h, d)
     out = constrain(out, ax.QUERY_ACTIVATION)
 
     o_kernel = logical_param(self, "o_kernel", head_keyed_init(normal, q_src, 0), (h, d, e),
@@ -206,14 +229,19 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array,
-               cache: KVCache | None = None, cache_index: jax.Array | None = None):
-    """x [B, L, E] -> ([B, L, E], None), or ([B, L, E], new cache) when given a cache."""
+               cache: KVCache | None = None, cache_index: jax.Array | None = None,
+               last_only: bool = False):
+    """x [B, L, E] -> ([B, L, E], None), or ([B, L, E], new cache) when given a cache.
+
+    `last_only` (the last layer of a prefill that needs only the last position's logits):
+    the cache still gets all L keys/values, the output is [B, 1, E] for the last token.
+    """
     attention = Attention(self.config, self.layout, name="attention")
     normed = RMSNorm(self.config, name="input_norm")(x)
     if cache is None:
-      attended = attention(normed, positions, bias)
+      attended = attention(normed, positions, bias, last_query_only=last_only)
     else:
-      attended, cache = attention(normed, positions, bias, cache, cache_index)
-    h = x + attended
+      attended, cache = attention(normed, positions, bias, cache, cache_index, last_query_only=last_only)
+    h = (x[:, -1:] if last_only else x) + attended
     out = h + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_norm")(h))
     return constrain(out, ax.EMBED_ACTIVATION), cache

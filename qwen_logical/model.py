@@ -120,8 +120,10 @@ class Qwen2ForCausalLM(nn.Module):
       new_cache = {} if cache is not None else None
       for i in range(cfg.num_layers):
         name = f"layers_{i}"
-        layer_cache = (cache[name], cache_index) if cache is not None else ()
-        x, out = DecoderLayer(cfg, layout, name=name)(x, positions, bias, *layer_cache)
+        layer_cache = (cache[name], cache_index) if cache is not None else (None, None)
+        # The last layer's queries, o projection and MLP are needed for the last token only.
+        trim = last_only and length > 1 and i == cfg.num_layers - 1
+        x, out = DecoderLayer(cfg, layout, name=name)(x, positions, bias, *layer_cache, last_only=trim)
         if cache is not None:
           new_cache[name] = out
     if last_only and length > 1:
