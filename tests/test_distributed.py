@@ -155,3 +155,26 @@ def test_a_killed_peer_ends_the_survivor_with_a_clear_error(checkpoint, tmp_path
   assert survivor.returncode == 3, err[-3000:]
   assert "another process of this job failed or was killed" in err
   assert took < 60, took  # an error, not a hang
+
+
+@pytest.mark.parametrize("coordinator,processes,pid,message", [
+    ("127.0.0.1", 2, 0, "is not HOST:PORT"),
+    ("127.0.0.1:1234", 0, 0, "give the number of processes"),
+    ("127.0.0.1:1234", 2, 2, "must be in [0, 2)"),
+    ("127.0.0.1:1234", 2, -1, "must be in [0, 2)"),
+])
+def test_bad_distributed_settings_are_named(coordinator, processes, pid, message):
+  from qwen_logical.distributed import DistributedError, check_settings
+  with pytest.raises(DistributedError, match=message.replace("[", r"\[").replace(")", r"\)")):
+    check_settings(coordinator, processes, pid)
+
+
+def test_a_mesh_that_does_not_split_over_the_processes_is_refused():
+  sys.path.insert(0, REPO)
+  from configs import tp8
+  from qwen_logical.distributed import DistributedError
+  from qwen_logical.run import setup_devices
+  config = tp8.get_config()
+  config.distributed.coordinator, config.distributed.num_processes = "127.0.0.1:1", 3
+  with pytest.raises(DistributedError, match="do not split evenly over --config.distributed.num_processes=3"):
+    setup_devices(config)
