@@ -164,19 +164,36 @@ _CHUNK_BYTES = 32 * 2**20
 
 
 def _read_tasks(checkpoint: Checkpoint, specs: list[TensorSpec], layout, stacked: bool,
-                index: tuple[slice, ...], out: np.ndarray) -> list:
-  """Independent pieces of reading one device's slice into `out`: a layer each, or row chunks."""
-  def task(spec: TensorSpec, sub_index, target):
-    return lambda: spec.read_into(checkpoint.entries[spec.hf_name].memmap(), layout, sub_index, target)
+                slices: list[tuple[tuple[slice, ...], np.ndarray]]) -> list:
+  """Independent pieces of reading one parameter's distinct device slices `(index, out)`.
+
+  A piece maps one tensor (one layer of a stacked parameter) once and reads every slice
+  that needs it; a slice larger than _CHUNK_BYTES of an unstacked parameter is split into
+  row chunks so that both reader threads share it.
+  """
+  def task(spec: TensorSpec, reads):
+    def run():
+      hf_array = checkpoint.entries[spec.hf_name].memmap()
+      for sub_index, target in reads:
+        spec.read_into(hf_array, layout, sub_index, target)
+    return run
 
   if stacked:
-    return [task(spec, index[1:], out[p]) for p, spec in enumerate(specs[index[0]])]
-  if out.ndim == 0 or out.nbytes <= _CHUNK_BYTES:
-    return [task(specs[0], index, out)]
-  first = index[0].start or 0 if index else 0
-  rows = max(1, _CHUNK_BYTES // (out.nbytes // out.shape[0]))
-  return [task(specs[0], (slice(first + a, first + min(a + rows, out.shape[0])),) + tuple(index[1:]),
-               out[a:a + rows]) for a in range(0, out.shape[0], rows)]
+    by_layer: dict[int, list] = defaultdict(list)
+    for index, out in slices:
+      for position, layer in enumerate(range(len(specs))[index[0]]):
+        by_layer[layer].append((index[1:], out[position]))
+    return [task(specs[layer], reads) for layer, reads in sorted(by_layer.items())]
+  small = [(index, out) for index, out in slices if out.ndim == 0 or out.nbytes <= _CHUNK_BYTES]
+  tasks = [task(specs[0], small)] if small else []
+  for index, out in slices:
+    if out.ndim == 0 or out.nbytes <= _CHUNK_BYTES:
+      continue
+    first = index[0].start or 0
+    rows = max(1, _CHUNK_BYTES // (out.nbytes // out.shape[0]))
+    tasks += [task(specs[0], [((slice(first + a, first + min(a + rows, out.shape[0])),) + tuple(index[1:]),
+                               out[a:a + rows])]) for a in range(0, out.shape[0], rows)]
+  return tasks
 
 
 @dataclasses.dataclass
@@ -215,13 +232,14 @@ def load_params(checkpoint: Checkpoint, partitioner: Partitioner, progress: bool
       shard_shape = sharding.shard_shape(global_shape)
       leaf = _PendingLeaf(global_shape, sharding, {}, [], [], len(specs),
                           sum(checkpoint.entries[s.hf_name].nbytes for s in specs))
+      slices = []
       for device, index in sharding.addressable_devices_indices_map(global_shape).items():
         key = tuple((s.start, s.stop) for s in index)
         if key not in leaf.buffers:
           leaf.buffers[key] = aligned_empty(shard_shape, shape.dtype)
-          leaf.futures += [_readers().submit(t) for t in
-                           _read_tasks(checkpoint, specs, layout, stacked, index, leaf.buffers[key])]
+          slices.append((index, leaf.buffers[key]))
         leaf.placement.append((device, key))
+      leaf.futures = [_readers().submit(t) for t in _read_tasks(checkpoint, specs, layout, stacked, slices)]
       pending.append(leaf)
     leaves = []
     for leaf in pending:
