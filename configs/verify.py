@@ -26,7 +26,7 @@ def get_config():
   config.verify.weights = "reference"
   config.verify.batch_size = 8
   config.verify.seq_len = 32  # forward batch [batch_size, seq_len]; greedy prompts are its rows, cut to seq_len/2..seq_len
-  config.verify.new_tokens = 4  # greedy tokens generated per prompt and compared
+  config.verify.new_tokens = 3  # greedy tokens per prompt, compared (prefill + 2 cached decode steps)
   config.verify.max_logit_diff = 1e-4  # float32; raise it for bfloat16 compute
   config.verify.top_k = 100
   config.verify.min_top_k_overlap = 0.98  # per position; a near-tie at rank k may swap one token
