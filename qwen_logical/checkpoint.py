@@ -277,8 +277,11 @@ def export_checkpoint(params, partitioner: Partitioner, directory: str, *, dtype
   """Writes params as an HF directory (safetensors shards + index + config.json), head plan undone.
 
   Returns the files written. `copy_files_from` copies tokenizer and generation
-  config files from another checkpoint directory.
+  config files from another checkpoint directory. In a multi-process job every
+  process must call it (each tensor is gathered from all of them); process 0 writes.
   """
+  from qwen_logical.distributed import is_main_process
+  writer = is_main_process()
   config, layout = partitioner.config, partitioner.layout
   out_dtype = np.dtype(safetensors_io.DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[
       dtype or config.param_dtype]])
@@ -292,7 +295,8 @@ def export_checkpoint(params, partitioner: Partitioner, directory: str, *, dtype
       used = 0
     shards[-1].append(i)
     used += size
-  os.makedirs(directory, exist_ok=True)
+  if writer:
+    os.makedirs(directory, exist_ok=True)
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))])
   bar = Progress(f"Exporting to {directory}", len(specs), sum(sizes), enabled=progress)
@@ -303,10 +307,15 @@ def export_checkpoint(params, partitioner: Partitioner, directory: str, *, dtype
         spec = specs[i]
         yield spec.hf_name, hf_tensor_from_flax(params, spec, config, layout).astype(out_dtype)
         bar.update(1, sizes[i])
-    safetensors_io.write_file(os.path.join(directory, name), list(tensors()))
+    shard = list(tensors())
+    if writer:
+      safetensors_io.write_file(os.path.join(directory, name), shard)
+    del shard
     weight_map.update({specs[i].hf_name: name for i in members})
   bar.close()
   written = [os.path.join(directory, n) for n in names]
+  if not writer:
+    return written
   if len(shards) > 1:
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
     with open(os.path.join(directory, INDEX_FILE), "w") as f:

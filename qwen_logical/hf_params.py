@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from qwen_logical.config import ModelConfig
+from qwen_logical.distributed import to_host
 from qwen_logical.head_plan import PADDING, HeadLayout, plan_heads
 
 
@@ -242,7 +243,8 @@ def hf_tensor_from_flax(params: Mapping, spec: TensorSpec, config: ModelConfig, 
   value = get_path(params, spec.flax_path)
   if spec.layer is not None and config.scan_layers:
     value = value[spec.layer]
-  return np.ascontiguousarray(spec.from_flax(np.asarray(value), layout))
+  host = np.asarray(value) if isinstance(value, np.ndarray) else to_host(value)
+  return np.ascontiguousarray(spec.from_flax(host, layout))
 
 
 def hf_from_flax(params: Mapping, config: ModelConfig, layout: HeadLayout | None = None) -> dict[str, np.ndarray]:

@@ -3,7 +3,8 @@
   python distributed_worker.py PORT NUM_PROCESSES PROCESS_ID CHECKPOINT OUT_PREFIX MODE
 
 MODE "run": for each mesh in MESHES, loads CHECKPOINT across the processes, runs the
-forward pass and greedy generation, and writes OUT_PREFIX-<mesh>-<process id>.npz.
+forward pass and greedy generation, and writes OUT_PREFIX-<mesh>-<process id>.npz; then
+exports the last mesh's params to OUT_PREFIX-export.
 MODE "loop": after one run, prints READY and keeps generating (the peer-death test).
 """
 
@@ -43,6 +44,9 @@ def main(port, num_processes, process_id, checkpoint, out_prefix, mode):
     local_bytes = sum(s.data.nbytes for a in jax.tree_util.tree_leaves(params) for s in a.addressable_shards)
     np.savez(f"{out_prefix}-{mesh}-{process_id}.npz", logits=logits, tokens=np.array(tokens),
              local_bytes=local_bytes, local_devices=jax.local_device_count(), devices=jax.device_count())
+  if mode == "run":  # every process takes part in the export; process 0 writes
+    from qwen_logical.checkpoint import export_checkpoint
+    export_checkpoint(params, part, f"{out_prefix}-export", progress=False)
   if mode == "loop":
     print("READY", flush=True)
     while True:  # every step needs both processes; a dead peer must end this with an error

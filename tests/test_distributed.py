@@ -113,6 +113,15 @@ def test_each_process_holds_only_its_devices_shards(single_process, two_process_
     assert local < 0.65 * total_bytes, (local, total_bytes)
 
 
+def test_export_across_two_processes_is_bit_exact(checkpoint, two_process_run):
+  from qwen_logical.checkpoint import open_checkpoint
+  original, exported = open_checkpoint(checkpoint[0]), open_checkpoint(f"{two_process_run}-export")
+  assert set(original.entries) == set(exported.entries)
+  for name, entry in original.entries.items():
+    np.testing.assert_array_equal(np.asarray(exported.entries[name].memmap()), np.asarray(entry.memmap()),
+                                  err_msg=name)
+
+
 def test_main_across_two_processes_prints_and_reports_once(checkpoint, tmp_path):
   directory, _ = checkpoint
   port = free_port()
