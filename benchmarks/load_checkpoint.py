@@ -4,8 +4,8 @@ reading alone) and peak host RSS vs the raw time to read the same safetensors wi
 Makes a random checkpoint of the Qwen2.5-0.5B shape (about 1 GB in bfloat16, 2 GB in float32),
 then, each in a fresh process and `--repeats` times over: reads every file with numpy (raw), and
 loads it onto each mesh with qwen_logical (the target dtype float32 by default). Every timed process
-warms guest memory itself right before its timer starts (the same for raw and load), and the
-figures are medians over the repeats, the same statistic for both. Prints a table and writes JSON.
+first reads the files once (page cache warm) and warms guest memory, right before its timer starts,
+the same for raw and load; figures are medians over the repeats, the same statistic for both. Prints a table and writes JSON.
 
   python benchmarks/load_checkpoint.py --file_dtype=bfloat16 --meshes=1x1,1x8
 Bars (issue 3): peak RSS <= 1.3 x the checkpoint's size in the target dtype; load <= 2 x raw read.
@@ -62,25 +62,34 @@ with open(os.path.join(directory, "config.json"), "w") as f:
   json.dump(to_hf_config(cfg.replace(param_dtype=dtype)), f)
 """
 
-# Run by each timed process right before its timer: touch and free `gb` of memory (numpy's large
-# arrays use transparent huge pages, as the raw read's and the loader's buffers do), then reset the
-# peak-RSS counter so that the warm-up does not count.
+# Run by each timed process right before its timer: read the checkpoint's files through a small
+# buffer (this VM pages out memory idle for a minute, page cache included, so "warm" has to be
+# made sure of), touch and free `gb` of memory (numpy's large arrays use transparent huge pages, as
+# the raw read's and the loader's buffers do), then reset the peak-RSS counter so that the warm-up
+# does not count.
 _WARM = r"""
-def warm_memory(gb):
-  import numpy as np
+def warm_memory(gb, directory):
+  import glob, numpy as np
+  buffer = bytearray(2**24)
+  for path in glob.glob(directory + "/*.safetensors"):
+    with open(path, "rb", buffering=0) as f:
+      while f.readinto(buffer):
+        pass
   chunks = [np.ones(2**28, np.uint8) for _ in range(int(gb * 4))]
-  del chunks
+  del chunks, buffer
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 """
 
 _RAW = _WARM + r"""
 import glob, json, sys, time, numpy as np
-warm_memory(float(sys.argv[2]))
-start = time.perf_counter(); total = 0
+warm_memory(float(sys.argv[2]), sys.argv[1])
+start, cpu = time.perf_counter(), time.process_time()
+total = 0
 for path in sorted(glob.glob(sys.argv[1] + "/*.safetensors")):
   total += np.fromfile(path, dtype=np.uint8).nbytes
-print(json.dumps({"seconds": time.perf_counter() - start, "bytes": int(total)}))
+print(json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+                  "bytes": int(total)}))
 """
 
 _LOAD = _WARM + r"""
@@ -97,18 +106,19 @@ def rss(field):
     if line.startswith(field):
       return int(line.split()[1]) * 1024
 from qwen_logical.checkpoint import load_params, open_checkpoint
-warm_memory(float(sys.argv[4]))
+warm_memory(float(sys.argv[4]), directory)
 baseline = rss("VmRSS:")
 start = time.perf_counter()
 checkpoint = open_checkpoint(directory, param_dtype=dtype)
 part = ql.Partitioner(checkpoint.config, ql.make_mesh(mesh_shape), ql.get_table("tensor_parallel"))
-built = time.perf_counter()
+built, cpu = time.perf_counter(), time.process_time()
 params = jax.block_until_ready(load_params(checkpoint, part, progress=False))
 seconds = time.perf_counter() - start
-read_seconds = time.perf_counter() - built
+read_seconds, read_cpu_seconds = time.perf_counter() - built, time.process_time() - cpu
 param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
 device_bytes = sum(s.data.nbytes for x in jax.tree_util.tree_leaves(params) for s in x.addressable_shards)
-print(json.dumps({"seconds": seconds, "read_seconds": read_seconds, "peak_rss": rss("VmHWM:"), "baseline_rss": baseline,
+print(json.dumps({"seconds": seconds, "read_seconds": read_seconds, "read_cpu_seconds": read_cpu_seconds,
+                  "peak_rss": rss("VmHWM:"), "baseline_rss": baseline,
                   "param_bytes": param_bytes, "bytes_on_devices": device_bytes}))
 """
 
@@ -127,7 +137,6 @@ def main(_):
     print(f"Making a random Qwen2.5-0.5B-shaped checkpoint in {F.dir} ({F.file_dtype}) ...", flush=True)
     subprocess.run([sys.executable, "-c", _MAKE, F.dir, F.file_dtype, str(F.shard_mb * 10**6)], check=True)
   meshes = F.meshes.split(",")
-  _run(_RAW, F.dir, 0)  # warm the page cache so raw read and load see the same cache state
   raws, loads = [], {mesh: [] for mesh in meshes}
   for _ in range(F.repeats):  # interleaved, so that a slow spell of the machine hits all alike
     raws.append(_run(_RAW, F.dir, F.warm_memory_gb))
@@ -136,10 +145,13 @@ def main(_):
   raw_s = _median([r["seconds"] for r in raws])
   results = {"checkpoint": F.dir, "file_dtype": F.file_dtype, "target_dtype": F.target_dtype,
              "file_bytes": raws[0]["bytes"], "repeats": F.repeats, "statistic": "median",
-             "raw_read_s": raw_s, "raw_read_s_all": [r["seconds"] for r in raws], "loads": []}
+             "raw_read_s": raw_s, "raw_read_s_all": [r["seconds"] for r in raws],
+             "raw_read_cpu_s": _median([r["cpu_seconds"] for r in raws]), "loads": []}
   print(f"checkpoint: {raws[0]['bytes'] / 1e9:.2f} GB in {F.file_dtype}; raw numpy read {raw_s:.2f} s "
         f"(median of {F.repeats}: {', '.join('%.2f' % r['seconds'] for r in raws)})")
-  print(f"{'mesh':6} {'load s':>8} {'x raw':>6} {'load_params s':>14} {'x raw':>6} {'peak RSS GB':>12} {'target GB':>10} {'RSS/target':>10} "
+  print(f"raw read CPU {results['raw_read_cpu_s']:.2f} s; the loader's CPU s are summed over its reader threads "
+        f"({os.cpu_count()} cores here)")
+  print(f"{'mesh':6} {'load s':>8} {'x raw':>6} {'load_params s':>14} {'x raw':>6} {'CPU s':>6} {'per-repeat x raw':>17} {'peak RSS GB':>12} {'target GB':>10} {'RSS/target':>10} "
         f"{'(RSS-baseline)/target':>22}")
   for mesh in meshes:
     runs = loads[mesh]
@@ -149,6 +161,10 @@ def main(_):
     row = dict(mesh=mesh, load_s=load_s, load_vs_raw=load_s / raw_s, load_params_s=read_s,
                load_params_vs_raw=read_s / raw_s, load_s_all=[r["seconds"] for r in runs],
                load_params_s_all=[r["read_seconds"] for r in runs],
+               load_params_cpu_s=_median([r["read_cpu_seconds"] for r in runs]),
+               # the machine's speed drifts; a ratio within one repeat compares like with like
+               load_vs_raw_per_repeat=_median([r["seconds"] / w["seconds"] for r, w in zip(runs, raws)]),
+               load_params_vs_raw_per_repeat=_median([r["read_seconds"] / w["seconds"] for r, w in zip(runs, raws)]),
                peak_rss=peak, baseline_rss=baseline, target_bytes=target, rss_vs_target=peak / target,
                rss_above_baseline_vs_target=(peak - baseline) / target,
                bytes_on_devices=runs[0]["bytes_on_devices"])
@@ -156,7 +172,8 @@ def main(_):
                        "load_params<=2x_raw": row["load_params_vs_raw"] <= 2.0}
     results["loads"].append(row)
     print(f"{mesh:6} {row['load_s']:8.2f} {row['load_vs_raw']:6.2f} {row['load_params_s']:14.2f} "
-          f"{row['load_params_vs_raw']:6.2f} {row['peak_rss'] / 1e9:12.2f} "
+          f"{row['load_params_vs_raw']:6.2f} {row['load_params_cpu_s']:6.2f} "
+          f"{row['load_vs_raw_per_repeat']:8.2f} {row['load_params_vs_raw_per_repeat']:8.2f} {row['peak_rss'] / 1e9:12.2f} "
           f"{target / 1e9:10.2f} {row['rss_vs_target']:10.2f} {row['rss_above_baseline_vs_target']:22.2f}")
   os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
   with open(F.out, "w") as f:
