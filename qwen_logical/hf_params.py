@@ -2,8 +2,10 @@
 
 One table (`tensor_specs`) says, for every HF tensor, which Flax parameter it
 becomes, its HF shape, the view that turns it into the canonical Flax shape
-(transposes and reshapes only, so a memory-mapped tensor is not read), and which
-axis carries heads for the head layout plan. Full conversions (`flax_from_hf`,
+(reshapes only, so a memory-mapped tensor is not read), and which axis carries
+heads for the head layout plan. Flax kernels keep HF's [out, in] order (outputs
+first, the contracted dimension last), so every view is a plain reshape or the
+identity and a loaded slice is a contiguous copy. Full conversions (`flax_from_hf`,
 `hf_from_flax`) and the slice-wise checkpoint loader all read that table.
 """
 
@@ -34,7 +36,7 @@ class TensorSpec:
   Attributes:
     hf_name, hf_shape: as in the checkpoint.
     flax_path: path in the Flax params tree (a stacked `layers` param when scanned).
-    view: HF array -> canonical Flax-shaped array (views only: transpose/reshape).
+    view: HF array -> canonical Flax-shaped array (views only: reshape).
     unview: canonical Flax-shaped array -> HF array.
     head_axis, head_kind: the canonical axis holding heads ('query' or 'kv'), or None.
     layer: decoder layer index; None for global tensors.
@@ -123,17 +125,18 @@ def _matrix_view(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray | None
 def convert_into(out: np.ndarray, source: np.ndarray) -> None:
   """out[...] = source cast to out.dtype (same shapes); exact for bfloat16 -> float32.
 
-  A source read along its last axis is cast with ml_dtypes (vectorised, about as fast as a copy). A
-  transposed source (the HF -> Flax kernels) is strided along its last axis: bfloat16 widens to
-  float32 by a 16-bit shift, which numpy runs faster over strided input than the ml_dtypes cast; a
-  source already in the target dtype is copied in square tiles, so that both sides stay in cache.
+  A source read along its last axis (every current HF -> Flax view: the kernels keep HF's order) is
+  cast with ml_dtypes (vectorised, about as fast as a copy). A source strided along its last axis (a
+  transposing view) takes the slower paths: bfloat16 widens to float32 by a 16-bit shift, which numpy
+  runs faster over strided input than the ml_dtypes cast; a source already in the target dtype is
+  copied in square tiles, so that both sides stay in cache.
   """
   if source.ndim == 0 or source.strides[-1] == source.itemsize or source.shape[-1] == 1:
     np.copyto(out, source, casting="unsafe")
   elif source.dtype == _BFLOAT16 and out.dtype == np.float32:
     np.left_shift(source.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
   elif source.dtype == out.dtype and source.size >= 4 * _TILE * _TILE:
-    for shape in ((source.shape[0], -1), (-1, source.shape[-1])):  # (e, n, d) / (n, d, e) kernels as matrices
+    for shape in ((source.shape[0], -1), (-1, source.shape[-1])):  # 3-d kernels as matrices
       matrix, target = _matrix_view(source, shape), _matrix_view(out, shape)
       if matrix is not None and target is not None:
         rows, cols = matrix.shape
@@ -149,11 +152,6 @@ def convert_into(out: np.ndarray, source: np.ndarray) -> None:
 _TILE = 256
 
 
-def _transpose(w):
-  """torch Linear weight (out, in) <-> kernel (in, out)."""
-  return w.T
-
-
 def _identity(x):
   return x
 
@@ -163,36 +161,36 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
   e, i, d = config.hidden_size, config.intermediate_size, config.head_dim
   h, k, v = config.num_heads, config.num_kv_heads, config.vocab_size
 
-  def heads_in(n):  # (n*d, e) weight <-> (e, n, d) kernel
-    return (lambda w: w.T.reshape(e, n, d), lambda x: x.reshape(e, n * d).T)
+  def heads_in(n):  # (n*d, e) weight <-> (n, d, e) kernel
+    return (lambda w: w.reshape(n, d, e), lambda x: x.reshape(n * d, e))
 
   def heads_bias(n):  # (n*d,) <-> (n, d)
     return (lambda b: b.reshape(n, d), lambda x: x.reshape(n * d))
 
-  heads_out = (lambda w: w.T.reshape(h, d, e), lambda x: x.reshape(h * d, e).T)
+  heads_out = (lambda w: w.reshape(e, h, d), lambda x: x.reshape(e, h * d))  # (e, h*d) <-> (e, h, d)
+  same = (_identity, _identity)  # gate/up (i, e), down (e, i), norms: Flax keeps HF's order
   specs = [TensorSpec("model.embed_tokens.weight", (v, e), ("embed_tokens", "embedding"), _identity, _identity)]
   for n in range(config.num_layers):
     layer = [
-        ("self_attn.q_proj.weight", (h * d, e), ("attention", "q_kernel"), heads_in(h), 1, "query"),
+        ("self_attn.q_proj.weight", (h * d, e), ("attention", "q_kernel"), heads_in(h), 0, "query"),
         ("self_attn.q_proj.bias", (h * d,), ("attention", "q_bias"), heads_bias(h), 0, "query"),
-        ("self_attn.k_proj.weight", (k * d, e), ("attention", "k_kernel"), heads_in(k), 1, "kv"),
+        ("self_attn.k_proj.weight", (k * d, e), ("attention", "k_kernel"), heads_in(k), 0, "kv"),
         ("self_attn.k_proj.bias", (k * d,), ("attention", "k_bias"), heads_bias(k), 0, "kv"),
-        ("self_attn.v_proj.weight", (k * d, e), ("attention", "v_kernel"), heads_in(k), 1, "kv"),
+        ("self_attn.v_proj.weight", (k * d, e), ("attention", "v_kernel"), heads_in(k), 0, "kv"),
         ("self_attn.v_proj.bias", (k * d,), ("attention", "v_bias"), heads_bias(k), 0, "kv"),
-        ("self_attn.o_proj.weight", (e, h * d), ("attention", "o_kernel"), heads_out, 0, "query"),
-        ("mlp.gate_proj.weight", (i, e), ("mlp", "gate_kernel"), (_transpose, _transpose), None, None),
-        ("mlp.up_proj.weight", (i, e), ("mlp", "up_kernel"), (_transpose, _transpose), None, None),
-        ("mlp.down_proj.weight", (e, i), ("mlp", "down_kernel"), (_transpose, _transpose), None, None),
-        ("input_layernorm.weight", (e,), ("input_norm", "scale"), (_identity, _identity), None, None),
-        ("post_attention_layernorm.weight", (e,), ("post_attention_norm", "scale"), (_identity, _identity),
-         None, None),
+        ("self_attn.o_proj.weight", (e, h * d), ("attention", "o_kernel"), heads_out, 1, "query"),
+        ("mlp.gate_proj.weight", (i, e), ("mlp", "gate_kernel"), same, None, None),
+        ("mlp.up_proj.weight", (i, e), ("mlp", "up_kernel"), same, None, None),
+        ("mlp.down_proj.weight", (e, i), ("mlp", "down_kernel"), same, None, None),
+        ("input_layernorm.weight", (e,), ("input_norm", "scale"), same, None, None),
+        ("post_attention_layernorm.weight", (e,), ("post_attention_norm", "scale"), same, None, None),
     ]
     root = ("layers",) if config.scan_layers else (f"layers_{n}",)
     specs += [TensorSpec(f"model.layers.{n}.{name}", shape, root + path, fns[0], fns[1], axis, kind, n)
               for name, shape, path, fns, axis, kind in layer]
   specs.append(TensorSpec("model.norm.weight", (e,), ("final_norm", "scale"), _identity, _identity))
   if not config.tie_word_embeddings:
-    specs.append(TensorSpec("lm_head.weight", (v, e), ("lm_head",), _transpose, _transpose))
+    specs.append(TensorSpec("lm_head.weight", (v, e), ("lm_head",), _identity, _identity))
   return specs
 
 

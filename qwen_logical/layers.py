@@ -125,9 +125,11 @@ def _decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, bias: ja
 class Attention(nn.Module):
   """Grouped-query self-attention in the head layout.
 
-  Params: q_kernel (embed, heads, head_dim), q_bias (heads, head_dim),
-  k/v_kernel (embed, kv_heads, head_dim), k/v_bias (kv_heads, head_dim),
-  o_kernel (heads, head_dim, embed) — no o bias, as in Qwen2.
+  Params: q_kernel (heads, head_dim, embed), q_bias (heads, head_dim),
+  k/v_kernel (kv_heads, head_dim, embed), k/v_bias (kv_heads, head_dim),
+  o_kernel (embed, heads, head_dim) — no o bias, as in Qwen2. Kernels are stored in HF's
+  [out, in] order (outputs first, the contracted dimension last), so that a decode step's
+  matrix-vector products read each kernel row contiguously.
   """
 
   config: ModelConfig
@@ -155,11 +157,14 @@ class Attention(nn.Module):
     normal = nn.initializers.normal(cfg.initializer_range)
 
     def project(name, src, heads, head_axis_name, activation_names, x=x):
-      kernel = logical_param(self, f"{name}_kernel", head_keyed_init(normal, src, 1), (e, heads, d),
-                      (ax.EMBED, head_axis_name, ax.HEAD_DIM), pdtype)
+      kernel = logical_param(self, f"{name}_kernel", head_keyed_init(normal, src, 0), (heads, d, e),
+                      (head_axis_name, ax.HEAD_DIM, ax.EMBED), pdtype)
       bias_ = logical_param(self, f"{name}_bias", head_keyed_init(normal, src, 0), (heads, d),
                      (head_axis_name, ax.HEAD_DIM), pdtype)
-      y = jnp.einsum("ble,ehd->blhd", x, kernel.astype(dtype)) + bias_.astype(dtype)
+      # One [B*L, E] x [H*D, E]^T product on the kernel in its stored order, then split the heads:
+      # einsum "ble,hde->blhd" makes XLA:CPU transpose the whole kernel on every call.
+      y = jnp.einsum("ble,ke->blk", x, kernel.astype(dtype).reshape(heads * d, e))
+      y = y.reshape(*x.shape[:2], heads, d) + bias_.astype(dtype)
       return constrain(y, activation_names)
 
     x_q, q_positions = (x[:, -1:], positions[:, -1:]) if last_query_only else (x, positions)
@@ -191,17 +196,18 @@ class Attention(nn.Module):
       out = jnp.einsum(f"bkgls,{keys}->blkgd", probs, value).reshape(b, l, h, d)
     out = constrain(out, ax.QUERY_ACTIVATION)
 
-    o_kernel = logical_param(self, "o_kernel", head_keyed_init(normal, q_src, 0), (h, d, e),
-                      (ax.HEADS, ax.HEAD_DIM, ax.EMBED), pdtype)
-    # One [H*D, E] matmul: the kernel is used in its stored order (an einsum over (h, d) lets
-    # XLA:CPU transpose the whole kernel on every call).
-    y = out.reshape(b, l, h * d) @ o_kernel.astype(dtype).reshape(h * d, e)
+    o_kernel = logical_param(self, "o_kernel", head_keyed_init(normal, q_src, 1), (e, h, d),
+                      (ax.EMBED, ax.HEADS, ax.HEAD_DIM), pdtype)
+    # One [B*L, H*D] x [E, H*D]^T product: the kernel is used in its stored order (an einsum over
+    # (h, d) lets XLA:CPU transpose the whole kernel on every call).
+    y = jnp.einsum("blk,ek->ble", out.reshape(b, l, h * d), o_kernel.astype(dtype).reshape(e, h * d))
     y = constrain(y, ax.EMBED_ACTIVATION)
     return y if cache is None else (y, cache)
 
 
 class MLP(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x)). gate/up (embed, mlp), down (mlp, embed)."""
+  """SwiGLU: down(silu(gate(x)) * up(x)). gate/up (mlp, embed), down (embed, mlp): HF's [out, in]
+  order, so a decode step's matrix-vector products read kernel rows contiguously."""
 
   config: ModelConfig
 
@@ -212,12 +218,13 @@ class MLP(nn.Module):
     dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     normal = nn.initializers.normal(cfg.initializer_range)
     e, i = cfg.hidden_size, cfg.intermediate_size
-    gate = logical_param(self, "gate_kernel", normal, (e, i), (ax.EMBED, ax.MLP), pdtype)
-    up = logical_param(self, "up_kernel", normal, (e, i), (ax.EMBED, ax.MLP), pdtype)
-    down = logical_param(self, "down_kernel", normal, (i, e), (ax.MLP, ax.EMBED), pdtype)
-    hidden = jax.nn.silu(x @ gate.astype(dtype)) * (x @ up.astype(dtype))
+    gate = logical_param(self, "gate_kernel", normal, (i, e), (ax.MLP, ax.EMBED), pdtype)
+    up = logical_param(self, "up_kernel", normal, (i, e), (ax.MLP, ax.EMBED), pdtype)
+    down = logical_param(self, "down_kernel", normal, (e, i), (ax.EMBED, ax.MLP), pdtype)
+    project = lambda v, kernel: jnp.einsum("bli,oi->blo", v, kernel.astype(dtype))
+    hidden = jax.nn.silu(project(x, gate)) * project(x, up)
     hidden = constrain(hidden, ax.MLP_ACTIVATION)
-    y = hidden @ down.astype(dtype)
+    y = project(hidden, down)
     return constrain(y, ax.EMBED_ACTIVATION)
 
 

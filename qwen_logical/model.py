@@ -55,7 +55,7 @@ class Qwen2ForCausalLM(nn.Module):
 
   Params: embed_tokens/embedding (vocab, embed); layers/... (with a leading
   `layers` axis when scanned, else layers_0 ... layers_{n-1}); final_norm/scale
-  (norm,); lm_head (embed, vocab) unless embeddings are tied.
+  (norm,); lm_head (vocab, embed) unless embeddings are tied (HF's [out, in] order, as the embedding).
   """
 
   config: ModelConfig
@@ -134,7 +134,7 @@ class Qwen2ForCausalLM(nn.Module):
       logits = embedder.attend(x)
     else:
       kernel = logical_param(self, "lm_head", nn.initializers.normal(cfg.initializer_range),
-                      (cfg.hidden_size, cfg.vocab_size), (ax.EMBED, ax.VOCAB), jnp.dtype(cfg.param_dtype))
-      logits = x @ kernel.astype(jnp.dtype(cfg.dtype))
+                      (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED), jnp.dtype(cfg.param_dtype))
+      logits = jnp.einsum("ble,ve->blv", x, kernel.astype(jnp.dtype(cfg.dtype)))
     logits = constrain(logits, ax.LOGITS_ACTIVATION)
     return logits if cache is None else (logits, new_cache)

@@ -46,7 +46,7 @@ def test_main_runs_tiny_model_with_overrides(tmp_path):
   assert summary["logits_shape"] == [8, 16, 256]
   assert "padded 7 -> 8" in summary["head_plan"]
   mlp = [p for p in report["sharding"]["params"] if p["path"] == "layers/mlp/gate_kernel"][0]
-  assert mlp["mesh_axes"] == [None, "batch", None]  # embed over batch (FSDP), mlp unsharded (override)
+  assert mlp["mesh_axes"] == [None, None, "batch"]  # (layers, mlp, embed): embed over batch (FSDP), mlp unsharded
   for phrase in ("Sharding of 2x4 tp_fsdp+overrides", "Per-device MiB", "Timings: init"):
     assert phrase in result.stdout
   assert "all-gather" in summary["collectives"]  # FSDP over 'batch' gathers weights

@@ -55,17 +55,18 @@ def test_tensor_parallel_really_splits_attention(mesh, shards):
   attention = params["layers"]["attention"]
   layout = part.layout
   assert layout.layout_num_heads % shards == 0 and layout.layout_num_kv_heads % shards == 0
-  for name, heads, axis in [("q_kernel", layout.layout_num_heads, 2), ("k_kernel", layout.layout_num_kv_heads, 2),
-                            ("v_kernel", layout.layout_num_kv_heads, 2), ("o_kernel", layout.layout_num_heads, 1)]:
+  # Scanned kernels: q/k/v (layers, heads, head_dim, embed), o (layers, embed, heads, head_dim).
+  for name, heads, axis in [("q_kernel", layout.layout_num_heads, 1), ("k_kernel", layout.layout_num_kv_heads, 1),
+                            ("v_kernel", layout.layout_num_kv_heads, 1), ("o_kernel", layout.layout_num_heads, 2)]:
     for shard in attention[name].addressable_shards:
       assert shard.data.shape[axis] == heads // shards, name
   # Padded query heads are exactly zero in q and o; repeated KV heads are equal copies.
   source = layout.query_head_source()
   q = np.asarray(attention["q_kernel"])
-  assert np.all(q[:, :, source < 0] == 0) and np.all(np.asarray(attention["o_kernel"])[:, source < 0] == 0)
+  assert np.all(q[:, source < 0] == 0) and np.all(np.asarray(attention["o_kernel"])[:, :, source < 0] == 0)
   k = np.asarray(attention["k_kernel"])
   for copy in range(1, layout.kv_repeat):
-    np.testing.assert_array_equal(k[:, :, copy::layout.kv_repeat], k[:, :, ::layout.kv_repeat])
+    np.testing.assert_array_equal(k[:, copy::layout.kv_repeat], k[:, ::layout.kv_repeat])
 
 
 def test_init_is_the_same_model_on_every_mesh():

@@ -115,5 +115,5 @@ def test_place_rejects_misshaped_params():
   part = Partitioner(TINY, mesh_of("1x1"), get_table("tensor_parallel"))
   host = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), part.param_shapes)
   host["lm_head"] = np.zeros((3, 3), np.float32)
-  with pytest.raises(ValueError, match=r"parameter lm_head has shape \(3, 3\), expected \(112, 256\)"):
+  with pytest.raises(ValueError, match=r"parameter lm_head has shape \(3, 3\), expected \(256, 112\)"):  # (vocab, embed)
     part.place(host)
