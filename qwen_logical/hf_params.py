@@ -14,15 +14,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Mapping, Sequence
 
-import ml_dtypes
 import numpy as np
 
 from qwen_logical.config import ModelConfig
 from qwen_logical.distributed import to_host
 from qwen_logical.head_plan import PADDING, HeadLayout, plan_heads
-
-
-_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 class CheckpointError(ValueError):
@@ -114,42 +110,13 @@ def _head_runs(heads: np.ndarray) -> list[tuple[int, int, int]]:
   return runs
 
 
-def _matrix_view(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray | None:
-  """`array` reshaped to `shape` without copying, or None where that needs a copy."""
-  try:
-    return np.reshape(array, shape, copy=False)
-  except ValueError:
-    return None
-
-
 def convert_into(out: np.ndarray, source: np.ndarray) -> None:
-  """out[...] = source cast to out.dtype (same shapes); exact for bfloat16 -> float32.
+  """out[...] = source cast to out.dtype (same shapes), bit-exact for bfloat16 -> float32.
 
-  A source read along its last axis (every current HF -> Flax view: the kernels keep HF's order) is
-  cast with ml_dtypes (vectorised, about as fast as a copy). A source strided along its last axis (a
-  transposing view) takes the slower paths: bfloat16 widens to float32 by a 16-bit shift, which numpy
-  runs faster over strided input than the ml_dtypes cast; a source already in the target dtype is
-  copied in square tiles, so that both sides stay in cache.
+  Every HF -> Flax view is a reshape, so `source` is read along its rows and the ml_dtypes
+  cast runs vectorised, about as fast as a copy.
   """
-  if source.ndim == 0 or source.strides[-1] == source.itemsize or source.shape[-1] == 1:
-    np.copyto(out, source, casting="unsafe")
-  elif source.dtype == _BFLOAT16 and out.dtype == np.float32:
-    np.left_shift(source.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
-  elif source.dtype == out.dtype and source.size >= 4 * _TILE * _TILE:
-    for shape in ((source.shape[0], -1), (-1, source.shape[-1])):  # 3-d kernels as matrices
-      matrix, target = _matrix_view(source, shape), _matrix_view(out, shape)
-      if matrix is not None and target is not None:
-        rows, cols = matrix.shape
-        for a in range(0, rows, _TILE):
-          for b in range(0, cols, _TILE):
-            target[a:a + _TILE, b:b + _TILE] = matrix[a:a + _TILE, b:b + _TILE]
-        return
-    np.copyto(out, source)
-  else:
-    np.copyto(out, source, casting="unsafe")
-
-
-_TILE = 256
+  np.copyto(out, source, casting="unsafe")
 
 
 def _identity(x):

@@ -262,7 +262,7 @@ def test_slice_reads_are_bit_exact(file_dtype, shards):
   from qwen_logical.head_plan import plan_heads
   from qwen_logical.hf_params import tensor_specs
 
-  config = preset("tiny").replace(hidden_size=512, intermediate_size=1024)  # big enough for tiled copies
+  config = preset("tiny")
   layout = plan_heads(config.num_heads, config.num_kv_heads, shards)
   np_dtype = safetensors_io.DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[file_dtype]]
   rng = np.random.default_rng(shards)
@@ -281,3 +281,13 @@ def test_slice_reads_are_bit_exact(file_dtype, shards):
         got = spec.read(hf, layout, index, target)
         np.testing.assert_array_equal(got.view(np.uint8), np.ascontiguousarray(expected[index]).view(np.uint8),
                                       err_msg=f"{spec.hf_name} {index}")
+
+
+def test_bfloat16_to_float32_is_bit_exact():
+  """All 2**16 bfloat16 bit patterns (NaN payloads, infinities, subnormals) widen exactly."""
+  from qwen_logical.hf_params import convert_into
+
+  bits = np.arange(2**16, dtype=np.uint32)
+  out = np.empty(bits.size, np.float32)
+  convert_into(out, bits.astype(np.uint16).view(ml_dtypes.bfloat16))
+  np.testing.assert_array_equal(out.view(np.uint32), bits << 16)
