@@ -5,9 +5,11 @@ Makes a random checkpoint of the Qwen2.5-0.5B shape (about 1 GB in bfloat16, 2 G
 then, each in a fresh process and `--repeats` times over: reads every file with numpy (raw), and
 loads it onto each mesh with qwen_logical (the target dtype float32 by default). Every timed process
 first reads the files once (page cache warm) and warms guest memory, right before its timer starts,
-the same for raw and load; figures are medians over the repeats, the same statistic for both. Prints a table and writes JSON.
+the same for raw and load; figures are medians over the repeats, the same statistic for both.
+Prints a table and writes JSON.
 
   python benchmarks/load_checkpoint.py --file_dtype=bfloat16 --meshes=1x1,1x8
+  python benchmarks/load_checkpoint.py --file_dtype=float32 --out=benchmarks/results/load_checkpoint_f32.json
 Bars (issue 3): peak RSS <= 1.3 x the checkpoint's size in the target dtype; load <= 2 x raw read.
 Peak RSS is the maximum over the repeats.
 """
@@ -21,7 +23,8 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_string("dir", "/tmp/qwen_logical_bench_ckpt", "where to make the checkpoint")
+flags.DEFINE_string("dir", None, "where to make the checkpoint (default /tmp/qwen_logical_bench_ckpt for "
+                    "bfloat16 files, with _f32 / _f16 appended for the others)")
 flags.DEFINE_string("file_dtype", "bfloat16", "dtype of the tensors in the files")
 flags.DEFINE_string("target_dtype", "float32", "param dtype to load into")
 flags.DEFINE_string("meshes", "1x1,1x8", "meshes to load onto (tensor_parallel rules)")
@@ -133,9 +136,16 @@ def _median(values):
 
 
 def main(_):
-  if not os.path.exists(os.path.join(F.dir, "config.json")):
+  if F.dir is None:
+    F.dir = "/tmp/qwen_logical_bench_ckpt" + {"bfloat16": "", "float32": "_f32", "float16": "_f16"}[F.file_dtype]
+  config_path = os.path.join(F.dir, "config.json")
+  if not os.path.exists(config_path):
     print(f"Making a random Qwen2.5-0.5B-shaped checkpoint in {F.dir} ({F.file_dtype}) ...", flush=True)
     subprocess.run([sys.executable, "-c", _MAKE, F.dir, F.file_dtype, str(F.shard_mb * 10**6)], check=True)
+  with open(config_path) as f:
+    made_as = json.load(f).get("torch_dtype")
+  if made_as != F.file_dtype:
+    raise SystemExit(f"{F.dir} holds {made_as} files, not {F.file_dtype}: pass another --dir")
   meshes = F.meshes.split(",")
   raws, loads = [], {mesh: [] for mesh in meshes}
   for _ in range(F.repeats):  # interleaved, so that a slow spell of the machine hits all alike
