@@ -135,8 +135,10 @@ def test_main_across_two_processes_prints_and_reports_once(checkpoint, tmp_path)
     (rc0, out0, err0), (rc1, out1, err1) = procs.wait()
   assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
   assert "Sharding of 2x4 tensor_parallel" in out0 and "Forward pass on a [8, 16] batch" in out0
-  # Only process 0 prints (gloo's own C++ connection notes aside).
-  assert [line for line in out1.splitlines() if not line.startswith("[Gloo]")] == []
+  # Only process 0 prints. (Gloo's C++ connection notes also reach stdout, sometimes split mid-line,
+  # so the check is that none of the job's own output appears.)
+  for marker in ("Sharding of", "Head layout", "Forward pass", "Collectives in", "Timings:"):
+    assert marker in out0 and marker not in out1, marker
   assert reports[0].exists() and not reports[1].exists()
   summary = json.loads(reports[0].read_text())["summary"]
   assert summary["devices"] == 8 and summary["mesh"] == "2x4"
