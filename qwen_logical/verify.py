@@ -20,7 +20,6 @@ returns the JSON-able report; `report["ok"]` is False when any combination faile
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import shutil
 import tempfile
