@@ -6,7 +6,9 @@ Shape letters: B batch, L query length, S key length (KV cache slots when cached
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -54,7 +56,31 @@ def head_keyed_init(base: Initializer, source: np.ndarray, head_axis: int) -> In
   return init
 
 
+_SHAPES_ONLY = contextvars.ContextVar("qwen_logical_shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+  """Within this context parameters are created by a zeros initializer.
+
+  For `jax.eval_shape` of an init that only wants shapes and logical axes: tracing the
+  real initializers (per-head random draws) costs more than the rest of the trace.
+  """
+  token = _SHAPES_ONLY.set(True)
+  try:
+    yield
+  finally:
+    _SHAPES_ONLY.reset(token)
+
+
+def _zeros(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
 def logical_param(module: nn.Module, name: str, init: Initializer, shape, names, dtype):
+  """module.param annotated with logical axis `names` (one per dimension of `shape`)."""
+  init = _zeros if _SHAPES_ONLY.get() else init
   return module.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), dtype)
 
 

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_logical import axes as ax
 from qwen_logical import distributed
+from qwen_logical import layers
 from qwen_logical import validation
 from qwen_logical.config import ModelConfig
 from qwen_logical.head_plan import HeadLayout, plan_heads
@@ -55,7 +56,7 @@ class Partitioner:
     self.model = Qwen2ForCausalLM(config, self.layout)
     self.batch_shards = validation.mesh_axes_size(self.mesh_shape, table.mesh_axes(ax.ACTIVATION_BATCH))
 
-    boxed = jax.eval_shape(functools.partial(self._init_variables, jax.random.key(0)))["params"]
+    boxed = jax.eval_shape(self._abstract_init)["params"]
     self.logical_specs = nn.get_partition_spec(boxed)
     self.param_shapes = nn.meta.unbox(boxed)
     self._check_params()
@@ -113,6 +114,12 @@ class Partitioner:
   def _init_variables(self, key):
     tokens = jnp.zeros((self.batch_shards, 1), jnp.int32)
     return self.model.init(key, tokens)
+
+  def _abstract_init(self):
+    """Init traced for shapes and logical axes only (by eval_shape): the key is made inside, so
+    nothing runs, and parameters are zeros, so the per-head random draws are not traced."""
+    with layers.shapes_only():
+      return self._init_variables(jax.random.key(0))
 
   def init(self, seed: int = 0) -> Params:
     """Random parameters created directly in their shards (nothing full-size on one device).
