@@ -89,13 +89,71 @@ def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
     total = jax.jit(jnp.sum).lower(array).compile()
     return src.nbytes / fastest(lambda: [(lambda: total(array).block_until_ready(), ())])
 
+  def read_matvec() -> float:
+    """Weights read per second by matrix-vector products, decode's own access pattern: one jitted
+    program over 24 distinct [4864, 896] kernels (418 MB, far beyond the caches), as the MLP's."""
+    import jax
+    import jax.numpy as jnp
+    kernels = [jnp.full((4864, 896), 1.0 + i, jnp.float32) for i in range(24)]
+    x = jnp.ones((1, 1, 896), jnp.float32)
+    chain = jax.jit(lambda ks, x: sum(jnp.einsum("bli,oi->blo", x, k) for k in ks))
+    nbytes = sum(k.nbytes for k in kernels)
+    return nbytes / fastest(lambda: [(lambda: chain(kernels, x).block_until_ready(), ())])
+
   result = {"1_thread_GBps": copy(1) / 1e9, "2_threads_GBps": copy(2) / 1e9}
   result["bandwidth_GBps"] = max(result.values())  # the roofline's bandwidth (copy, read + write)
   result["read_only_numpy_2_threads_GBps"] = read(2) / 1e9
   result["read_only_xla_GBps"] = read_xla() / 1e9
+  result["read_only_matvec_GBps"] = read_matvec() / 1e9
   # Decode only reads: the best read-only stream is the bandwidth it could reach at most.
-  result["read_only_2_threads_GBps"] = max(result["read_only_numpy_2_threads_GBps"], result["read_only_xla_GBps"])
+  result["read_only_2_threads_GBps"] = max(result["read_only_numpy_2_threads_GBps"], result["read_only_xla_GBps"],
+                                           result["read_only_matvec_GBps"])
   return result
+
+
+def matmul_rate(repeats: int = 10) -> dict:
+  """The machine's float32 matrix-multiply speed, GFLOP/s, best of repeats: XLA (what prefill runs)
+  on a 2048 cube and on the prefill's own shapes ([128, 896] x [896, 4864] and back), and numpy's BLAS
+  on a 2048 cube. Prefill is compute-bound: its time is at least its FLOPs at the best of these."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  def best(run) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  rng = np.random.default_rng(0)
+  result = {}
+  for m, k, n in ((2048, 2048, 2048), (128, 896, 4864), (128, 4864, 896)):
+    a, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((n, k), np.float32)
+    product = jax.jit(lambda a, w: a @ w.T)
+    ja, jw = jnp.asarray(a), jnp.asarray(w)
+    result[f"xla_{m}x{k}x{n}_GFLOPs"] = 2 * m * k * n / best(lambda: product(ja, jw).block_until_ready()) / 1e9
+    if m == 2048:
+      result[f"numpy_{m}x{k}x{n}_GFLOPs"] = 2 * m * k * n / best(lambda: a @ w.T) / 1e9
+  result["best_GFLOPs"] = max(result.values())
+  return result
+
+
+def prefill_work(cfg, prompt: int) -> dict:
+  """FLOPs of qwen_logical's prefill of `prompt` tokens (multiply-adds x 2) and the bytes of its one
+  memory-bound product, the lm_head for the last token. The last layer computes queries, the o
+  projection and the MLP for the last token only (its keys and values for all)."""
+  e, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  q_o = 2 * e * cfg.num_heads * d
+  k_v = 2 * e * cfg.num_kv_heads * d
+  mlp = 3 * e * i
+  layers = cfg.num_layers
+  matmul = 2 * prompt * (layers * k_v + (layers - 1) * (q_o + mlp)) + 2 * (q_o + mlp)
+  # causal attention, scores and weighted values: about half of prompt^2 per head per layer, x 2 products
+  attention = 2 * 2 * cfg.num_heads * d * (prompt * (prompt + 1) // 2) * layers
+  return {"matmul_flops": matmul + attention, "lm_head_bytes": cfg.vocab_size * e * 4}
 
 
 def time_transformers(model, prompt: list[int], new: int) -> dict:
@@ -172,7 +230,10 @@ def main_process(args) -> dict:
   print(f"Copy bandwidth (read + write): {bandwidth['bandwidth_GBps']:.1f} GB/s (1 thread "
         f"{bandwidth['1_thread_GBps']:.1f}, 2 threads {bandwidth['2_threads_GBps']:.1f}); read-only stream "
         f"{bandwidth['read_only_2_threads_GBps']:.1f} GB/s (numpy {bandwidth['read_only_numpy_2_threads_GBps']:.1f}, "
-        f"XLA {bandwidth['read_only_xla_GBps']:.1f})", flush=True)
+        f"XLA {bandwidth['read_only_xla_GBps']:.1f}, matrix-vector {bandwidth['read_only_matvec_GBps']:.1f})", flush=True)
+  gemm = matmul_rate()
+  print(f"float32 matmul: best {gemm['best_GFLOPs']:.0f} GFLOP/s (" + ", ".join(
+      f"{k[:-7]} {v:.0f}" for k, v in gemm.items() if k != "best_GFLOPs") + ")", flush=True)
   model, tensors = hf_model(args.layers)
   prompt = prompt_ids(args.prompt)
   part, params = jax_partitioner(tensors, args.layers, "1x1", scan=args.scan_layers)
@@ -198,6 +259,7 @@ def main_process(args) -> dict:
       "roofline": {"decode_ms_per_token": 1e3 * roofline_s, "decode_tokens_per_s": 1 / roofline_s},
       "roofline_read_only_stream": {
           "decode_ms_per_token": 1e3 * bytes_["total_bytes"] / (bandwidth["read_only_2_threads_GBps"] * 1e9)},
+      "matmul": gemm, "prefill_work": prefill_work(part.config, args.prompt),
       "greedy_tokens_equal_to_transformers": f"{matching} of {args.new}",
       "compile_s": warm["compile_s"], "batch_shape": list(ours[0]["batch_shape"]),
   }
@@ -290,6 +352,13 @@ def main():
   read_roof = result["roofline_read_only_stream"]["decode_ms_per_token"]
   result["max_possible_decode_vs_transformers_read_only"] = 1e3 / read_roof / theirs["decode_tokens_per_s"]
   result["decode_fraction_of_read_only_roofline"] = read_roof / ours["decode_ms_per_token"]
+  work = result["prefill_work"]
+  prefill_floor_s = (work["matmul_flops"] / (result["matmul"]["best_GFLOPs"] * 1e9)
+                     + work["lm_head_bytes"] / (result["bandwidth"]["read_only_2_threads_GBps"] * 1e9))
+  result["prefill_floor"] = {"seconds": prefill_floor_s, "tokens_per_s": args.prompt / prefill_floor_s,
+                             "GFLOP": work["matmul_flops"] / 1e9}
+  result["max_possible_prefill_vs_transformers"] = args.prompt / prefill_floor_s / theirs["prefill_tokens_per_s"]
+  result["prefill_fraction_of_floor"] = prefill_floor_s / ours["prefill_s"]
   result["decode_effective_GBps"] = result["decode_bytes_per_step"]["total_bytes"] / (
       ours["decode_ms_per_token"] / 1e3) / 1e9
 
@@ -309,11 +378,16 @@ def main():
   print(f"decode reads {result['decode_effective_GBps']:.1f} GB/s; against a read-only stream "
         f"({result['bandwidth']['read_only_2_threads_GBps']:.1f} GB/s, roofline {read_roof:.1f} ms/token) that is "
         f"{result['decode_fraction_of_read_only_roofline']:.0%} of the roofline")
+  floor = result["prefill_floor"]
+  print(f"prefill floor: {floor['GFLOP']:.1f} GFLOP at {result['matmul']['best_GFLOPs']:.0f} GFLOP/s + the lm_head "
+        f"read = {floor['seconds']:.3f} s ({floor['tokens_per_s']:.0f} tok/s); qwen_logical's prefill is "
+        f"{result['prefill_fraction_of_floor']:.0%} of it")
   print(f"greedy tokens equal to transformers: {result['greedy_tokens_equal_to_transformers']}")
   for k, v in result["bars"].items():
     print(f"bar {k}: {v['value']:.2f} (bar {v['bar']}) {'MET' if v['met'] else 'NOT MET'}")
   print(f"(the roofline allows at most {result['max_possible_decode_vs_transformers']:.2f}x transformers' decode "
-        f"here; the read-only stream {result['max_possible_decode_vs_transformers_read_only']:.2f}x)")
+        f"here; the read-only stream {result['max_possible_decode_vs_transformers_read_only']:.2f}x; the prefill "
+        f"floor {result['max_possible_prefill_vs_transformers']:.2f}x transformers' prefill)")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
