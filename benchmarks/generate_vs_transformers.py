@@ -145,6 +145,7 @@ def prefill_work(cfg, prompt: int) -> dict:
   """FLOPs of qwen_logical's prefill of `prompt` tokens (multiply-adds x 2) and the bytes of its one
   memory-bound product, the lm_head for the last token. The last layer computes queries, the o
   projection and the MLP for the last token only (its keys and values for all)."""
+  import numpy as np
   e, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
   q_o = 2 * e * cfg.num_heads * d
   k_v = 2 * e * cfg.num_kv_heads * d
@@ -153,7 +154,8 @@ def prefill_work(cfg, prompt: int) -> dict:
   matmul = 2 * prompt * (layers * k_v + (layers - 1) * (q_o + mlp)) + 2 * (q_o + mlp)
   # causal attention, scores and weighted values: about half of prompt^2 per head per layer, x 2 products
   attention = 2 * 2 * cfg.num_heads * d * (prompt * (prompt + 1) // 2) * layers
-  return {"matmul_flops": matmul + attention, "lm_head_bytes": cfg.vocab_size * e * 4}
+  itemsize = np.dtype(cfg.param_dtype).itemsize
+  return {"matmul_flops": matmul + attention, "lm_head_bytes": cfg.vocab_size * e * itemsize}
 
 
 def time_transformers(model, prompt: list[int], new: int) -> dict:
