@@ -12,8 +12,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  from qwen_logical.distributed import exit_on_peer_failure
-  from qwen_logical.run import run
+  from qwen_logical.sharding.distributed import exit_on_peer_failure
+  from qwen_logical.jobs.run import run
   if not exit_on_peer_failure(run, _CONFIG.value).get("ok", True):
     sys.exit(1)
 

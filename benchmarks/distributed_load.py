@@ -37,10 +37,10 @@ b, m = ql.parse_mesh_shape(mesh)
 ql.simulate_cpu_devices(b * m // processes)
 import jax
 jax.config.update("jax_platforms", "cpu")
-from qwen_logical import distributed
+from qwen_logical.sharding import distributed
 if processes > 1:
   distributed.initialize(f"127.0.0.1:{port}", processes, pid, cpu=True, initialization_timeout_s=120)
-from qwen_logical.checkpoint import load_checkpoint
+from qwen_logical.checkpoints.checkpoint import load_checkpoint
 def rss(field):
   for line in open("/proc/self/status"):
     if line.startswith(field):

@@ -187,11 +187,11 @@ def time_transformers(model, prompt: list[int], new: int) -> dict:
 
 def jax_partitioner(tensors, layers: int, mesh_shape: str, scan: bool):
   import jax
-  from qwen_logical.config import from_hf_config
-  from qwen_logical.hf_params import flax_from_hf
-  from qwen_logical.mesh import make_mesh
-  from qwen_logical.partitioner import Partitioner
-  from qwen_logical.rules import get_table
+  from qwen_logical.model.config import from_hf_config
+  from qwen_logical.checkpoints.hf_names import flax_from_hf
+  from qwen_logical.sharding.mesh import make_mesh
+  from qwen_logical.sharding.partitioner import Partitioner
+  from qwen_logical.sharding.rules import get_table
   cfg = from_hf_config(dict(SHAPE, model_type="qwen2", num_hidden_layers=layers), scan_layers=scan)
   devices = jax.devices()[:1] if mesh_shape == "1x1" else None
   part = Partitioner(cfg, make_mesh(mesh_shape, devices=devices), get_table("tensor_parallel"))
@@ -218,7 +218,7 @@ def decode_bytes(part, batch: int, slots: int) -> dict:
   """Bytes one decode step reads: every parameter once (the tied embedding as the lm_head;
   the lookup reads one row) and both K and V of the whole cache (attention spans all slots)."""
   import jax
-  from qwen_logical import kv_cache
+  from qwen_logical.inference import kv_cache
   params = sum(s.size * s.dtype.itemsize for s in jax.tree_util.tree_leaves(part.param_shapes))
   cache = kv_cache.cache_bytes(part.config, part.layout, batch, slots)
   return {"parameter_bytes": params, "cache_bytes": cache, "total_bytes": params + cache}
@@ -226,7 +226,7 @@ def decode_bytes(part, batch: int, slots: int) -> dict:
 
 def main_process(args) -> dict:
   import jax
-  from qwen_logical.generate import Generator
+  from qwen_logical.inference.generate import Generator
   print(f"JAX {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPU cores)", flush=True)
   bandwidth = copy_bandwidth()
   print(f"Copy bandwidth (read + write): {bandwidth['bandwidth_GBps']:.1f} GB/s (1 thread "
@@ -278,7 +278,7 @@ def main_process(args) -> dict:
 def mesh8_process(args) -> dict:
   """In a process with 8 simulated devices: decode on 1x8 vs 1x1, interleaved."""
   import jax
-  from qwen_logical.generate import Generator
+  from qwen_logical.inference.generate import Generator
   _, tensors = hf_model(args.layers)
   prompt = prompt_ids(args.prompt)
   runs = {}

@@ -38,9 +38,9 @@ F = flags.FLAGS
 
 _MAKE = r"""
 import json, os, sys, numpy as np, ml_dtypes
-from qwen_logical import safetensors_io
-from qwen_logical.config import preset, to_hf_config
-from qwen_logical.hf_params import tensor_specs
+from qwen_logical.checkpoints import safetensors_io
+from qwen_logical.model.config import preset, to_hf_config
+from qwen_logical.checkpoints.hf_names import tensor_specs
 directory, dtype, shard_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = preset("qwen2.5-0.5b")
 np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
@@ -102,13 +102,13 @@ import qwen_logical as ql
 b, m = ql.parse_mesh_shape(mesh_shape)
 ql.simulate_cpu_devices(b * m)
 import jax
-from qwen_logical.checkpoint import load_checkpoint
+from qwen_logical.checkpoints.checkpoint import load_checkpoint
 jax.devices()
 def rss(field):
   for line in open("/proc/self/status"):
     if line.startswith(field):
       return int(line.split()[1]) * 1024
-from qwen_logical.checkpoint import load_params, open_checkpoint
+from qwen_logical.checkpoints.checkpoint import load_params, open_checkpoint
 warm_memory(float(sys.argv[4]), directory)
 baseline = rss("VmRSS:")
 start = time.perf_counter()

@@ -16,22 +16,22 @@ runs on any ('batch', 'model') mesh under any rule table (`qwen_logical.rules`).
     ql.export_checkpoint(params, part, "/tmp/exported")
 """
 
-from qwen_logical import axes
-from qwen_logical.config import PRESETS, ConfigError, ModelConfig, from_hf_config, preset, to_hf_config
-from qwen_logical.head_plan import HeadLayout, HeadLayoutError, plan_heads
-from qwen_logical.hf_params import CheckpointError, flax_from_hf, hf_from_flax, tensor_specs
-from qwen_logical.mesh import MeshError, make_mesh, parse_mesh_shape, simulate_cpu_devices
-from qwen_logical.model import Qwen2ForCausalLM
-from qwen_logical.partitioner import Partitioner
-from qwen_logical.report import ShardingReport, sharding_report
-from qwen_logical.rules import TABLES, RuleError, RuleTable, get_table, parse_overrides
-from qwen_logical.collectives import count_collectives
-from qwen_logical.checkpoint import Checkpoint, export_checkpoint, load_checkpoint, load_params, open_checkpoint
-from qwen_logical.tokenizer import Tokenizer, TokenizerError
-from qwen_logical import kv_cache
-from qwen_logical.generate import (GenerationError, GenerationResult, GenerationStream, Generator, StreamEvent,
+from qwen_logical.model import axes
+from qwen_logical.model.config import PRESETS, ConfigError, ModelConfig, from_hf_config, preset, to_hf_config
+from qwen_logical.model.head_layout import HeadLayout, HeadLayoutError, plan_heads
+from qwen_logical.checkpoints.hf_names import CheckpointError, flax_from_hf, hf_from_flax, tensor_specs
+from qwen_logical.sharding.mesh import MeshError, make_mesh, parse_mesh_shape, simulate_cpu_devices
+from qwen_logical.model.model import Qwen2ForCausalLM
+from qwen_logical.sharding.partitioner import Partitioner
+from qwen_logical.sharding.report import ShardingReport, sharding_report
+from qwen_logical.sharding.rules import TABLES, RuleError, RuleTable, get_table, parse_overrides
+from qwen_logical.sharding.collectives import count_collectives
+from qwen_logical.checkpoints.checkpoint import Checkpoint, export_checkpoint, load_checkpoint, load_params, open_checkpoint
+from qwen_logical.checkpoints.tokenizer import Tokenizer, TokenizerError
+from qwen_logical.inference import kv_cache
+from qwen_logical.inference.generate import (GenerationError, GenerationResult, GenerationStream, Generator, StreamEvent,
                                    Timings, generate)
-from qwen_logical.sampling import SamplingError, SamplingParams
+from qwen_logical.inference.sampling import SamplingError, SamplingParams
 
 __all__ = [
     "axes", "PRESETS", "ConfigError", "ModelConfig", "from_hf_config", "preset", "to_hf_config",

@@ -8,7 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from qwen_logical.mesh import make_mesh  # noqa: E402
+from qwen_logical.sharding.mesh import make_mesh  # noqa: E402
 
 MESHES = ("1x1", "1x8", "2x4", "4x2", "8x1")
 

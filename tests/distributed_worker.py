@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qwen_logical.mesh import simulate_cpu_devices  # noqa: E402
+from qwen_logical.sharding.mesh import simulate_cpu_devices  # noqa: E402
 
 MESHES = ("2x4", "1x8")
 TOKENS = np.random.RandomState(11).randint(0, 160, (8, 10))
@@ -29,13 +29,13 @@ def main(port, num_processes, process_id, checkpoint, out_prefix, mode):
   simulate_cpu_devices(8 // num_processes)
   import jax
   jax.config.update("jax_platforms", "cpu")
-  from qwen_logical import distributed
+  from qwen_logical.sharding import distributed
   distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id, cpu=True,
                          initialization_timeout_s=60, heartbeat_timeout_s=HEARTBEAT_S)
-  from qwen_logical.checkpoint import load_checkpoint
-  from qwen_logical.generate import generate
-  from qwen_logical.mesh import make_mesh
-  from qwen_logical.rules import get_table
+  from qwen_logical.checkpoints.checkpoint import load_checkpoint
+  from qwen_logical.inference.generate import generate
+  from qwen_logical.sharding.mesh import make_mesh
+  from qwen_logical.sharding.rules import get_table
 
   for mesh in MESHES if mode == "run" else MESHES[:1]:
     params, _, part = load_checkpoint(checkpoint, make_mesh(mesh), get_table("tensor_parallel"), progress=False)
@@ -45,7 +45,7 @@ def main(port, num_processes, process_id, checkpoint, out_prefix, mode):
     np.savez(f"{out_prefix}-{mesh}-{process_id}.npz", logits=logits, tokens=np.array(tokens),
              local_bytes=local_bytes, local_devices=jax.local_device_count(), devices=jax.device_count())
   if mode == "run":  # every process takes part in the export; process 0 writes
-    from qwen_logical.checkpoint import export_checkpoint
+    from qwen_logical.checkpoints.checkpoint import export_checkpoint
     export_checkpoint(params, part, f"{out_prefix}-export", progress=False)
   if mode == "loop":
     print("READY", flush=True)

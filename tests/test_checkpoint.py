@@ -12,11 +12,11 @@ from transformers import Qwen2ForCausalLM
 
 from conftest import MESHES, mesh_of
 from hf_reference import hf_logits, tiny_hf_model
-from qwen_logical import safetensors_io
-from qwen_logical.checkpoint import export_checkpoint, load_checkpoint, open_checkpoint
-from qwen_logical.config import ConfigError
-from qwen_logical.hf_params import CheckpointError
-from qwen_logical.rules import get_table
+from qwen_logical.checkpoints import safetensors_io
+from qwen_logical.checkpoints.checkpoint import export_checkpoint, load_checkpoint, open_checkpoint
+from qwen_logical.model.config import ConfigError
+from qwen_logical.checkpoints.hf_names import CheckpointError
+from qwen_logical.sharding.rules import get_table
 
 KINDS = {  # name: (tied, torch dtype, max_shard_size or None for a single file)
     "untied-f32-sharded": (False, torch.float32, "60KB"),
@@ -238,7 +238,7 @@ def test_float16_files_load_into_float32(checkpoints, tmp_path):
 
 def test_progress_bar_counts_tensors_and_bytes():
   import io
-  from qwen_logical.progress import Progress
+  from qwen_logical.common.progress import Progress
 
   class Terminal(io.StringIO):
     def isatty(self):
@@ -258,9 +258,9 @@ def test_progress_bar_counts_tensors_and_bytes():
 @pytest.mark.parametrize("shards", [1, 2, 8])
 def test_slice_reads_are_bit_exact(file_dtype, shards):
   """Every shard slice the loader reads equals slicing the whole converted, head-planned tensor."""
-  from qwen_logical.config import preset
-  from qwen_logical.head_plan import plan_heads
-  from qwen_logical.hf_params import tensor_specs
+  from qwen_logical.model.config import preset
+  from qwen_logical.model.head_layout import plan_heads
+  from qwen_logical.checkpoints.hf_names import tensor_specs
 
   config = preset("tiny")
   layout = plan_heads(config.num_heads, config.num_kv_heads, shards)
@@ -285,7 +285,7 @@ def test_slice_reads_are_bit_exact(file_dtype, shards):
 
 def test_bfloat16_to_float32_is_bit_exact():
   """All 2**16 bfloat16 bit patterns (NaN payloads, infinities, subnormals) widen exactly."""
-  from qwen_logical.hf_params import convert_into
+  from qwen_logical.checkpoints.hf_names import convert_into
 
   bits = np.arange(2**16, dtype=np.uint32)
   out = np.empty(bits.size, np.float32)

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import mesh_of
 from hf_reference import hf_logits, tiny_hf_model
-from qwen_logical.checkpoint import load_checkpoint
-from qwen_logical.generate import generate
-from qwen_logical.rules import get_table
+from qwen_logical.checkpoints.checkpoint import load_checkpoint
+from qwen_logical.inference.generate import generate
+from qwen_logical.sharding.rules import get_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -114,7 +114,7 @@ def test_each_process_holds_only_its_devices_shards(single_process, two_process_
 
 
 def test_export_across_two_processes_is_bit_exact(checkpoint, two_process_run):
-  from qwen_logical.checkpoint import open_checkpoint
+  from qwen_logical.checkpoints.checkpoint import open_checkpoint
   original, exported = open_checkpoint(checkpoint[0]), open_checkpoint(f"{two_process_run}-export")
   assert set(original.entries) == set(exported.entries)
   for name, entry in original.entries.items():
@@ -175,7 +175,7 @@ def test_a_killed_peer_ends_the_survivor_with_a_clear_error(checkpoint, tmp_path
     ("127.0.0.1:1234", 2, -1, "must be in [0, 2)"),
 ])
 def test_bad_distributed_settings_are_named(coordinator, processes, pid, message):
-  from qwen_logical.distributed import DistributedError, check_settings
+  from qwen_logical.sharding.distributed import DistributedError, check_settings
   with pytest.raises(DistributedError, match=message.replace("[", r"\[").replace(")", r"\)")):
     check_settings(coordinator, processes, pid)
 
@@ -183,8 +183,8 @@ def test_bad_distributed_settings_are_named(coordinator, processes, pid, message
 def test_a_mesh_that_does_not_split_over_the_processes_is_refused():
   sys.path.insert(0, REPO)
   from configs import tp8
-  from qwen_logical.distributed import DistributedError
-  from qwen_logical.run import setup_devices
+  from qwen_logical.sharding.distributed import DistributedError
+  from qwen_logical.jobs.run import setup_devices
   config = tp8.get_config()
   config.distributed.coordinator, config.distributed.num_processes = "127.0.0.1:1", 3
   with pytest.raises(DistributedError, match="do not split evenly over --config.distributed.num_processes=3"):

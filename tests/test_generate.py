@@ -11,13 +11,13 @@ from jax.sharding import PartitionSpec
 
 from conftest import mesh_of
 from hf_reference import hf_tensors, model_config, tiny_hf_model
-from qwen_logical import axes as ax
-from qwen_logical import kv_cache
-from qwen_logical.generate import GenerationError, Generator, generate, prompt_bucket
-from qwen_logical.hf_params import flax_from_hf
-from qwen_logical.partitioner import Partitioner
-from qwen_logical.rules import get_table
-from qwen_logical.sampling import SamplingError, SamplingParams, sample
+from qwen_logical.model import axes as ax
+from qwen_logical.inference import kv_cache
+from qwen_logical.inference.generate import GenerationError, Generator, generate, prompt_bucket
+from qwen_logical.checkpoints.hf_names import flax_from_hf
+from qwen_logical.sharding.partitioner import Partitioner
+from qwen_logical.sharding.rules import get_table
+from qwen_logical.inference.sampling import SamplingError, SamplingParams, sample
 
 NEW = 32
 PAD = 0
@@ -166,7 +166,7 @@ def test_streaming_yields_each_step_and_the_result():
 
 def test_text_prompts_and_streamed_text(tmp_path):
   import tokenizer_files
-  from qwen_logical.tokenizer import Tokenizer
+  from qwen_logical.checkpoints.tokenizer import Tokenizer
   tokenizer_files.write_tokenizer_dir(tmp_path)
   tok = Tokenizer.from_directory(tmp_path)
   hf = tiny_hf_model(heads=4, kv_heads=2, hidden=32, vocab=768, seed=3)

@@ -5,9 +5,9 @@ import pytest
 
 from conftest import mesh_of
 from hf_reference import hf_logits, hf_tensors, model_config, tiny_hf_model
-from qwen_logical.hf_params import flax_from_hf, hf_from_flax
-from qwen_logical.partitioner import Partitioner
-from qwen_logical.rules import get_table
+from qwen_logical.checkpoints.hf_names import flax_from_hf, hf_from_flax
+from qwen_logical.sharding.partitioner import Partitioner
+from qwen_logical.sharding.rules import get_table
 
 TOLERANCE = 1e-4
 

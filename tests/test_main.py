@@ -80,7 +80,7 @@ def test_main_loads_a_checkpoint_and_exports_it(tmp_path):
   assert summary["num_layers"] == 2 and "load_s" in summary["timings"]
   assert (exported / "model.safetensors").exists() and (exported / "config.json").exists()
   assert "Timings: load" in result.stdout
-  from qwen_logical.checkpoint import open_checkpoint
+  from qwen_logical.checkpoints.checkpoint import open_checkpoint
   original, again = open_checkpoint(str(source)), open_checkpoint(str(exported))
   for name, entry in original.entries.items():
     assert (entry.memmap() == again.entries[name].memmap()).all(), name
@@ -150,7 +150,7 @@ def test_main_batches_prompts(tmp_path, instruct_checkpoint):
   prompts.write_text("Hello world\nprint('x')\n東京\n")
   _, report = _main(tmp_path, "--config=configs/tp8.py", f"--config.checkpoint={directory}",
                     f"--config.prompts={prompts}", "--config.max_new_tokens=6")
-  from qwen_logical.tokenizer import Tokenizer
+  from qwen_logical.checkpoints.tokenizer import Tokenizer
   tokenizer = Tokenizer.from_directory(directory)
   for text, got in zip(["Hello world", "print('x')", "東京"], report["summary"]["tokens"]):
     expected = _hf_greedy(model, tokenizer.encode(text), 6)

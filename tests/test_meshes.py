@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import MESHES, mesh_of
-from qwen_logical import axes as ax
-from qwen_logical.config import preset
-from qwen_logical.partitioner import Partitioner
-from qwen_logical.rules import TABLES, get_table
+from qwen_logical.model import axes as ax
+from qwen_logical.model.config import preset
+from qwen_logical.sharding.partitioner import Partitioner
+from qwen_logical.sharding.rules import TABLES, get_table
 
 # The tiny preset has 14 query / 2 KV heads: it needs the head layout plan at 4 and 8 shards.
 CONFIG = preset("tiny").replace(initializer_range=0.1)
@@ -71,7 +71,7 @@ def test_tensor_parallel_really_splits_attention(mesh, shards):
 
 def test_init_is_the_same_model_on_every_mesh():
   """Random init depends on (seed, canonical head), not on the mesh layout."""
-  from qwen_logical.hf_params import hf_from_flax
+  from qwen_logical.checkpoints.hf_names import hf_from_flax
   single = Partitioner(CONFIG, mesh_of("1x1"), get_table("tensor_parallel"))
   split = Partitioner(CONFIG, mesh_of("1x8"), get_table("tensor_parallel"))
   a = hf_from_flax(single.init(seed=0), CONFIG, single.layout)

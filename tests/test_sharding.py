@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import mesh_of
-from qwen_logical.collectives import count_collectives
-from qwen_logical.config import preset
-from qwen_logical.partitioner import Partitioner
-from qwen_logical.report import sharding_report
-from qwen_logical.rules import get_table
+from qwen_logical.sharding.collectives import count_collectives
+from qwen_logical.model.config import preset
+from qwen_logical.sharding.partitioner import Partitioner
+from qwen_logical.sharding.report import sharding_report
+from qwen_logical.sharding.rules import get_table
 
 CONFIG = preset("tiny")
 

@@ -10,7 +10,7 @@ import pytest
 import tokenizer_files as tf
 from transformers import AutoTokenizer
 
-from qwen_logical.tokenizer import Tokenizer, TokenizerError
+from qwen_logical.checkpoints.tokenizer import Tokenizer, TokenizerError
 
 MIXED_TEXT = (
     "The quick brown fox — it's 2024!\n"

@@ -4,12 +4,12 @@ import jax
 import pytest
 
 from conftest import mesh_of
-from qwen_logical import axes as ax
-from qwen_logical.config import ConfigError, ModelConfig, from_hf_config, preset
-from qwen_logical.head_plan import HeadLayoutError, plan_heads
-from qwen_logical.mesh import MeshError, make_mesh, parse_mesh_shape, simulate_cpu_devices
-from qwen_logical.partitioner import Partitioner
-from qwen_logical.rules import RuleError, RuleTable, TENSOR_PARALLEL, get_table, parse_overrides
+from qwen_logical.model import axes as ax
+from qwen_logical.model.config import ConfigError, ModelConfig, from_hf_config, preset
+from qwen_logical.model.head_layout import HeadLayoutError, plan_heads
+from qwen_logical.sharding.mesh import MeshError, make_mesh, parse_mesh_shape, simulate_cpu_devices
+from qwen_logical.sharding.partitioner import Partitioner
+from qwen_logical.sharding.rules import RuleError, RuleTable, TENSOR_PARALLEL, get_table, parse_overrides
 
 TINY = preset("tiny")
 

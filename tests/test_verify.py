@@ -9,8 +9,8 @@ import sys
 import numpy as np
 
 from hf_reference import hf_logits, tiny_hf_model
-from qwen_logical.rules import get_table
-from qwen_logical.verify import Settings, Suite, top_k_overlap, unclaimed_replication, verify
+from qwen_logical.sharding.rules import get_table
+from qwen_logical.jobs.verify import Settings, Suite, top_k_overlap, unclaimed_replication, verify
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -151,8 +151,8 @@ def test_checkpoint_suite_matches_transformers(tmp_path):
 
 def test_unclaimed_replication_names_parameter_and_axis():
   from conftest import mesh_of
-  from qwen_logical.config import preset
-  from qwen_logical.partitioner import Partitioner
+  from qwen_logical.model.config import preset
+  from qwen_logical.sharding.partitioner import Partitioner
   part = Partitioner(preset("tiny"), mesh_of("2x4"), get_table("fsdp", "embed=batch"))
   found = unclaimed_replication(part)
   assert found and all("'embed' is claimed sharded over batch+model" in f and "missing model" in f for f in found)

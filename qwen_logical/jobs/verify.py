@@ -33,14 +33,14 @@ from absl import logging
 from jax.sharding import PartitionSpec
 from ml_collections import ConfigDict
 
-from qwen_logical import axes as ax
-from qwen_logical import distributed
-from qwen_logical.collectives import KINDS, count_collectives
-from qwen_logical.head_plan import HeadLayoutError
-from qwen_logical.mesh import MeshError, make_mesh, parse_mesh_shape
-from qwen_logical.partitioner import Partitioner, path_str
-from qwen_logical.report import device_picture, sharding_report
-from qwen_logical.rules import RuleError, format_mesh_axes, get_table
+from qwen_logical.model import axes as ax
+from qwen_logical.sharding import distributed
+from qwen_logical.sharding.collectives import KINDS, count_collectives
+from qwen_logical.model.head_layout import HeadLayoutError
+from qwen_logical.sharding.mesh import MeshError, make_mesh, parse_mesh_shape
+from qwen_logical.sharding.partitioner import Partitioner, path_str
+from qwen_logical.sharding.report import device_picture, sharding_report
+from qwen_logical.sharding.rules import RuleError, format_mesh_axes, get_table
 
 SKIPPABLE = (RuleError, HeadLayoutError, MeshError)
 
@@ -130,12 +130,12 @@ class Suite:
     self.checkpoint = None
     self.scratch: str | None = None  # where the reference's random weights are saved, if anywhere
     if config.checkpoint:
-      from qwen_logical.checkpoint import open_checkpoint
+      from qwen_logical.checkpoints.checkpoint import open_checkpoint
       self.checkpoint = open_checkpoint(config.checkpoint, param_dtype=config.model.param_dtype,
                                         dtype=config.model.dtype, scan_layers=config.model.scan_layers)
       self.model_config = self.checkpoint.config
     else:
-      from qwen_logical.run import model_config_from
+      from qwen_logical.jobs.run import model_config_from
       self.model_config = model_config_from(config)
     s, cfg = settings, self.model_config
     rng = np.random.RandomState(config.seed)
@@ -149,13 +149,13 @@ class Suite:
   def _weights(self, partitioner: Partitioner):
     """(params, how) for this partitioner: loaded (a checkpoint, or the reference saved as one) or initialised."""
     if self.checkpoint is not None:
-      from qwen_logical.checkpoint import load_params
+      from qwen_logical.checkpoints.checkpoint import load_params
       how = "the reference's weights, loaded" if self.scratch else "loaded from the checkpoint"
       return load_params(self.checkpoint, partitioner, progress=False), how
     return partitioner.init(self.config.seed), "sharded init"
 
   def _run(self, partitioner: Partitioner) -> tuple[dict[str, Any], Any, np.ndarray, list[list[int]]]:
-    from qwen_logical.generate import generate
+    from qwen_logical.inference.generate import generate
     s = self.settings
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -189,7 +189,7 @@ class Suite:
     if self.checkpoint is None and self.settings.weights == "reference":
       # Saved as an HF checkpoint, the weights reach every mesh through the sharded loader:
       # each device reads its own slice, and the host never holds another full copy.
-      from qwen_logical.checkpoint import export_checkpoint, open_checkpoint
+      from qwen_logical.checkpoints.checkpoint import export_checkpoint, open_checkpoint
       self.scratch = tempfile.mkdtemp(prefix="qwen_logical_verify_")
       export_checkpoint(params, partitioner, self.scratch, progress=False)
       cfg = self.model_config

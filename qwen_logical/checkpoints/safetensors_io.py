@@ -16,12 +16,16 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-from qwen_logical.hf_params import CheckpointError
+from qwen_logical.common.errors import QwenLogicalError
 
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64)}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
+
+
+class CheckpointError(QwenLogicalError):
+  """A tensor or file that is missing, unexpected, misshaped or corrupt."""
 
 
 @dataclasses.dataclass(frozen=True)

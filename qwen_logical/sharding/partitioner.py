@@ -19,15 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen_logical import axes as ax
-from qwen_logical import distributed
-from qwen_logical import layers
-from qwen_logical import validation
-from qwen_logical.config import ModelConfig
-from qwen_logical.head_plan import HeadLayout, plan_heads
-from qwen_logical.mesh import mesh_name
-from qwen_logical.model import Qwen2ForCausalLM
-from qwen_logical.rules import RuleTable
+from qwen_logical.model import axes as ax
+from qwen_logical.sharding import distributed
+from qwen_logical.model import layers
+from qwen_logical.sharding import validation
+from qwen_logical.model.config import ModelConfig
+from qwen_logical.model.head_layout import HeadLayout, plan_heads
+from qwen_logical.sharding.mesh import mesh_name
+from qwen_logical.model.model import Qwen2ForCausalLM
+from qwen_logical.sharding.rules import RuleTable
 
 Params = Any  # nested dict of arrays, Flax layout
 

@@ -20,11 +20,12 @@ import dataclasses
 import math
 
 import numpy as np
+from qwen_logical.common.errors import QwenLogicalError
 
 PADDING = -1  # source index of a zero (padded) query head
 
 
-class HeadLayoutError(ValueError):
+class HeadLayoutError(QwenLogicalError):
   """The heads cannot be split over the requested number of shards."""
 
 

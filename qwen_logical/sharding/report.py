@@ -10,8 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from qwen_logical.partitioner import Partitioner, path_str
-from qwen_logical.rules import format_mesh_axes
+from qwen_logical.sharding.partitioner import Partitioner, path_str
+from qwen_logical.sharding.rules import format_mesh_axes
 
 
 @dataclasses.dataclass

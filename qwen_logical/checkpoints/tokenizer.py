@@ -37,6 +37,7 @@ import jinja2.sandbox
 import jinja2.utils
 import numpy as np
 import tokenizers
+from qwen_logical.common.errors import QwenLogicalError
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -63,7 +64,7 @@ _DOWNLOAD_HINT = ("download the model's tokenizer files, e.g. `huggingface-cli d
                   "--local-dir DIR`")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(QwenLogicalError):
   """A tokenizer directory, chat template or conversation that cannot be used as asked."""
 
 

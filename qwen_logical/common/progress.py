@@ -7,11 +7,7 @@ import time
 
 from absl import logging
 
-
-def _main_process() -> bool:
-  """Only process 0 of a multi-process job draws progress."""
-  import jax
-  return jax.process_index() == 0
+from qwen_logical.common.host import is_main_process
 
 
 class Progress:
@@ -20,7 +16,7 @@ class Progress:
   def __init__(self, label: str, total_items: int, total_bytes: int, enabled: bool = True, stream=None):
     self.label, self.total_items, self.total_bytes = label, total_items, max(total_bytes, 1)
     self.items = self.bytes = 0
-    self.enabled = enabled and _main_process()
+    self.enabled = enabled and is_main_process()  # only process 0 draws progress
     self.stream = stream or sys.stderr
     self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
     self.start = time.perf_counter()

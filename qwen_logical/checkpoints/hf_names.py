@@ -16,13 +16,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from qwen_logical.config import ModelConfig
-from qwen_logical.distributed import to_host
-from qwen_logical.head_plan import PADDING, HeadLayout, plan_heads
-
-
-class CheckpointError(ValueError):
-  """A tensor or file that is missing, unexpected, misshaped or corrupt."""
+from qwen_logical.checkpoints.safetensors_io import CheckpointError
+from qwen_logical.model.config import ModelConfig
+from qwen_logical.sharding.distributed import to_host
+from qwen_logical.model.head_layout import PADDING, HeadLayout, plan_heads
 
 
 @dataclasses.dataclass(frozen=True)

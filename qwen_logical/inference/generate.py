@@ -37,11 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen_logical import axes as ax
-from qwen_logical import distributed
-from qwen_logical import kv_cache
-from qwen_logical.partitioner import Params, Partitioner
-from qwen_logical.sampling import SamplingParams, row_keys, sample
+from qwen_logical.model import axes as ax
+from qwen_logical.sharding import distributed
+from qwen_logical.inference import kv_cache
+from qwen_logical.sharding.partitioner import Params, Partitioner
+from qwen_logical.inference.sampling import SamplingParams, row_keys, sample
+from qwen_logical.common.errors import QwenLogicalError
 
 MIN_PROMPT_BUCKET = 16
 LINEAR_BUCKETS_FROM = 512  # prompt buckets double up to here, then grow by this much
@@ -49,7 +50,7 @@ CACHE_GRANULE = 64  # cache slots are a multiple of this (so max_new_tokens 30 a
 STOP_SLOTS = 8  # stop ids are padded to a multiple of this (-1 never matches)
 
 
-class GenerationError(ValueError):
+class GenerationError(QwenLogicalError):
   """A generation request that cannot run as asked (prompt, length or sampling parameter)."""
 
 

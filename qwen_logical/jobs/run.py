@@ -11,9 +11,9 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from qwen_logical import memory
-from qwen_logical.config import ModelConfig, from_hf_config, preset
-from qwen_logical.mesh import make_mesh, mesh_name, parse_mesh_shape, simulate_cpu_devices
+from qwen_logical.common import host
+from qwen_logical.model.config import ModelConfig, from_hf_config, preset
+from qwen_logical.sharding.mesh import make_mesh, mesh_name, parse_mesh_shape, simulate_cpu_devices
 
 ARCHITECTURE_OVERRIDES = ("num_layers", "hidden_size", "intermediate_size", "num_heads",
                           "num_kv_heads", "head_dim", "vocab_size", "tie_word_embeddings",
@@ -22,7 +22,7 @@ ARCHITECTURE_OVERRIDES = ("num_layers", "hidden_size", "intermediate_size", "num
 
 def say(*args, **kwargs) -> None:
   """print, flushed, on process 0 only (every process computes the same results)."""
-  from qwen_logical.distributed import printer
+  from qwen_logical.sharding.distributed import printer
   printer()(*args, **kwargs)
 
 
@@ -54,7 +54,7 @@ def init_host_bytes(cfg: ModelConfig) -> int:
 
 def fit_layers_to_host(cfg: ModelConfig, budget_fraction: float, explicit_layers: bool) -> tuple[ModelConfig, str]:
   """Reduces the layer count when init would not fit the host; says so, never silently."""
-  budget = int(memory.available_host_bytes() * budget_fraction)
+  budget = int(host.available_host_bytes() * budget_fraction)
   need = init_host_bytes(cfg)
   if need <= budget:
     return cfg, ""
@@ -77,7 +77,7 @@ def setup_devices(config: ConfigDict) -> None:
   Runs before JAX initialises. On CPU each process simulates its share of the mesh's
   devices (all of them when alone); accelerators bring their own.
   """
-  from qwen_logical import distributed
+  from qwen_logical.sharding import distributed
   d = config.distributed
   multi = bool(d.coordinator) or d.auto
   processes = d.num_processes if multi and d.num_processes > 0 else 1
@@ -115,11 +115,11 @@ def setup_devices(config: ConfigDict) -> None:
 def _model_config_and_params(config: ConfigDict, mesh, table):
   """(Partitioner, params, note, timings) from a checkpoint directory or a sharded random init."""
   import jax
-  from qwen_logical.partitioner import Partitioner
+  from qwen_logical.sharding.partitioner import Partitioner
 
   timings: dict[str, float] = {}
   if config.checkpoint:
-    from qwen_logical.checkpoint import load_params, open_checkpoint
+    from qwen_logical.checkpoints.checkpoint import load_params, open_checkpoint
     overridden = [k for k in ARCHITECTURE_OVERRIDES if config.model.get(k) is not None]
     if overridden:
       raise ValueError(f"--config.model.{overridden[0]} cannot change a checkpoint's architecture; the "
@@ -160,9 +160,9 @@ def _log_model(partitioner, mesh, table) -> None:
 def _forward_sample(config: ConfigDict, partitioner, params, timings) -> dict[str, Any]:
   """Compiles and runs the forward pass on a random [batch_size, seq_len] batch."""
   import jax
-  from qwen_logical import axes as ax
-  from qwen_logical.collectives import count_collectives
-  from qwen_logical.distributed import global_array, to_host
+  from qwen_logical.model import axes as ax
+  from qwen_logical.sharding.collectives import count_collectives
+  from qwen_logical.sharding.distributed import global_array, to_host
 
   cfg = partitioner.config
   partitioner.check_batch(config.batch_size, config.seq_len)
@@ -202,8 +202,8 @@ def read_prompts(config: ConfigDict) -> list[str]:
 
 def _generate(config: ConfigDict, partitioner, params, prompts: list[str]) -> dict[str, Any]:
   """Tokenizes (chat template optional), generates with streaming, prints the text."""
-  from qwen_logical.generate import generate
-  from qwen_logical.tokenizer import Tokenizer
+  from qwen_logical.inference.generate import generate
+  from qwen_logical.checkpoints.tokenizer import Tokenizer
 
   source = config.tokenizer or config.checkpoint
   if not source:
@@ -238,7 +238,7 @@ def _generate(config: ConfigDict, partitioner, params, prompts: list[str]) -> di
 
 
 def _write_report(path: str, report: dict[str, Any]) -> None:
-  from qwen_logical.distributed import is_main_process
+  from qwen_logical.sharding.distributed import is_main_process
   if path and is_main_process():
     with open(path, "w") as f:
       json.dump(report, f, indent=1, default=str)
@@ -252,13 +252,13 @@ def run(config: ConfigDict) -> dict[str, Any]:
                      "(the verification suite, configs/verify.py).")
   setup_devices(config)
   if config.job == "verify":
-    from qwen_logical.verify import verify
+    from qwen_logical.jobs.verify import verify
     report = verify(config)
     _write_report(config.report, report)
     return report
   import jax
-  from qwen_logical.report import sharding_report
-  from qwen_logical.rules import get_table
+  from qwen_logical.sharding.report import sharding_report
+  from qwen_logical.sharding.rules import get_table
 
   mesh = make_mesh(config.mesh)
   table = get_table(config.rules, config.rule_overrides)
@@ -279,7 +279,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
   else:
     summary.update(_forward_sample(config, partitioner, params, timings))
   if config.export:
-    from qwen_logical.checkpoint import export_checkpoint
+    from qwen_logical.checkpoints.checkpoint import export_checkpoint
     start = time.perf_counter()
     files = export_checkpoint(params, partitioner, config.export, copy_files_from=config.checkpoint or None)
     timings["export_s"] = time.perf_counter() - start

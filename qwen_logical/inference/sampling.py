@@ -13,9 +13,10 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+from qwen_logical.common.errors import QwenLogicalError
 
 
-class SamplingError(ValueError):
+class SamplingError(QwenLogicalError):
   """A sampling parameter outside its valid range."""
 
 

@@ -6,11 +6,12 @@ import dataclasses
 import json
 import os
 from typing import Any, Mapping
+from qwen_logical.common.errors import QwenLogicalError
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(QwenLogicalError):
   """A model configuration that qwen_logical cannot run as asked."""
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Mapping, Sequence, Union
 
-from qwen_logical import axes as ax
-from qwen_logical.mesh import BATCH, MODEL
+from qwen_logical.model import axes as ax
+from qwen_logical.sharding.mesh import BATCH, MODEL
+from qwen_logical.common.errors import QwenLogicalError
 
 MeshAxes = Union[None, str, tuple[str, ...]]
 
 
-class RuleError(ValueError):
+class RuleError(QwenLogicalError):
   """A rule table that is malformed, unknown, or does not fit the model and mesh."""
 
 

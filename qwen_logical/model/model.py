@@ -14,10 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen_logical import axes as ax
-from qwen_logical.config import ModelConfig
-from qwen_logical.head_plan import HeadLayout, plan_heads
-from qwen_logical.layers import DecoderLayer, Embedder, RMSNorm, logical_param, constrain
+from qwen_logical.model import axes as ax
+from qwen_logical.model.config import ModelConfig
+from qwen_logical.model.head_layout import HeadLayout, plan_heads
+from qwen_logical.model.layers import DecoderLayer, Embedder, RMSNorm, logical_param, constrain
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 

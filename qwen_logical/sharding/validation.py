@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Sequence
 
-from qwen_logical import axes as ax
-from qwen_logical.rules import RuleError, RuleTable, format_mesh_axes
+from qwen_logical.model import axes as ax
+from qwen_logical.sharding.rules import RuleError, RuleTable, format_mesh_axes
 
 _REMEDY = ("pick another rule table (--config.rules=...), another mesh shape (--config.mesh=...), "
            "or override the entry (--config.rule_overrides='{name}=None' replicates it)")

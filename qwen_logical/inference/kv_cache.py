@@ -16,10 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen_logical import axes as ax
-from qwen_logical import validation
-from qwen_logical.config import ModelConfig
-from qwen_logical.head_plan import HeadLayout
+from qwen_logical.model import axes as ax
+from qwen_logical.sharding import validation
+from qwen_logical.model.config import ModelConfig
+from qwen_logical.model.head_layout import HeadLayout
 
 Cache = Any
 

@@ -17,9 +17,11 @@ from absl import logging
 
 import jax
 import numpy as np
+from qwen_logical.common.errors import QwenLogicalError
+from qwen_logical.common.host import is_main_process
 
 
-class DistributedError(ValueError):
+class DistributedError(QwenLogicalError):
   """A multi-process setting that cannot work (bad coordinator, process id, device split)."""
 
 
@@ -56,10 +58,6 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
   jax.distributed.initialize(coordinator, num_processes, process_id,
                              initialization_timeout=initialization_timeout_s,
                              heartbeat_timeout_seconds=heartbeat_timeout_s)
-
-
-def is_main_process() -> bool:
-  return jax.process_index() == 0
 
 
 def printer() -> Callable[..., None]:

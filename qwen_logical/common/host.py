@@ -1,4 +1,4 @@
-"""Host memory facts and fitting a model shape into them."""
+"""Facts about this host and process: available memory, and whether this process speaks."""
 
 from __future__ import annotations
 
@@ -16,3 +16,8 @@ def available_host_bytes() -> int:
     pass
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
+
+def is_main_process() -> bool:
+  """True on process 0 of a multi-process job (and in a single process): the one that prints and writes."""
+  import jax
+  return jax.process_index() == 0

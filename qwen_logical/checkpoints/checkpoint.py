@@ -25,11 +25,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from qwen_logical import safetensors_io
-from qwen_logical.config import ModelConfig, from_hf_config, to_hf_config
-from qwen_logical.hf_params import CheckpointError, TensorSpec, get_path, hf_tensor_from_flax, tensor_specs
-from qwen_logical.partitioner import Partitioner, path_str
-from qwen_logical.progress import Progress
+from qwen_logical.checkpoints import safetensors_io
+from qwen_logical.model.config import ModelConfig, from_hf_config, to_hf_config
+from qwen_logical.checkpoints.hf_names import CheckpointError, TensorSpec, get_path, hf_tensor_from_flax, tensor_specs
+from qwen_logical.sharding.partitioner import Partitioner, path_str
+from qwen_logical.common.progress import Progress
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -280,7 +280,7 @@ def export_checkpoint(params, partitioner: Partitioner, directory: str, *, dtype
   config files from another checkpoint directory. In a multi-process job every
   process must call it (each tensor is gathered from all of them); process 0 writes.
   """
-  from qwen_logical.distributed import is_main_process
+  from qwen_logical.sharding.distributed import is_main_process
   writer = is_main_process()
   config, layout = partitioner.config, partitioner.layout
   out_dtype = np.dtype(safetensors_io.DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[

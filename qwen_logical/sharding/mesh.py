@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from qwen_logical.common.errors import QwenLogicalError
 
 BATCH = "batch"
 MODEL = "model"
@@ -12,7 +13,7 @@ MESH_AXES = (BATCH, MODEL)
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
-class MeshError(ValueError):
+class MeshError(QwenLogicalError):
   """A mesh shape that is malformed or does not match the available devices."""
 
 

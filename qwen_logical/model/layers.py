@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_logical import axes as ax
-from qwen_logical.config import ModelConfig
-from qwen_logical.head_plan import PADDING, HeadLayout
+from qwen_logical.model import axes as ax
+from qwen_logical.model.config import ModelConfig
+from qwen_logical.model.head_layout import PADDING, HeadLayout
 
 Initializer = Callable[..., jax.Array]
 KVCache = dict  # one layer's {'k': [B, K, S, D], 'v': [B, K, S, D]} (logical ax.KV_CACHE)

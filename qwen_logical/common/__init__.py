@@ -1,0 +1,1 @@
+"""The ground floor: errors, host facts (memory, which process prints) and progress bars."""

@@ -1,0 +1,1 @@
+"""The model: logical axis names, ModelConfig, the head layout map, layers and the decoder."""

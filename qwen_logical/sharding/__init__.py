@@ -1,0 +1,1 @@
+"""Meshes, rule tables, their validation, the Partitioner, reports and process boundaries."""
