@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_logical.model import axes as ax
+from qwen_logical.model.model import Mode
 from qwen_logical.sharding import distributed
 from qwen_logical.inference import kv_cache
 from qwen_logical.sharding.partitioner import Params, Partitioner
@@ -199,8 +200,8 @@ class Generator:
     def prefill(params, tokens, slot_mask, seed, stop_ids):
       with part.bound():
         cache = kv_cache.zeros_in_jit(part, batch, slots)
-        logits, cache = part.model.apply({"params": params}, tokens, slot_mask, cache=cache,
-                                         cache_index=0, last_only=True)
+        logits, cache = part.model.apply({"params": params}, tokens, slot_mask, mode=Mode.PREFILL,
+                                         cache=cache, last_token_only=True)
         keys = row_keys(jax.random.key(seed), jnp.arange(batch), 0)
         token = sample(logits[:, -1], keys, sampling)
         return cache, token, jnp.isin(token, stop_ids)
@@ -218,8 +219,8 @@ class Generator:
 
     def decode(params, cache, token, done, index, slot_mask, seed, stop_ids, pad_id):
       with part.bound():
-        logits, cache = part.model.apply({"params": params}, token[:, None], slot_mask, cache=cache,
-                                         cache_index=index)
+        logits, cache = part.model.apply({"params": params}, token[:, None], slot_mask, mode=Mode.DECODE,
+                                         cache=cache, cache_index=index)
         keys = row_keys(jax.random.key(seed), jnp.arange(batch), index - prompt + 1)
         new = sample(logits[:, 0], keys, sampling)
         new = jnp.where(done, pad_id, new)

@@ -6,13 +6,40 @@ import dataclasses
 import json
 import os
 from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+
 from qwen_logical.common.errors import QwenLogicalError
 
-SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+# The dtypes a model can hold its parameters and compute in, by name.
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+SUPPORTED_DTYPES = tuple(DTYPES)
 
 
 class ConfigError(QwenLogicalError):
   """A model configuration that qwen_logical cannot run as asked."""
+
+
+def as_dtype(name_or_dtype: Any, what: str = "dtype") -> np.dtype:
+  """The np.dtype of a supported name ('bfloat16') or dtype-like (np.float32, jnp.bfloat16).
+
+  ConfigError naming `what` and the supported names otherwise.
+  """
+  if isinstance(name_or_dtype, str):
+    dtype = DTYPES.get(name_or_dtype.lower())
+  else:
+    try:
+      dtype = np.dtype(name_or_dtype)
+    except TypeError:
+      dtype = None
+  if dtype is None or dtype not in DTYPES.values():
+    raise ConfigError(f"{what}={name_or_dtype!r} is not supported; use one of {SUPPORTED_DTYPES}.")
+  return dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +64,14 @@ class ModelConfig:
   tie_word_embeddings: bool = False
   initializer_range: float = 0.02
   name: str = "custom"
-  # Numerics and structure, not architecture.
-  param_dtype: str = "float32"
-  dtype: str = "float32"  # compute dtype of activations and matmuls
+  # Numerics and structure, not architecture. The dtypes accept names or dtypes and hold np.dtype.
+  param_dtype: np.dtype = DTYPES["float32"]
+  dtype: np.dtype = DTYPES["float32"]  # compute dtype of activations and matmuls
   scan_layers: bool = True
 
   def __post_init__(self):
+    for field in ("param_dtype", "dtype"):
+      object.__setattr__(self, field, as_dtype(getattr(self, field), f"ModelConfig.{field}"))
     self.validate()
 
   def validate(self) -> None:
@@ -59,10 +88,6 @@ class ModelConfig:
           f"{self.num_kv_heads}; grouped-query attention needs whole groups.")
     if self.head_dim % 2:
       raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings.")
-    for field in ("param_dtype", "dtype"):
-      if getattr(self, field) not in SUPPORTED_DTYPES:
-        raise ConfigError(
-            f"ModelConfig.{field}={getattr(self, field)!r} is not supported; use one of {SUPPORTED_DTYPES}.")
 
   def replace(self, **changes: Any) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
@@ -192,5 +217,5 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
       "initializer_range": config.initializer_range,
       "use_sliding_window": False,
       "attention_dropout": 0.0,
-      "torch_dtype": config.param_dtype,
+      "torch_dtype": config.param_dtype.name,
   }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import enum
 from typing import Callable, Iterator, Sequence
 
 import flax.linen as nn
@@ -31,8 +32,19 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(names))
 
 
-def _dtype(name: str):
-  return jnp.dtype(name)
+class Mode(enum.Enum):
+  """What a call of the model (or of a layer) does with the KV cache.
+
+  FORWARD: no cache; the L tokens attend to each other (causally). Returns logits.
+  PREFILL: writes the L tokens' keys/values at slots [0, L) of an empty cache and attends over
+    those L tokens only (the empty slots are skipped). Returns (logits, cache).
+  DECODE: writes the L tokens' keys/values at slots [cache_index, cache_index + L) and attends
+    over every cache slot (the bias masks empty and padded ones). Returns (logits, cache).
+  """
+
+  FORWARD = "forward"
+  PREFILL = "prefill"
+  DECODE = "decode"
 
 
 def head_keyed_init(base: Initializer, source: np.ndarray, head_axis: int) -> Initializer:
@@ -92,10 +104,10 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],), (ax.NORM,), _dtype(cfg.param_dtype))
+    scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],), (ax.NORM,), cfg.param_dtype)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-    return scale.astype(_dtype(cfg.dtype)) * normed.astype(_dtype(cfg.dtype))
+    return scale.astype(cfg.dtype) * normed.astype(cfg.dtype)
 
 
 class Embedder(nn.Module):
@@ -107,16 +119,16 @@ class Embedder(nn.Module):
     cfg = self.config
     self.embedding = logical_param(self, "embedding", nn.initializers.normal(cfg.initializer_range),
                             (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED),
-                            _dtype(cfg.param_dtype))
+                            cfg.param_dtype)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens int[B, L] -> [B, L, E] (activation_batch, activation_length, activation_embed)."""
-    x = jnp.take(self.embedding, tokens, axis=0).astype(_dtype(self.config.dtype))
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.dtype)
     return constrain(x, ax.EMBED_ACTIVATION)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """x [B, L, E] -> logits [B, L, V] with the embedding transposed (tied weights)."""
-    dtype = _dtype(self.config.dtype)
+    dtype = self.config.dtype
     return jnp.einsum("ble,ve->blv", x, self.embedding.astype(dtype))
 
 
@@ -156,27 +168,29 @@ class Attention(nn.Module):
   o_kernel (embed, heads, head_dim) — no o bias, as in Qwen2. Kernels are stored in HF's
   [out, in] order (outputs first, the contracted dimension last), so that a decode step's
   matrix-vector products read each kernel row contiguously.
+
+  `mode` (see Mode) says whether a cache is written and which keys are attended;
+  `last_token_only` keeps keys and values for all L tokens but computes the output for the
+  last one only ([B, 1, E]).
   """
 
   config: ModelConfig
   layout: HeadLayout
+  mode: Mode = Mode.FORWARD
+  last_token_only: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array,
-               cache: KVCache | None = None, cache_index: jax.Array | None = None,
-               last_query_only: bool = False):
-    """x [B, L, E], positions int[B, L], bias f32[B, 1, L, S] (0 or -inf-like) -> [B, L, E].
+               cache: KVCache | None = None, cache_index: jax.Array | int = 0):
+    """x [B, L, E], positions int[B, L], bias f32[B, 1, L, S] (0 or -inf-like) -> y [B, L, E].
 
-    Without `cache`, S == L and the keys are this call's tokens. With `cache`
-    ({'k', 'v'}: [B, K, S, D], logical ax.KV_CACHE), this call's keys/values are
-    written at slots [cache_index, cache_index + L) and the queries attend over
-    all S slots (the bias masks empty and padded ones); returns (y, new cache).
-    A Python int cache_index of 0 (prefill) attends over the L new keys only
-    (bias [B, 1, L, L]), skipping the empty slots. `last_query_only` keeps keys and
-    values for all L tokens but computes the output for the last one only ([B, 1, E]).
+    FORWARD: S == L, the keys are this call's tokens; returns y. PREFILL / DECODE: `cache`
+    ({'k', 'v'}: [B, K, S_cache, D], logical ax.KV_CACHE) gets this call's keys/values at
+    slots [cache_index, cache_index + L) (PREFILL: cache_index 0); PREFILL attends over the
+    L new keys (S == L), DECODE over all S_cache slots; returns (y, new cache).
     """
     cfg, layout = self.config, self.layout
-    dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    dtype, pdtype = cfg.dtype, cfg.param_dtype
     e, d = cfg.hidden_size, cfg.head_dim
     h, k = layout.layout_num_heads, layout.layout_num_kv_heads
     q_src, kv_src = layout.query_head_source(), layout.kv_head_source()
@@ -193,8 +207,9 @@ class Attention(nn.Module):
       y = y.reshape(*x.shape[:2], heads, d) + bias_.astype(dtype)
       return constrain(y, activation_names)
 
-    x_q, q_positions = (x[:, -1:], positions[:, -1:]) if last_query_only else (x, positions)
-    bias = bias[:, :, -1:] if last_query_only else bias
+    trim = self.last_token_only
+    x_q, q_positions = (x[:, -1:], positions[:, -1:]) if trim else (x, positions)
+    bias = bias[:, :, -1:] if trim else bias
     q = project("q", q_src, h, ax.HEADS, ax.QUERY_ACTIVATION, x=x_q)
     key = project("k", kv_src, k, ax.KV_HEADS, ax.KV_ACTIVATION)
     value = project("v", kv_src, k, ax.KV_HEADS, ax.KV_ACTIVATION)
@@ -202,14 +217,15 @@ class Attention(nn.Module):
     key = rotary_embedding(key, positions, cfg.rope_theta)
 
     keys = "bskd"  # this call's keys [B, L, K, D]
-    if cache is not None:
-      def write(slots, new):  # new [B, L, K, D] into slots [B, K, S, D] at cache_index
+    if self.mode is not Mode.FORWARD:
+      index = 0 if self.mode is Mode.PREFILL else cache_index
+
+      def write(slots, new):  # new [B, L, K, D] into slots [B, K, S, D] at `index`
         new = jnp.swapaxes(new, 1, 2).astype(slots.dtype)
-        return constrain(jax.lax.dynamic_update_slice(slots, new, (0, 0, cache_index, 0)), ax.KV_CACHE)
+        return constrain(jax.lax.dynamic_update_slice(slots, new, (0, 0, index, 0)), ax.KV_CACHE)
       cache = {"k": write(cache["k"], key), "v": write(cache["v"], value)}
-      if not (isinstance(cache_index, int) and cache_index == 0):
+      if self.mode is Mode.DECODE:
         key, value, keys = cache["k"].astype(dtype), cache["v"].astype(dtype), "bksd"
-      # else (prefill from an empty cache): attend over this call's keys only, S == L.
 
     b, l = q.shape[:2]
     grouped = q.reshape(b, l, k, h // k, d)  # layout head j uses KV head j // (h // k)
@@ -228,7 +244,7 @@ class Attention(nn.Module):
     # (h, d) lets XLA:CPU transpose the whole kernel on every call).
     y = jnp.einsum("blk,ek->ble", out.reshape(b, l, h * d), o_kernel.astype(dtype).reshape(e, h * d))
     y = constrain(y, ax.EMBED_ACTIVATION)
-    return y if cache is None else (y, cache)
+    return y if self.mode is Mode.FORWARD else (y, cache)
 
 
 class MLP(nn.Module):
@@ -241,7 +257,7 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [B, L, E] -> [B, L, E]."""
     cfg = self.config
-    dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    dtype, pdtype = cfg.dtype, cfg.param_dtype
     normal = nn.initializers.normal(cfg.initializer_range)
     e, i = cfg.hidden_size, cfg.intermediate_size
     gate = logical_param(self, "gate_kernel", normal, (i, e), (ax.MLP, ax.EMBED), pdtype)
@@ -255,26 +271,28 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). Scan-compatible."""
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). Scan-compatible.
+
+  `mode` and `last_token_only` as Attention's: with `last_token_only` (the last layer of a call
+  that needs only the last position's logits) the cache still gets all L keys/values and the
+  output is [B, 1, E] for the last token.
+  """
 
   config: ModelConfig
   layout: HeadLayout
+  mode: Mode = Mode.FORWARD
+  last_token_only: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array,
-               cache: KVCache | None = None, cache_index: jax.Array | None = None,
-               last_only: bool = False):
-    """x [B, L, E] -> ([B, L, E], None), or ([B, L, E], new cache) when given a cache.
-
-    `last_only` (the last layer of a prefill that needs only the last position's logits):
-    the cache still gets all L keys/values, the output is [B, 1, E] for the last token.
-    """
-    attention = Attention(self.config, self.layout, name="attention")
+               cache: KVCache | None = None, cache_index: jax.Array | int = 0):
+    """x [B, L, E] -> (y [B, L, E], None) in FORWARD, (y, new cache) in PREFILL / DECODE."""
+    attention = Attention(self.config, self.layout, self.mode, self.last_token_only, name="attention")
     normed = RMSNorm(self.config, name="input_norm")(x)
-    if cache is None:
-      attended = attention(normed, positions, bias, last_query_only=last_only)
+    if self.mode is Mode.FORWARD:
+      attended = attention(normed, positions, bias)
     else:
-      attended, cache = attention(normed, positions, bias, cache, cache_index, last_query_only=last_only)
-    h = (x[:, -1:] if last_only else x) + attended
+      attended, cache = attention(normed, positions, bias, cache, cache_index)
+    h = (x[:, -1:] if self.last_token_only else x) + attended
     out = h + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_norm")(h))
     return constrain(out, ax.EMBED_ACTIVATION), cache

@@ -1,9 +1,9 @@
 """Qwen2ForCausalLM in Flax Linen: embed -> decoder layers (scanned or unrolled) -> norm -> logits.
 
-Called without a cache it is the plain forward pass. Called with a KV cache (see
-`qwen_logical.kv_cache`) it writes this call's keys/values at `cache_index` and
-attends over every cache slot: prefill (L prompt tokens at slot 0) and decode
-(one token at slot P + t) are the same code path.
+Each call names its `mode` (`Mode`, from layers): FORWARD (no cache) returns logits; PREFILL
+(the prompt into an empty KV cache, `qwen_logical.inference.kv_cache`) and DECODE (tokens at
+slot `cache_index` of a filled cache) return (logits, new cache). `last_token_only` computes
+the last position's logits only, for scanned and unrolled layers alike.
 """
 
 from __future__ import annotations
@@ -14,14 +14,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwen_logical.common.errors import QwenLogicalError
 from qwen_logical.model import axes as ax
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import HeadLayout, plan_heads
-from qwen_logical.model.layers import DecoderLayer, Embedder, RMSNorm, logical_param, constrain
+from qwen_logical.model.layers import DecoderLayer, Embedder, Mode, RMSNorm, constrain, logical_param
+
+__all__ = ["Mode", "ModelCallError", "Qwen2ForCausalLM", "attention_bias", "cached_attention_bias",
+           "positions_from_mask"]
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 Cache = Any  # {'layers': {'k', 'v': [N, B, K, S, D]}} scanned, {'layers_i': {'k', 'v': [B, K, S, D]}} unrolled
+
+
+class ModelCallError(QwenLogicalError):
+  """A model call whose arguments do not fit its mode."""
 
 
 def attention_bias(attention_mask: jax.Array) -> jax.Array:
@@ -50,6 +58,82 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
+def _check_call(mode: Mode, attention_mask, cache, cache_index) -> None:
+  if mode is Mode.FORWARD:
+    if cache is not None or cache_index is not None:
+      raise ModelCallError("Qwen2ForCausalLM in Mode.FORWARD takes no cache; pass mode=Mode.PREFILL "
+                           "or Mode.DECODE to use one.")
+    return
+  if cache is None or attention_mask is None:
+    raise ModelCallError(f"Qwen2ForCausalLM in {mode} needs cache= (qwen_logical.inference.kv_cache) "
+                         "and attention_mask int[B, S] over the cache slots.")
+  if mode is Mode.DECODE and cache_index is None:
+    raise ModelCallError("Qwen2ForCausalLM in Mode.DECODE needs cache_index (the slot of the first token).")
+  if mode is Mode.PREFILL and cache_index is not None:
+    raise ModelCallError("Qwen2ForCausalLM in Mode.PREFILL writes from slot 0; pass no cache_index "
+                         "(Mode.DECODE writes at cache_index).")
+
+
+def _positions_and_bias(mode: Mode, shape: tuple[int, int], attention_mask, positions, cache_index):
+  """(positions int[B, L], bias f32[B, 1, L, S]) for tokens of `shape` [B, L] in `mode`."""
+  length = shape[1]
+  if mode is Mode.DECODE:
+    if positions is None:
+      positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, length, 1)
+    return positions, cached_attention_bias(attention_mask, cache_index, length)
+  if attention_mask is None:
+    attention_mask = jnp.ones(shape, jnp.int32)
+  mask = attention_mask[:, :length]  # PREFILL: the mask covers the cache slots; the tokens are [0, L)
+  return (positions_from_mask(mask) if positions is None else positions), attention_bias(mask)
+
+
+def _scan(num_layers: int, cached: bool):
+  """DecoderLayer scanned over `num_layers` stacked layers (params with a leading `layers` axis);
+  called as (x, positions, bias[, cache stacked [n, ...], cache_index])."""
+  return nn.scan(
+      DecoderLayer,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast) + ((0, nn.broadcast) if cached else ()),
+      length=num_layers,
+      metadata_params={nn.PARTITION_NAME: ax.LAYERS},
+  )
+
+
+class _LastTokenStack(nn.Module):
+  """Scanned layers whose last layer computes the last token only (apply only; init uses `_scan`).
+
+  Its scope holds the stacked params exactly as `_scan` makes them ([N, ...]). Layers [0, N-1)
+  run in a loop that indexes the stack per layer, as nn.scan does: slicing the stack for a
+  shorter nn.scan would copy every layer's weights (measured: +455 MiB of temporaries and 1.7x
+  the prefill time on an 8-layer 0.5B shape). The cache, if any, is the loop's carry, each
+  layer's slice read and written in place.
+  """
+
+  config: ModelConfig
+  layout: HeadLayout
+  mode: Mode
+
+  @nn.compact
+  def __call__(self, x, positions, bias, cache=None, cache_index=0):
+    params = nn.meta.unbox(self.variables["params"])
+    cached = self.mode is not Mode.FORWARD
+
+    def run(i, x, cache, trim):
+      at = lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)
+      layer = DecoderLayer(self.config, self.layout, self.mode, trim, parent=None)
+      y, new = layer.apply({"params": jax.tree_util.tree_map(at, params)}, x, positions, bias,
+                           jax.tree_util.tree_map(at, cache) if cached else None, cache_index)
+      if cached:
+        cache = jax.tree_util.tree_map(
+            lambda full, one: jax.lax.dynamic_update_index_in_dim(full, one, i, 0), cache, new)
+      return y, cache
+
+    last = self.config.num_layers - 1
+    x, cache = jax.lax.fori_loop(0, last, lambda i, carry: run(i, *carry, False), (x, cache))
+    return run(last, x, cache, True)
+
+
 class Qwen2ForCausalLM(nn.Module):
   """The decoder with its language-model head.
 
@@ -66,75 +150,59 @@ class Qwen2ForCausalLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None,
-               positions: jax.Array | None = None, cache: Cache | None = None,
-               cache_index: jax.Array | None = None, last_only: bool = False):
-    """tokens int[B, L] (+ mask, positions int[B, L]) -> logits [B, L, V].
+               positions: jax.Array | None = None, *, mode: Mode = Mode.FORWARD,
+               cache: Cache | None = None, cache_index: jax.Array | None = None,
+               last_token_only: bool = False):
+    """tokens int[B, L] -> logits [B, L, V] (FORWARD) or (logits, new cache) (PREFILL, DECODE).
 
-    Logits are (activation_batch, activation_length, activation_vocab); `last_only`
-    computes them for the last position only ([B, 1, V]).
-
-    With `cache` (tree of [.., B, K, S, D] arrays, `qwen_logical.kv_cache`),
-    `attention_mask` is int[B, S] over the cache slots, the tokens go to slots
-    [cache_index, cache_index + L), positions default to the count of real slots
-    before each one, and the result is (logits, new cache). cache_index given as the
-    Python int 0 (prefill into an empty cache) attends over the L new tokens only.
+    Logits are (activation_batch, activation_length, activation_vocab); `last_token_only`
+    computes them for the last position only ([B, 1, V]; the cache still gets all L tokens).
+    FORWARD: attention_mask int[B, L] (default all ones). PREFILL / DECODE: `cache` (tree of
+    [.., B, K, S, D] arrays), attention_mask int[B, S] over the cache slots; PREFILL writes the
+    tokens at slots [0, L), DECODE at [cache_index, cache_index + L). Positions default to the
+    count of real tokens (slots) before each one.
     """
-    cfg, layout = self.config, self._layout()
-    length = tokens.shape[1]
-    if cache is None:
-      if attention_mask is None:
-        attention_mask = jnp.ones(tokens.shape, jnp.int32)
-      if positions is None:
-        positions = positions_from_mask(attention_mask)
-      bias = attention_bias(attention_mask)
-    else:
-      if attention_mask is None or cache_index is None:
-        raise ValueError("Qwen2ForCausalLM with a cache needs attention_mask int[B, S] over the "
-                         "cache slots and cache_index (the slot of the first token).")
-      if isinstance(cache_index, int) and cache_index == 0:  # prefill: only this call's keys exist
-        positions = positions_from_mask(attention_mask[:, :length]) if positions is None else positions
-        bias = attention_bias(attention_mask[:, :length])
-      else:
-        cache_index = jnp.asarray(cache_index, jnp.int32)
-        if positions is None:
-          positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, length, 1)
-        bias = cached_attention_bias(attention_mask, cache_index, length)
-
+    mode = Mode(mode)
+    _check_call(mode, attention_mask, cache, cache_index)
+    cfg, length = self.config, tokens.shape[1]
+    positions, bias = _positions_and_bias(mode, tokens.shape, attention_mask, positions, cache_index)
+    trim = last_token_only and length > 1
     embedder = Embedder(cfg, name="embed_tokens")
     x = embedder(tokens)
-    new_cache = None
+    index = 0 if cache_index is None else jnp.asarray(cache_index, jnp.int32)
     if cfg.scan_layers:
-      cached = cache is not None
-      stack = nn.scan(
-          DecoderLayer,
-          variable_axes={"params": 0},
-          split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast) + ((0, nn.broadcast) if cached else ()),
-          length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: ax.LAYERS},
-      )
-      args = (positions, bias) + ((cache["layers"], cache_index) if cached else ())
-      x, stacked = stack(cfg, layout, name="layers")(x, *args)
-      new_cache = {"layers": stacked} if cached else None
+      x, new_cache = self._scanned(x, positions, bias, mode, cache, index, trim)
     else:
-      new_cache = {} if cache is not None else None
-      for i in range(cfg.num_layers):
-        name = f"layers_{i}"
-        layer_cache = (cache[name], cache_index) if cache is not None else (None, None)
-        # The last layer's queries, o projection and MLP are needed for the last token only.
-        trim = last_only and length > 1 and i == cfg.num_layers - 1
-        x, out = DecoderLayer(cfg, layout, name=name)(x, positions, bias, *layer_cache, last_only=trim)
-        if cache is not None:
-          new_cache[name] = out
-    if last_only and length > 1:
-      x = x[:, -1:]
-    x = RMSNorm(cfg, name="final_norm")(x)
+      x, new_cache = self._unrolled(x, positions, bias, mode, cache, index, trim)
+    x = RMSNorm(cfg, name="final_norm")(x[:, -1:] if trim else x)
+    logits = constrain(self._logits(embedder, x), ax.LOGITS_ACTIVATION)
+    return logits if mode is Mode.FORWARD else (logits, new_cache)
 
+  def _scanned(self, x, positions, bias, mode, cache, cache_index, trim):
+    cfg, cached = self.config, mode is not Mode.FORWARD
+    args = (positions, bias) + ((cache["layers"], cache_index) if cached else ())
+    if trim and not self.is_initializing():
+      x, stacked = _LastTokenStack(cfg, self._layout(), mode, name="layers")(x, *args)
+    else:  # init creates the stacked params with the full-length scan
+      x, stacked = _scan(cfg.num_layers, cached)(cfg, self._layout(), mode, name="layers")(x, *args)
+    return x, ({"layers": stacked} if cached else None)
+
+  def _unrolled(self, x, positions, bias, mode, cache, cache_index, trim):
+    cfg, new_cache = self.config, {}
+    for i in range(cfg.num_layers):
+      name = f"layers_{i}"
+      # The last layer's queries, o projection and MLP are needed for the last token only.
+      last = trim and i == cfg.num_layers - 1
+      layer_cache = cache[name] if mode is not Mode.FORWARD else None
+      x, new_cache[name] = DecoderLayer(cfg, self._layout(), mode, last, name=name)(
+          x, positions, bias, layer_cache, cache_index)
+    return x, (new_cache if mode is not Mode.FORWARD else None)
+
+  def _logits(self, embedder: Embedder, x: jax.Array) -> jax.Array:
+    """x [B, L, E] -> logits [B, L, V] (tied: the embedding transposed; else the lm_head)."""
+    cfg = self.config
     if cfg.tie_word_embeddings:
-      logits = embedder.attend(x)
-    else:
-      kernel = logical_param(self, "lm_head", nn.initializers.normal(cfg.initializer_range),
-                      (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED), jnp.dtype(cfg.param_dtype))
-      logits = jnp.einsum("ble,ve->blv", x, kernel.astype(jnp.dtype(cfg.dtype)))
-    logits = constrain(logits, ax.LOGITS_ACTIVATION)
-    return logits if cache is None else (logits, new_cache)
+      return embedder.attend(x)
+    kernel = logical_param(self, "lm_head", nn.initializers.normal(cfg.initializer_range),
+                           (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED), cfg.param_dtype)
+    return jnp.einsum("ble,ve->blv", x, kernel.astype(cfg.dtype))
