@@ -40,7 +40,7 @@ jax.config.update("jax_platforms", "cpu")
 from qwen_logical.sharding import distributed
 if processes > 1:
   distributed.initialize(f"127.0.0.1:{port}", processes, pid, cpu=True, initialization_timeout_s=120)
-from qwen_logical.checkpoints.checkpoint import load_checkpoint
+from qwen_logical.checkpoints.loader import load_checkpoint
 def rss(field):
   for line in open("/proc/self/status"):
     if line.startswith(field):

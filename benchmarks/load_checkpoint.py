@@ -102,13 +102,14 @@ import qwen_logical as ql
 b, m = ql.parse_mesh_shape(mesh_shape)
 ql.simulate_cpu_devices(b * m)
 import jax
-from qwen_logical.checkpoints.checkpoint import load_checkpoint
+from qwen_logical.checkpoints.loader import load_checkpoint
 jax.devices()
 def rss(field):
   for line in open("/proc/self/status"):
     if line.startswith(field):
       return int(line.split()[1]) * 1024
-from qwen_logical.checkpoints.checkpoint import load_params, open_checkpoint
+from qwen_logical.checkpoints.directory import open_checkpoint
+from qwen_logical.checkpoints.loader import load_params
 warm_memory(float(sys.argv[4]), directory)
 baseline = rss("VmRSS:")
 start = time.perf_counter()

@@ -32,7 +32,7 @@ def main(port, num_processes, process_id, checkpoint, out_prefix, mode):
   from qwen_logical.sharding import distributed
   distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id, cpu=True,
                          initialization_timeout_s=60, heartbeat_timeout_s=HEARTBEAT_S)
-  from qwen_logical.checkpoints.checkpoint import load_checkpoint
+  from qwen_logical.checkpoints.loader import load_checkpoint
   from qwen_logical.inference.generate import generate
   from qwen_logical.sharding.mesh import make_mesh
   from qwen_logical.sharding.rules import get_table
@@ -45,7 +45,7 @@ def main(port, num_processes, process_id, checkpoint, out_prefix, mode):
     np.savez(f"{out_prefix}-{mesh}-{process_id}.npz", logits=logits, tokens=np.array(tokens),
              local_bytes=local_bytes, local_devices=jax.local_device_count(), devices=jax.device_count())
   if mode == "run":  # every process takes part in the export; process 0 writes
-    from qwen_logical.checkpoints.checkpoint import export_checkpoint
+    from qwen_logical.checkpoints.export import export_checkpoint
     export_checkpoint(params, part, f"{out_prefix}-export", progress=False)
   if mode == "loop":
     print("READY", flush=True)

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import mesh_of
 from hf_reference import hf_logits, tiny_hf_model
-from qwen_logical.checkpoints.checkpoint import load_checkpoint
+from qwen_logical.checkpoints.loader import load_checkpoint
 from qwen_logical.inference.generate import generate
 from qwen_logical.sharding.rules import get_table
 
@@ -114,7 +114,7 @@ def test_each_process_holds_only_its_devices_shards(single_process, two_process_
 
 
 def test_export_across_two_processes_is_bit_exact(checkpoint, two_process_run):
-  from qwen_logical.checkpoints.checkpoint import open_checkpoint
+  from qwen_logical.checkpoints.directory import open_checkpoint
   original, exported = open_checkpoint(checkpoint[0]), open_checkpoint(f"{two_process_run}-export")
   assert set(original.entries) == set(exported.entries)
   for name, entry in original.entries.items():

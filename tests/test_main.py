@@ -80,7 +80,7 @@ def test_main_loads_a_checkpoint_and_exports_it(tmp_path):
   assert summary["num_layers"] == 2 and "load_s" in summary["timings"]
   assert (exported / "model.safetensors").exists() and (exported / "config.json").exists()
   assert "Timings: load" in result.stdout
-  from qwen_logical.checkpoints.checkpoint import open_checkpoint
+  from qwen_logical.checkpoints.directory import open_checkpoint
   original, again = open_checkpoint(str(source)), open_checkpoint(str(exported))
   for name, entry in original.entries.items():
     assert (entry.memmap() == again.entries[name].memmap()).all(), name

@@ -61,7 +61,7 @@ def test_tensor_parallel_really_splits_attention(mesh, shards):
     for shard in attention[name].addressable_shards:
       assert shard.data.shape[axis] == heads // shards, name
   # Padded query heads are exactly zero in q and o; repeated KV heads are equal copies.
-  source = layout.query_head_source()
+  source = layout.source("query")
   q = np.asarray(attention["q_kernel"])
   assert np.all(q[:, source < 0] == 0) and np.all(np.asarray(attention["o_kernel"])[:, :, source < 0] == 0)
   k = np.asarray(attention["k_kernel"])

@@ -19,7 +19,7 @@ import numpy as np
 from qwen_logical.checkpoints.safetensors_io import CheckpointError
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.sharding.distributed import to_host
-from qwen_logical.model.head_layout import PADDING, HeadLayout, plan_heads
+from qwen_logical.model.head_layout import KV, QUERY, HeadLayout, plan_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,8 @@ class TensorSpec:
     flax_path: path in the Flax params tree (a stacked `layers` param when scanned).
     view: HF array -> canonical Flax-shaped array (views only: reshape).
     unview: canonical Flax-shaped array -> HF array.
-    head_axis, head_kind: the canonical axis holding heads ('query' or 'kv'), or None.
+    head_axis, head_kind: the canonical axis holding heads and its kind (head_layout.QUERY or KV),
+      or None.
     layer: decoder layer index; None for global tensors.
   """
 
@@ -48,7 +49,7 @@ class TensorSpec:
     """Shape of this tensor in the Flax head layout (one layer, unstacked)."""
     shape = list(self.view(np.broadcast_to(np.zeros((), np.uint8), self.hf_shape)).shape)
     if self.head_axis is not None:
-      shape[self.head_axis] = layout.layout_num_heads if self.head_kind == "query" else layout.layout_num_kv_heads
+      shape[self.head_axis] = layout.num_layout_heads(self.head_kind)
     return tuple(shape)
 
   def read_into(self, hf_array: np.ndarray, layout: HeadLayout, index: Sequence[slice], out: np.ndarray) -> None:
@@ -63,15 +64,7 @@ class TensorSpec:
       return
     axis = self.head_axis
     others = tuple(slice(None) if a == axis else s for a, s in enumerate(index))
-    source = layout.query_head_source() if self.head_kind == "query" else layout.kv_head_source()
-    selected = canonical[others]
-    before = (slice(None),) * axis
-    for start, stop, head in _head_runs(source[index[axis]]):
-      target = out[before + (slice(start, stop),)]
-      if head == PADDING:
-        target[...] = 0
-      else:
-        convert_into(target, selected[before + (slice(head, head + stop - start),)])
+    layout.read_heads(self.head_kind, canonical[others], axis, index[axis], out, convert_into)
 
   def read(self, hf_array: np.ndarray, layout: HeadLayout, index: Sequence[slice], dtype) -> np.ndarray:
     """The `index` slice of the layout-shaped parameter as a new array of `dtype`."""
@@ -87,24 +80,8 @@ class TensorSpec:
 
   def from_flax(self, value: np.ndarray, layout: HeadLayout) -> np.ndarray:
     if self.head_axis is not None:
-      value = layout.from_layout(value, axis=self.head_axis, kind=self.head_kind)
+      value = layout.to_canonical(self.head_kind, value, self.head_axis)
     return self.unview(value)
-
-
-def _head_runs(heads: np.ndarray) -> list[tuple[int, int, int]]:
-  """Maximal runs of layout heads that copy consecutive source heads (or are all padding).
-
-  Returns (start, stop, first source head or PADDING) for layout positions [start, stop).
-  """
-  runs = []
-  for position, head in enumerate(int(h) for h in heads):
-    if runs:
-      start, stop, first = runs[-1]
-      if (head == PADDING and first == PADDING) or (head != PADDING != first and head == first + stop - start):
-        runs[-1] = (start, position + 1, first)
-        continue
-    runs.append((position, position + 1, head))
-  return runs
 
 
 def convert_into(out: np.ndarray, source: np.ndarray) -> None:
@@ -136,13 +113,13 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
   specs = [TensorSpec("model.embed_tokens.weight", (v, e), ("embed_tokens", "embedding"), _identity, _identity)]
   for n in range(config.num_layers):
     layer = [
-        ("self_attn.q_proj.weight", (h * d, e), ("attention", "q_kernel"), heads_in(h), 0, "query"),
-        ("self_attn.q_proj.bias", (h * d,), ("attention", "q_bias"), heads_bias(h), 0, "query"),
-        ("self_attn.k_proj.weight", (k * d, e), ("attention", "k_kernel"), heads_in(k), 0, "kv"),
-        ("self_attn.k_proj.bias", (k * d,), ("attention", "k_bias"), heads_bias(k), 0, "kv"),
-        ("self_attn.v_proj.weight", (k * d, e), ("attention", "v_kernel"), heads_in(k), 0, "kv"),
-        ("self_attn.v_proj.bias", (k * d,), ("attention", "v_bias"), heads_bias(k), 0, "kv"),
-        ("self_attn.o_proj.weight", (e, h * d), ("attention", "o_kernel"), heads_out, 1, "query"),
+        ("self_attn.q_proj.weight", (h * d, e), ("attention", "q_kernel"), heads_in(h), 0, QUERY),
+        ("self_attn.q_proj.bias", (h * d,), ("attention", "q_bias"), heads_bias(h), 0, QUERY),
+        ("self_attn.k_proj.weight", (k * d, e), ("attention", "k_kernel"), heads_in(k), 0, KV),
+        ("self_attn.k_proj.bias", (k * d,), ("attention", "k_bias"), heads_bias(k), 0, KV),
+        ("self_attn.v_proj.weight", (k * d, e), ("attention", "v_kernel"), heads_in(k), 0, KV),
+        ("self_attn.v_proj.bias", (k * d,), ("attention", "v_bias"), heads_bias(k), 0, KV),
+        ("self_attn.o_proj.weight", (e, h * d), ("attention", "o_kernel"), heads_out, 1, QUERY),
         ("mlp.gate_proj.weight", (i, e), ("mlp", "gate_kernel"), same, None, None),
         ("mlp.up_proj.weight", (i, e), ("mlp", "up_kernel"), same, None, None),
         ("mlp.down_proj.weight", (e, i), ("mlp", "down_kernel"), same, None, None),

@@ -2,10 +2,12 @@
 
 Per layer the cache holds keys and values `[B, K, S, D]` with logical axes
 (cache_batch, cache_kv_heads, cache_sequence, cache_head_dim) = `axes.KV_CACHE`
-(heads before slots: attention reads each head's [S, D] block contiguously), K being the head layout's KV head count (repeated KV heads included, so the cache
-splits over the same mesh axis as the k/v projections). The tree mirrors the
-parameters: scanned layers stack one array per kind, `[N, B, K, S, D]` with a
-leading `layers` axis; unrolled layers keep one [B, K, S, D] array per layer.
+(heads before slots: attention reads each head's [S, D] block contiguously), K being
+the head layout's KV head count (repeated KV heads included, so the cache splits over
+the same mesh axis as the k/v projections). `cache_shape` is the one place that shape
+is made. The tree mirrors the parameters: scanned layers stack one array per kind,
+`[N, B, K, S, D]` with a leading `layers` axis; unrolled layers keep one [B, K, S, D]
+array per layer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 from qwen_logical.model import axes as ax
 from qwen_logical.sharding import validation
 from qwen_logical.model.config import ModelConfig
-from qwen_logical.model.head_layout import HeadLayout
+from qwen_logical.model.head_layout import KV, HeadLayout
 
 Cache = Any
 
@@ -30,9 +32,16 @@ def _tree(config: ModelConfig, leaf_fn) -> Cache:
   return {f"layers_{i}": {kind: leaf_fn((), ()) for kind in ("k", "v")} for i in range(config.num_layers)}
 
 
+def cache_shape(config: ModelConfig, layout: HeadLayout, batch: int, length: int) -> tuple[int, ...]:
+  """One layer's keys (or values): [B, K, S, D] in the order of `axes.KV_CACHE`, K = layout KV heads."""
+  sizes = {ax.CACHE_BATCH: batch, ax.CACHE_KV_HEADS: layout.num_layout_heads(KV),
+           ax.CACHE_SEQUENCE: length, ax.CACHE_HEAD_DIM: config.head_dim}
+  return tuple(sizes[name] for name in ax.KV_CACHE)
+
+
 def cache_shapes(config: ModelConfig, layout: HeadLayout, batch: int, length: int) -> Cache:
   """Tree of jax.ShapeDtypeStruct for a cache of `batch` rows and `length` slots (compute dtype)."""
-  tail = (batch, layout.layout_num_kv_heads, length, config.head_dim)
+  tail = cache_shape(config, layout, batch, length)
   return _tree(config, lambda lead, _: jax.ShapeDtypeStruct(lead + tail, jnp.dtype(config.dtype)))
 
 
@@ -42,8 +51,11 @@ def cache_logical_axes(config: ModelConfig) -> Cache:
 
 
 def cache_shardings(partitioner, batch: int, length: int) -> Cache:
-  """Tree of NamedSharding of the cache under the partitioner's rule table and mesh."""
-  del batch, length  # the shardings do not depend on the sizes; `check_cache` checks them
+  """Tree of NamedSharding of the cache under the partitioner's rule table and mesh.
+
+  Raises RuleError (`check_cache`) if a cache of these sizes does not split over the mesh.
+  """
+  check_cache(partitioner, batch, length)
   return jax.tree_util.tree_map(partitioner.sharding, cache_logical_axes(partitioner.config),
                                 is_leaf=lambda x: isinstance(x, tuple))
 
@@ -56,8 +68,7 @@ def cache_bytes(config: ModelConfig, layout: HeadLayout, batch: int, length: int
 
 def check_cache(partitioner, batch: int, length: int) -> None:
   """Raises RuleError if a cache of `batch` rows x `length` slots does not split over the mesh."""
-  cfg, lay = partitioner.config, partitioner.layout
-  shape = (batch, lay.layout_num_kv_heads, length, cfg.head_dim)
+  shape = cache_shape(partitioner.config, partitioner.layout, batch, length)
   problems = validation.check_array(f"kv cache {shape}", shape, ax.KV_CACHE, partitioner.table,
                                     partitioner.mesh_shape)
   validation.raise_if(problems, partitioner.table, partitioner.mesh_shape)

@@ -119,7 +119,8 @@ def _model_config_and_params(config: ConfigDict, mesh, table):
 
   timings: dict[str, float] = {}
   if config.checkpoint:
-    from qwen_logical.checkpoints.checkpoint import load_params, open_checkpoint
+    from qwen_logical.checkpoints.directory import open_checkpoint
+    from qwen_logical.checkpoints.loader import load_params
     overridden = [k for k in ARCHITECTURE_OVERRIDES if config.model.get(k) is not None]
     if overridden:
       raise ValueError(f"--config.model.{overridden[0]} cannot change a checkpoint's architecture; the "
@@ -279,7 +280,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
   else:
     summary.update(_forward_sample(config, partitioner, params, timings))
   if config.export:
-    from qwen_logical.checkpoints.checkpoint import export_checkpoint
+    from qwen_logical.checkpoints.export import export_checkpoint
     start = time.perf_counter()
     files = export_checkpoint(params, partitioner, config.export, copy_files_from=config.checkpoint or None)
     timings["export_s"] = time.perf_counter() - start

@@ -130,7 +130,7 @@ class Suite:
     self.checkpoint = None
     self.scratch: str | None = None  # where the reference's random weights are saved, if anywhere
     if config.checkpoint:
-      from qwen_logical.checkpoints.checkpoint import open_checkpoint
+      from qwen_logical.checkpoints.directory import open_checkpoint
       self.checkpoint = open_checkpoint(config.checkpoint, param_dtype=config.model.param_dtype,
                                         dtype=config.model.dtype, scan_layers=config.model.scan_layers)
       self.model_config = self.checkpoint.config
@@ -149,7 +149,7 @@ class Suite:
   def _weights(self, partitioner: Partitioner):
     """(params, how) for this partitioner: loaded (a checkpoint, or the reference saved as one) or initialised."""
     if self.checkpoint is not None:
-      from qwen_logical.checkpoints.checkpoint import load_params
+      from qwen_logical.checkpoints.loader import load_params
       how = "the reference's weights, loaded" if self.scratch else "loaded from the checkpoint"
       return load_params(self.checkpoint, partitioner, progress=False), how
     return partitioner.init(self.config.seed), "sharded init"
@@ -189,7 +189,8 @@ class Suite:
     if self.checkpoint is None and self.settings.weights == "reference":
       # Saved as an HF checkpoint, the weights reach every mesh through the sharded loader:
       # each device reads its own slice, and the host never holds another full copy.
-      from qwen_logical.checkpoints.checkpoint import export_checkpoint, open_checkpoint
+      from qwen_logical.checkpoints.directory import open_checkpoint
+      from qwen_logical.checkpoints.export import export_checkpoint
       self.scratch = tempfile.mkdtemp(prefix="qwen_logical_verify_")
       export_checkpoint(params, partitioner, self.scratch, progress=False)
       cfg = self.model_config

@@ -6,27 +6,45 @@ With K KV heads, G = H / K query heads per group and T shards of the heads axis:
 * K % T == 0: nothing to do (every shard holds whole groups).
 * T % K == 0: repeat each KV head r = T / K times and pad each query group with
   zero heads up to G_pad = r * ceil(G / r), so every shard holds G_pad / r query
-  heads and exactly one KV head. Padded heads have zero q/k-side weights and zero
+  heads and exactly one KV head. Padded heads have zero q-side weights and zero
   rows in o_proj, so the output is exactly that of the unpadded model.
 * otherwise: no exact layout exists; `HeadLayoutError` lists the options.
 
-The plan is applied in one place (`to_layout` / `from_layout`) to canonical,
-HF-shaped head dimensions, for random init and checkpoints alike.
+The plan is one index map, `HeadLayout.source(kind)`: for each layout head of a
+kind (QUERY or KV), its canonical (HF) head, or PADDING for a zero head. This
+module holds the only code that moves heads, all of it read from that map:
+`keyed_init` (random init), `read_heads` (checkpoint loading, slice by slice),
+`to_canonical` (export), and `num_layout_heads` (every layout-shaped dimension:
+parameters, activations, the KV cache).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
 from qwen_logical.common.errors import QwenLogicalError
 
-PADDING = -1  # source index of a zero (padded) query head
+QUERY = "query"  # the kind of a head axis: query heads (q, o projections)
+KV = "kv"  # KV heads (k, v projections and the KV cache)
+KINDS = (QUERY, KV)
+PADDING = -1  # source of a zero (padded) query head
+
+Initializer = Callable[..., jax.Array]
+Run = tuple[int, int, int]  # (start, stop, first source head or PADDING)
 
 
 class HeadLayoutError(QwenLogicalError):
   """The heads cannot be split over the requested number of shards."""
+
+
+def _copy(out: np.ndarray, source: np.ndarray) -> None:
+  np.copyto(out, source, casting="unsafe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,28 +70,36 @@ class HeadLayout:
     return self.num_heads // self.num_kv_heads
 
   @property
-  def layout_num_heads(self) -> int:
-    return self.num_kv_heads * self.padded_group_size
-
-  @property
-  def layout_num_kv_heads(self) -> int:
-    return self.num_kv_heads * self.kv_repeat
-
-  @property
   def is_identity(self) -> bool:
     return self.kv_repeat == 1 and self.padded_group_size == self.group_size
 
-  def query_head_source(self) -> np.ndarray:
-    """int[layout_num_heads]: the canonical query head of each layout head, PADDING for zeros."""
-    source = np.full(self.layout_num_heads, PADDING, dtype=np.int64)
-    for group in range(self.num_kv_heads):
-      for member in range(self.group_size):
-        source[group * self.padded_group_size + member] = group * self.group_size + member
-    return source
+  # --- the index map --------------------------------------------------------------
+  def source(self, kind: str) -> np.ndarray:
+    """int[layout heads of `kind`]: the canonical head each layout head holds, PADDING for zeros.
 
-  def kv_head_source(self) -> np.ndarray:
-    """int[layout_num_kv_heads]: the canonical KV head of each layout KV head."""
-    return np.repeat(np.arange(self.num_kv_heads), self.kv_repeat)
+    Query: group g's members sit at g * G_pad + [0, G), padding after them, so layout
+    query head j attends with layout KV head j // (G_pad / r) of the same group.
+    KV: each canonical head r times in a row.
+    """
+    if kind == KV:
+      return np.repeat(np.arange(self.num_kv_heads), self.kv_repeat)
+    if kind != QUERY:
+      raise ValueError(f"head kind must be {QUERY!r} or {KV!r}, got {kind!r}")
+    member = np.arange(self.padded_group_size)[None, :]
+    first = (np.arange(self.num_kv_heads) * self.group_size)[:, None]
+    return np.where(member < self.group_size, first + member, PADDING).reshape(-1)
+
+  def num_layout_heads(self, kind: str) -> int:
+    """Size of a layout head axis of `kind` (parameters, activations and the KV cache)."""
+    return self.source(kind).size
+
+  @property
+  def layout_num_heads(self) -> int:
+    return self.num_layout_heads(QUERY)
+
+  @property
+  def layout_num_kv_heads(self) -> int:
+    return self.num_layout_heads(KV)
 
   def describe(self) -> str:
     if self.is_identity:
@@ -85,34 +111,74 @@ class HeadLayout:
             f"query heads; attention cost x{self.layout_num_heads / self.num_heads:.3f} "
             f"(q/o projections and scores), KV projections and cache x{self.kv_repeat}")
 
-  # --- applying the plan to arrays -------------------------------------------------
-  def to_layout(self, array: np.ndarray, axis: int, kind: str) -> np.ndarray:
-    """Maps a canonical head axis (`kind` 'query' or 'kv') to the layout; padding is zeros."""
-    if kind == "kv":
-      return np.take(array, self.kv_head_source(), axis=axis)
-    if kind != "query":
-      raise ValueError(f"kind must be 'query' or 'kv', got {kind!r}")
-    source = self.query_head_source()
-    out = np.take(array, np.maximum(source, 0), axis=axis)
-    mask_shape = [1] * array.ndim
-    mask_shape[axis] = source.size
-    return np.where((source != PADDING).reshape(mask_shape), out, np.zeros((), array.dtype))
+  # --- moving heads: init, load, export ---------------------------------------------
+  def keyed_init(self, base: Initializer, kind: str, head_axis: int) -> Initializer:
+    """Initializer of a layout-shaped parameter whose head axis `head_axis` is of `kind`.
 
-  def from_layout(self, array: np.ndarray, axis: int, kind: str) -> np.ndarray:
-    """Inverse of `to_layout`: keeps the first copy of each KV head, drops padded query heads."""
-    if kind == "kv":
-      keep = np.arange(self.num_kv_heads) * self.kv_repeat
-    elif kind == "query":
-      keep = np.nonzero(self.query_head_source() != PADDING)[0]
-    else:
-      raise ValueError(f"kind must be 'query' or 'kv', got {kind!r}")
-    return np.take(array, keep, axis=axis)
+    The slice of layout head j depends only on (key, source[j]): every mesh builds the
+    same canonical model, repeated KV heads are equal, padded heads are zero, and no
+    shard needs values that belong to another shard.
+    """
+    source = jnp.asarray(self.source(kind), jnp.int32)
+
+    def init(key, shape, dtype=jnp.float32):
+      if shape[head_axis] != source.size:
+        raise ValueError(f"{kind} head axis {head_axis} of shape {tuple(shape)} is not the layout's "
+                         f"{source.size} heads ({self.describe()})")
+      per_head = tuple(shape[:head_axis]) + tuple(shape[head_axis + 1:])
+
+      def one_head(head):
+        value = base(jax.random.fold_in(key, jnp.maximum(head, 0)), per_head, dtype)
+        return jnp.where(head == PADDING, jnp.zeros_like(value), value)
+
+      return jax.vmap(one_head, out_axes=head_axis)(source)
+
+    return init
+
+  def runs(self, kind: str, heads: slice = slice(None)) -> list[Run]:
+    """Maximal runs of the layout heads `heads` that copy consecutive canonical heads (or pad).
+
+    Returns (start, stop, first canonical head or PADDING) with start/stop counted from
+    heads.start: layout heads [start, stop) of the slice hold canonical heads
+    [first, first + stop - start), or zeros.
+    """
+    runs: list[Run] = []
+    for position, head in enumerate(self.source(kind)[heads].tolist()):
+      if runs:
+        start, stop, first = runs[-1]
+        if (head == PADDING) == (first == PADDING) and (head == PADDING or head == first + stop - start):
+          runs[-1] = (start, position + 1, first)
+          continue
+      runs.append((position, position + 1, head))
+    return runs
+
+  def read_heads(self, kind: str, canonical: np.ndarray, axis: int, heads: slice, out: np.ndarray,
+                 copy: Callable[[np.ndarray, np.ndarray], None] = _copy) -> None:
+    """Writes layout heads `heads` (along `axis`) of a canonical array into `out`.
+
+    `canonical` holds the canonical heads on `axis` (any other dimensions already sliced
+    to `out`'s); it may be a memory map: only the heads the slice needs are read, one
+    contiguous run at a time. `copy(target, source)` converts the dtype.
+    """
+    before = (slice(None),) * axis
+    for start, stop, first in self.runs(kind, heads):
+      target = out[before + (slice(start, stop),)]
+      if first == PADDING:
+        target[...] = 0
+      else:
+        copy(target, canonical[before + (slice(first, first + stop - start),)])
+
+  def to_canonical(self, kind: str, array: np.ndarray, axis: int) -> np.ndarray:
+    """Layout head axis -> canonical: the first layout copy of each canonical head, padding dropped."""
+    heads, first_copy = np.unique(self.source(kind), return_index=True)
+    return np.take(array, first_copy[heads != PADDING], axis=axis)
 
 
 def plan_heads(num_heads: int, num_kv_heads: int, shards: int) -> HeadLayout:
   """The layout that splits (num_heads, num_kv_heads) over `shards` exactly."""
-  if shards <= 0 or num_heads % num_kv_heads:
-    raise HeadLayoutError(f"Invalid head split: {num_heads} query / {num_kv_heads} KV heads, {shards} shards.")
+  if shards <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+    raise HeadLayoutError(f"Invalid head split: {num_heads} query / {num_kv_heads} KV heads, {shards} "
+                          "shards; query heads must be a multiple of KV heads and shards positive.")
   group = num_heads // num_kv_heads
   if num_kv_heads % shards == 0:
     return HeadLayout(num_heads, num_kv_heads, shards, kv_repeat=1, padded_group_size=group)
@@ -124,5 +190,5 @@ def plan_heads(num_heads: int, num_kv_heads: int, shards: int) -> HeadLayout:
   raise HeadLayoutError(
       f"{num_kv_heads} KV heads cannot be split exactly over {shards} shards of the heads axis "
       f"(neither divides the other). Options: a mesh whose heads axis has one of {divisors} devices "
-      f"(e.g. --config.mesh=1x{max(d for d in divisors if d <= shards)}), or a rule table that does "
+      f"(e.g. --config.mesh=1x{max(divisors)}), or a rule table that does "
       "not shard heads (--config.rules=fsdp or data_parallel).")

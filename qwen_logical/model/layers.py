@@ -14,11 +14,10 @@ from typing import Callable, Iterator, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qwen_logical.model import axes as ax
 from qwen_logical.model.config import ModelConfig
-from qwen_logical.model.head_layout import PADDING, HeadLayout
+from qwen_logical.model.head_layout import KV, QUERY, HeadLayout
 
 Initializer = Callable[..., jax.Array]
 KVCache = dict  # one layer's {'k': [B, K, S, D], 'v': [B, K, S, D]} (logical ax.KV_CACHE)
@@ -45,27 +44,6 @@ class Mode(enum.Enum):
   FORWARD = "forward"
   PREFILL = "prefill"
   DECODE = "decode"
-
-
-def head_keyed_init(base: Initializer, source: np.ndarray, head_axis: int) -> Initializer:
-  """Initializer whose slice for layout head j depends only on (key, source[j]).
-
-  Every mesh therefore builds the same canonical model: repeated KV heads get
-  identical values, padded query heads (source PADDING) are zero, and no shard
-  needs values that belong to another shard.
-  """
-  source = np.asarray(source)
-
-  def init(key, shape, dtype=jnp.float32):
-    per_head = tuple(shape[:head_axis]) + tuple(shape[head_axis + 1:])
-
-    def one_head(index):
-      value = base(jax.random.fold_in(key, jnp.maximum(index, 0)), per_head, dtype)
-      return jnp.where(index == PADDING, jnp.zeros_like(value), value)
-
-    return jax.vmap(one_head, out_axes=head_axis)(jnp.asarray(source, jnp.int32))
-
-  return init
 
 
 _SHAPES_ONLY = contextvars.ContextVar("qwen_logical_shapes_only", default=False)
@@ -193,13 +171,12 @@ class Attention(nn.Module):
     dtype, pdtype = cfg.dtype, cfg.param_dtype
     e, d = cfg.hidden_size, cfg.head_dim
     h, k = layout.layout_num_heads, layout.layout_num_kv_heads
-    q_src, kv_src = layout.query_head_source(), layout.kv_head_source()
     normal = nn.initializers.normal(cfg.initializer_range)
 
-    def project(name, src, heads, head_axis_name, activation_names, x=x):
-      kernel = logical_param(self, f"{name}_kernel", head_keyed_init(normal, src, 0), (heads, d, e),
+    def project(name, kind, heads, head_axis_name, activation_names, x=x):
+      kernel = logical_param(self, f"{name}_kernel", layout.keyed_init(normal, kind, 0), (heads, d, e),
                       (head_axis_name, ax.HEAD_DIM, ax.EMBED), pdtype)
-      bias_ = logical_param(self, f"{name}_bias", head_keyed_init(normal, src, 0), (heads, d),
+      bias_ = logical_param(self, f"{name}_bias", layout.keyed_init(normal, kind, 0), (heads, d),
                      (head_axis_name, ax.HEAD_DIM), pdtype)
       # One [B*L, E] x [H*D, E]^T product on the kernel in its stored order, then split the heads:
       # einsum "ble,hde->blhd" makes XLA:CPU transpose the whole kernel on every call.
@@ -210,9 +187,9 @@ class Attention(nn.Module):
     trim = self.last_token_only
     x_q, q_positions = (x[:, -1:], positions[:, -1:]) if trim else (x, positions)
     bias = bias[:, :, -1:] if trim else bias
-    q = project("q", q_src, h, ax.HEADS, ax.QUERY_ACTIVATION, x=x_q)
-    key = project("k", kv_src, k, ax.KV_HEADS, ax.KV_ACTIVATION)
-    value = project("v", kv_src, k, ax.KV_HEADS, ax.KV_ACTIVATION)
+    q = project("q", QUERY, h, ax.HEADS, ax.QUERY_ACTIVATION, x=x_q)
+    key = project("k", KV, k, ax.KV_HEADS, ax.KV_ACTIVATION)
+    value = project("v", KV, k, ax.KV_HEADS, ax.KV_ACTIVATION)
     q = rotary_embedding(q, q_positions, cfg.rope_theta)
     key = rotary_embedding(key, positions, cfg.rope_theta)
 
@@ -238,7 +215,7 @@ class Attention(nn.Module):
       out = jnp.einsum(f"bkgls,{keys}->blkgd", probs, value).reshape(b, l, h, d)
     out = constrain(out, ax.QUERY_ACTIVATION)
 
-    o_kernel = logical_param(self, "o_kernel", head_keyed_init(normal, q_src, 1), (e, h, d),
+    o_kernel = logical_param(self, "o_kernel", layout.keyed_init(normal, QUERY, 1), (e, h, d),
                       (ax.EMBED, ax.HEADS, ax.HEAD_DIM), pdtype)
     # One [B*L, H*D] x [E, H*D]^T product: the kernel is used in its stored order (an einsum over
     # (h, d) lets XLA:CPU transpose the whole kernel on every call).

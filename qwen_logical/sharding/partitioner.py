@@ -32,8 +32,14 @@ from qwen_logical.sharding.rules import RuleTable
 Params = Any  # nested dict of arrays, Flax layout
 
 
+def path_keys(path) -> tuple[str, ...]:
+  """A pytree key path as its dict keys, e.g. ('layers', 'attention', 'q_kernel')."""
+  return tuple(str(getattr(k, "key", k)) for k in path)
+
+
 def path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
+  """A pytree key path as 'layers/attention/q_kernel'."""
+  return "/".join(path_keys(path))
 
 
 class Partitioner:
@@ -84,8 +90,7 @@ class Partitioner:
         "activation kv heads": ((0, 0, lay.layout_num_kv_heads, cfg.head_dim), ax.KV_ACTIVATION),
         "activation mlp": ((0, 0, cfg.intermediate_size), ax.MLP_ACTIVATION),
         "activation logits": ((0, 0, cfg.vocab_size), ax.LOGITS_ACTIVATION),
-        "kv cache": ((0, lay.layout_num_kv_heads, 0, cfg.head_dim), ax.KV_CACHE),
-    }
+    }  # the KV cache's shape belongs to inference.kv_cache, which checks it (check_cache)
     for label, (shape, names) in activations.items():
       problems += validation.check_array(label, shape, names, self.table, self.mesh_shape)
     validation.raise_if(problems, self.table, self.mesh_shape)
