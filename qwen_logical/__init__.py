@@ -17,11 +17,11 @@ runs on any ('batch', 'model') mesh under any rule table (`qwen_logical.rules`).
 """
 
 from qwen_logical.model import axes
-from qwen_logical.model.config import PRESETS, ConfigError, ModelConfig, from_hf_config, preset, to_hf_config
+from qwen_logical.model.config import PRESETS, ConfigError, ModelConfig, as_dtype, from_hf_config, preset, to_hf_config
 from qwen_logical.model.head_layout import HeadLayout, HeadLayoutError, plan_heads
 from qwen_logical.checkpoints.hf_names import CheckpointError, flax_from_hf, hf_from_flax, tensor_specs
 from qwen_logical.sharding.mesh import MeshError, make_mesh, parse_mesh_shape, simulate_cpu_devices
-from qwen_logical.model.model import Qwen2ForCausalLM
+from qwen_logical.model.model import Mode, ModelCallError, Qwen2ForCausalLM
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.report import ShardingReport, sharding_report
 from qwen_logical.sharding.rules import TABLES, RuleError, RuleTable, get_table, parse_overrides
@@ -36,10 +36,10 @@ from qwen_logical.inference.generate import (GenerationError, GenerationResult, 
 from qwen_logical.inference.sampling import SamplingError, SamplingParams
 
 __all__ = [
-    "axes", "PRESETS", "ConfigError", "ModelConfig", "from_hf_config", "preset", "to_hf_config",
+    "axes", "PRESETS", "ConfigError", "ModelConfig", "as_dtype", "from_hf_config", "preset", "to_hf_config",
     "HeadLayout", "HeadLayoutError", "plan_heads", "CheckpointError", "flax_from_hf", "hf_from_flax",
     "tensor_specs", "MeshError", "make_mesh", "parse_mesh_shape", "simulate_cpu_devices",
-    "Qwen2ForCausalLM", "Partitioner", "ShardingReport", "sharding_report", "TABLES", "RuleError",
+    "Mode", "ModelCallError", "Qwen2ForCausalLM", "Partitioner", "ShardingReport", "sharding_report", "TABLES", "RuleError",
     "RuleTable", "get_table", "parse_overrides", "count_collectives", "Checkpoint", "export_checkpoint",
     "load_checkpoint", "load_params", "open_checkpoint", "Tokenizer", "TokenizerError",
     "kv_cache", "GenerationError", "GenerationResult", "GenerationStream", "Generator", "StreamEvent",
