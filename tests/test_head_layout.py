@@ -1,7 +1,7 @@
 """The head layout plan over every Qwen2.5 head shape: the index map, load/export, init, errors.
 
-Numpy parts cover every (head shape, head shards 1..16); the init part runs the real sharded
-init on meshes 1xT (the first T of 8 simulated CPU devices) for every head shape.
+Numpy parts cover every (head shape, head shards 1..16); the init part runs the model's sharded
+init on 1x8 for every head shape and on 1x2 / 1x4 for a few (each mesh is a compile), against 1x1.
 """
 
 import functools
