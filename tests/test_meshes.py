@@ -12,7 +12,7 @@ from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.rules import TABLES, get_table
 
 # The tiny preset has 14 query / 2 KV heads: it needs the head layout plan at 4 and 8 shards.
-CONFIG = preset("tiny").replace(initializer_range=0.1)
+CONFIG = preset("tiny").replace(initializer_range=0.1, scan_layers=True)
 TOKENS = np.random.RandomState(3).randint(0, CONFIG.vocab_size, (8, 12))
 
 

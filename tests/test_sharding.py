@@ -9,11 +9,12 @@ import pytest
 from conftest import mesh_of
 from qwen_logical.sharding.collectives import count_collectives
 from qwen_logical.model.config import preset
+from qwen_logical.sharding.init import init_programs
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.report import sharding_report
 from qwen_logical.sharding.rules import get_table
 
-CONFIG = preset("tiny")
+CONFIG = preset("tiny").replace(scan_layers=True)
 
 
 def test_tensor_parallel_bytes_per_device():
@@ -91,8 +92,8 @@ def test_sharded_init_never_builds_a_full_parameter():
   """The compiled init holds only shard-sized arrays of every sharded parameter (per device)."""
   import re
   part = Partitioner(CONFIG, mesh_of("1x8"), get_table("tensor_parallel"))
-  part.init(seed=0)
-  hlo = "\n".join(fn.lower(jax.random.key(0)).compile().as_text() for fn in part._init_jit.values())
+  hlo = "\n".join(fn.lower(np.uint32(0), np.int32(0)).compile().as_text()
+                  for fn in init_programs(part).values())
   shapes = {tuple(int(d) for d in m.split(",") if d) for m in re.findall(r"[a-z]+\d*\[([\d,]*)\]", hlo)}
   largest = max(math.prod(s) for s in shapes)
   sharded = [r for r in sharding_report(part).rows if not r.replicated]
@@ -125,3 +126,21 @@ def test_shapes_and_logical_axes_come_from_the_real_init(scan):
   assert jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), nn.meta.unbox(real)) == \
       jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), part.param_shapes)
   assert len(jax.tree_util.tree_leaves(part.param_shapes)) >= 13
+
+
+def test_init_is_the_same_model_for_scanned_and_unrolled_layers_and_every_table():
+  """Init values depend on (seed, parameter, layer, canonical position) only: the layer form and the
+  table do not change the model, a seed does, and values have the configured spread."""
+  from qwen_logical.checkpoints.hf_names import hf_from_flax
+  exported = {}
+  for scan, table, seed in ((True, "tensor_parallel", 0), (False, "fsdp", 0), (False, "tp_fsdp", 1)):
+    cfg = CONFIG.replace(scan_layers=scan, num_layers=3)
+    part = Partitioner(cfg, mesh_of("2x4"), get_table(table))
+    exported[(scan, table, seed)] = hf_from_flax(part.init(seed=seed), cfg, part.layout)
+  a, b, c = exported.values()
+  assert all(np.array_equal(a[name], b[name]) for name in a)
+  q = a["model.layers.1.self_attn.q_proj.weight"]
+  assert not np.array_equal(q, c["model.layers.1.self_attn.q_proj.weight"])
+  assert not np.array_equal(q, a["model.layers.2.self_attn.q_proj.weight"])
+  assert abs(q.std() / CONFIG.initializer_range - 1) < 0.05 and abs(q.mean()) < 0.1 * CONFIG.initializer_range
+  assert np.array_equal(a["model.norm.weight"], np.ones(CONFIG.hidden_size, np.float32))

@@ -107,32 +107,46 @@ def _is_norm(path: str) -> bool:
   return path.endswith("/scale")
 
 
-def init_params(partitioner, seed: int = 0, progress: bool = True) -> Any:
-  """Random parameters for `partitioner`, each created directly in its shards.
+def init_programs(partitioner) -> dict[str, Callable]:
+  """canonical parameter key -> jit(seed uint32[], layer int32[]) -> that parameter, in its shards.
 
-  One jitted program per canonical parameter (shared by all layers); the host's peak holds
-  the finished shards plus nothing full-size.
+  Unrolled layers share their kind's program ('layers_3/mlp/up_kernel' -> 'layers/mlp/up_kernel').
   """
   cfg, layout = partitioner.config, partitioner.layout
-  is_spec = lambda x: isinstance(x, PartitionSpec)
   leaves = jax.tree_util.tree_leaves_with_path(partitioner.param_shapes)
-  logical = jax.tree_util.tree_leaves(partitioner.logical_specs, is_leaf=is_spec)
+  logical = jax.tree_util.tree_leaves(partitioner.logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
   shardings = jax.tree_util.tree_leaves(partitioner.param_shardings)
   programs: dict[str, Callable] = {}
-  total = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for _, s in leaves)
-  bar = Progress("Initialising parameters", len(leaves), total, enabled=progress)
-  seed_arr = np.uint32(seed % 2**32)
-  out = []
   for (path, shape), names, sharding in zip(leaves, logical, shardings):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    key = canonical_key(name)
+    key = canonical_key(_path_name(path))
     if key not in programs:
       fn = functools.partial(param_values, shape=tuple(shape.shape), logical=tuple(names), layout=layout,
                              key=zlib.crc32(key.encode()), std=None if _is_norm(key) else cfg.initializer_range,
                              dtype=shape.dtype)
       programs[key] = jax.jit(fn, out_shardings=sharding)
+  return programs
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def init_params(partitioner, seed: int = 0, progress: bool = True) -> Any:
+  """Random parameters for `partitioner`, each created directly in its shards.
+
+  The host's peak holds the finished shards plus nothing full-size: each program writes
+  its devices' slices of one parameter.
+  """
+  programs = init_programs(partitioner)
+  leaves = jax.tree_util.tree_leaves_with_path(partitioner.param_shapes)
+  nbytes = [math.prod(s.shape) * np.dtype(s.dtype).itemsize for _, s in leaves]
+  bar = Progress("Initialising parameters", len(leaves), sum(nbytes), enabled=progress)
+  seed_arr = np.uint32(seed % 2**32)
+  out = []
+  for (path, _), size in zip(leaves, nbytes):
+    name = _path_name(path)
     layer = _layer_of(name)
-    out.append(jax.block_until_ready(programs[key](seed_arr, np.int32(0 if layer is None else layer))))
-    bar.update(1, math.prod(shape.shape) * np.dtype(shape.dtype).itemsize)
+    out.append(jax.block_until_ready(programs[canonical_key(name)](seed_arr, np.int32(layer or 0))))
+    bar.update(1, size)
   bar.close()
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(partitioner.param_shapes), out)

@@ -10,7 +10,6 @@ context, so each Partitioner owns its own jitted callables).
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -20,13 +19,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_logical.model import axes as ax
-from qwen_logical.sharding import distributed
 from qwen_logical.model import layers
-from qwen_logical.sharding import validation
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import HeadLayout, plan_heads
-from qwen_logical.sharding.mesh import mesh_name
 from qwen_logical.model.model import Qwen2ForCausalLM
+from qwen_logical.sharding import distributed, validation
+from qwen_logical.sharding.init import init_params
+from qwen_logical.sharding.mesh import mesh_name
 from qwen_logical.sharding.rules import RuleTable
 
 Params = Any  # nested dict of arrays, Flax layout
@@ -67,7 +66,6 @@ class Partitioner:
     self.param_shapes = nn.meta.unbox(boxed)
     self._check_params()
     self.param_shardings = nn.logical_to_mesh_sharding(self.logical_specs, mesh, table.rules)
-    self._init_jit = None
     self._forward_jit = None
 
   @property
@@ -95,13 +93,13 @@ class Partitioner:
       problems += validation.check_array(label, shape, names, self.table, self.mesh_shape)
     validation.raise_if(problems, self.table, self.mesh_shape)
 
-  def check_batch(self, batch_size: int, length: int) -> None:
-    """Raises RuleError if a [batch_size, length] token batch does not split over the mesh."""
+  def check_batch(self, batch_size: int, length: int, flag: str = "--config.batch_size") -> None:
+    """Raises RuleError if a [batch_size, length] token batch does not split over the mesh; the
+    message names `flag`, the setting that sets the batch size where the caller reads it."""
     problems = validation.check_array(f"token batch ({batch_size}, {length})", (batch_size, length),
                                       ax.TOKENS, self.table, self.mesh_shape)
     if problems:
-      problems[-1] += (f"; or use a batch size that is a multiple of {self.batch_shards}"
-                       " (--config.batch_size)")
+      problems[-1] += f"; or use a batch size that is a multiple of {self.batch_shards} ({flag})"
     validation.raise_if(problems, self.table, self.mesh_shape)
 
   # --- shardings ----------------------------------------------------------------
@@ -126,24 +124,13 @@ class Partitioner:
     with layers.shapes_only():
       return self._init_variables(jax.random.key(0))
 
-  def init(self, seed: int = 0) -> Params:
+  def init(self, seed: int = 0, progress: bool = True) -> Params:
     """Random parameters created directly in their shards (nothing full-size on one device).
 
-    One jitted program per parameter (XLA drops the others' computations), so the
-    host's peak holds the finished shards plus one parameter's temporaries only.
+    Values depend on (seed, parameter, layer, canonical position) only, so every mesh, rule
+    table and layer form holds the same model; see `qwen_logical.sharding.init`.
     """
-    if self._init_jit is None:
-      def init_one(path, key):
-        with self.bound():
-          leaves = dict(jax.tree_util.tree_leaves_with_path(
-              nn.meta.unbox(self._init_variables(key)["params"])))
-          return leaves[path]
-      self._init_jit = {
-          path: jax.jit(functools.partial(init_one, path), out_shardings=sharding)
-          for path, sharding in jax.tree_util.tree_leaves_with_path(self.param_shardings)}
-    key = jax.random.key(seed)
-    leaves = [jax.block_until_ready(fn(key)) for fn in self._init_jit.values()]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self.param_shapes), leaves)
+    return init_params(self, seed, progress=progress)
 
   def place(self, host_params: Params) -> Params:
     """Puts layout-shaped host (numpy) params onto the mesh, checking every shape first."""
