@@ -16,7 +16,7 @@ from configs import base
 def get_config():
   config = base.get_config()
   config.job = "verify"
-  config.mesh = "1x8"  # the suite makes its own meshes; this only sizes the simulated devices
+  config.mesh = "1x8"  # unused: the suite makes its meshes from verify.meshes (the largest sizes the devices)
   config.model.preset = "qwen2.5-0.5b"
   config.verify = ConfigDict()
   config.verify.meshes = "1x1,1x8,2x4,4x2,8x1"  # batch x model
@@ -27,7 +27,14 @@ def get_config():
   config.verify.batch_size = 8
   config.verify.seq_len = 32  # forward batch [batch_size, seq_len]; greedy prompts are its rows, cut to seq_len/2..seq_len
   config.verify.new_tokens = 3  # greedy tokens per prompt, compared (prefill + 2 cached decode steps)
-  config.verify.max_logit_diff = 1e-4  # float32; raise it for bfloat16 compute
+  # The verdict, per position (one row of V logits) vs the 1x1 run; tolerances scale with the logits:
+  # max|dlogit| <= atol + rtol * max|logit| (real checkpoints: logit std ~3, maxima ~30, and float32
+  # all-reduces in another order differ by ~1e-3 there); then the smallest per-position Pearson
+  # correlation and the mean KL(softmax(1x1) || softmax(combination)). float32; raise for bfloat16 compute.
+  config.verify.rtol = 1e-3
+  config.verify.atol = 1e-4
+  config.verify.min_pcc = 0.99999
+  config.verify.max_kl = 1e-5  # nats
   config.verify.top_k = 100
   config.verify.min_top_k_overlap = 0.98  # per position; a near-tie at rank k may swap one token
   config.verify.key_params = ("embed_tokens/embedding,layers/attention/q_kernel,layers/attention/k_kernel,"

@@ -184,8 +184,10 @@ def test_a_mesh_that_does_not_split_over_the_processes_is_refused():
   sys.path.insert(0, REPO)
   from configs import tp8
   from qwen_logical.sharding.distributed import DistributedError
-  from qwen_logical.jobs.run import setup_devices
+  from qwen_logical.jobs import run
+  from qwen_logical.jobs.devices import setup_devices
   config = tp8.get_config()
   config.distributed.coordinator, config.distributed.num_processes = "127.0.0.1:1", 3
-  with pytest.raises(DistributedError, match="do not split evenly over --config.distributed.num_processes=3"):
-    setup_devices(config)
+  with pytest.raises(DistributedError, match="needs 8 devices, which do not split evenly over "
+                     "--config.distributed.num_processes=3"):
+    setup_devices(config, run.devices_needed(config))

@@ -45,8 +45,9 @@ def test_main_runs_tiny_model_with_overrides(tmp_path):
   assert summary["rules"] == "tp_fsdp+overrides"
   assert summary["logits_shape"] == [8, 16, 256]
   assert "padded 7 -> 8" in summary["head_plan"]
-  mlp = [p for p in report["sharding"]["params"] if p["path"] == "layers/mlp/gate_kernel"][0]
-  assert mlp["mesh_axes"] == [None, None, "batch"]  # (layers, mlp, embed): embed over batch (FSDP), mlp unsharded
+  assert summary["scan_layers"] is False  # the default on CPU: unrolled layers decode faster there
+  mlp = [p for p in report["sharding"]["params"] if p["path"] == "layers_1/mlp/gate_kernel"][0]
+  assert mlp["mesh_axes"] == [None, "batch"]  # (mlp, embed): embed over batch (FSDP), mlp unsharded
   for phrase in ("Sharding of 2x4 tp_fsdp+overrides", "Per-device MiB", "Timings: init"):
     assert phrase in result.stdout
   assert "all-gather" in summary["collectives"]  # FSDP over 'batch' gathers weights
@@ -58,6 +59,19 @@ def test_main_says_when_it_runs_a_reduced_model(tmp_path):
                          "--config.seq_len=4")
   assert report["summary"]["num_layers"] == 1
   assert "RUNNING A REDUCED VARIANT: 1 of 24 layers" in result.stdout
+
+
+def test_the_layer_form_defaults_to_the_fast_one_per_platform():
+  from qwen_logical.jobs.build import scan_layers_for
+  assert scan_layers_for(None, "cpu") is False  # XLA:CPU: scanned layers decode ~4x slower
+  assert scan_layers_for(None, "gpu") is True and scan_layers_for(None, "tpu") is True
+  assert scan_layers_for(True, "cpu") is True and scan_layers_for(False, "gpu") is False  # as asked
+  sys.path.insert(0, REPO)
+  try:
+    from configs import base
+  finally:
+    sys.path.remove(REPO)
+  assert base.get_config().model.scan_layers is None
 
 
 def test_main_device_mismatch_error(tmp_path):
@@ -155,3 +169,54 @@ def test_main_batches_prompts(tmp_path, instruct_checkpoint):
   for text, got in zip(["Hello world", "print('x')", "東京"], report["summary"]["tokens"]):
     expected = _hf_greedy(model, tokenizer.encode(text), 6)
     assert got == expected[:len(got)]
+
+
+def _mistake(*flags):
+  """Runs main.py with a user mistake; the result after checking it is one message, exit code 2."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run([sys.executable, "main.py", *flags], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  return result
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config.rules=bogus"], "error: Unknown rule table 'bogus'; known tables: tensor_parallel"),
+    (["--config.checkpoint=/nonexistent/qwen"], "error: checkpoint directory /nonexistent/qwen does not exist"),
+    (["--config.model.preset=tiny", "--config.mesh=3x3"], "error: 2 KV heads"),
+    (["--config.prompt=Hello", "--config.top_p=1.5"], "error: top_p=1.5 is invalid: it must be in (0, 1]"),
+    (["--config.prompt=Hello", "--config.max_new_tokens=500"], "more than the context of 128"),
+], ids=["rules", "checkpoint", "mesh", "top_p", "context"])
+def test_a_user_mistake_prints_one_message_and_exits_2(instruct_checkpoint, flags, message):
+  if any(f.startswith("--config.prompt=") for f in flags):
+    flags = flags + [f"--config.checkpoint={instruct_checkpoint[0]}"]
+  result = _mistake(*flags)
+  assert message in result.stderr, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, errors
+
+
+@pytest.mark.parametrize("flag", ["--traceback", "-v=1"])
+def test_the_traceback_of_a_user_mistake_on_request(flag):
+  result = _mistake("--config.rules=bogus", flag)
+  assert "Traceback (most recent call last)" in result.stderr and "RuleError" in result.stderr
+  assert "error: Unknown rule table 'bogus'" in result.stderr
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
+  from qwen_logical.jobs import entry
+  from qwen_logical.jobs.build import JobError
+
+  def bug(config):
+    raise RuntimeError("not a user mistake")
+
+  def mistake(config):
+    raise JobError("--config.something: use another value.")
+
+  monkeypatch.setattr(entry, "run_job", bug)
+  with pytest.raises(RuntimeError, match="not a user mistake"):
+    entry.exit_status(None)
+  monkeypatch.setattr(entry, "run_job", mistake)
+  assert entry.exit_status(None) == 2
+  assert capsys.readouterr().err == "error: --config.something: use another value.\n"

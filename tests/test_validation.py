@@ -11,7 +11,7 @@ from qwen_logical.sharding.mesh import MeshError, make_mesh, parse_mesh_shape, s
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.rules import RuleError, RuleTable, TENSOR_PARALLEL, get_table, parse_overrides
 
-TINY = preset("tiny")
+TINY = preset("tiny").replace(scan_layers=True)  # messages name the scanned paths (layers/...)
 
 
 def test_unknown_logical_name_in_override():

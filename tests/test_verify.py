@@ -1,30 +1,42 @@
-"""The verification suite on the tiny config: every mesh x every table, asserted from its report."""
+"""The verification suite on tiny models: every mesh x every table, asserted from its report, and
+its verdict: it passes a model whose logits look like a real checkpoint's on every mesh and table,
+and fails genuinely wrong models."""
 
-import functools
+import copy
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import pytest
+import torch
 
+from conftest import mesh_of
 from hf_reference import hf_logits, tiny_hf_model
+from qwen_logical.checkpoints.loader import load_checkpoint
+from qwen_logical.jobs.verify import verify
+from qwen_logical.jobs.verify_suite import Settings, Suite
+from qwen_logical.jobs.verify_verdict import compare_logits, kl_rows, pearson_rows, top_k_overlap, unclaimed_replication
 from qwen_logical.sharding.rules import get_table
-from qwen_logical.jobs.verify import Settings, Suite, top_k_overlap, unclaimed_replication, verify
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configs import verify as verify_config  # noqa: E402
 
-LAYERS = 2  # the tiny preset
+LAYERS = 2  # the tiny preset and the test checkpoint
 BROKEN_TP = "heads=None,kv_heads=None,activation_heads=None,activation_kv_heads=None,cache_kv_heads=None"
+# Weight scales that give logits like a real checkpoint's (std >= 3, maxima >= 25: tied embeddings
+# make each token's own logit stand out), with attention peaked (large q/k) and the layers adding
+# about as much to the residual stream as the embedding (small o/down projections).
+SCALES = {"embed_tokens": 0.3, "q_proj": 0.3, "k_proj": 0.3, "o_proj": 0.02, "down_proj": 0.02}
+OTHER_SCALE = 0.1  # v, gate, up and the biases
 
 
 def tiny_config(**verify_settings):
   config = verify_config.get_config()
   config.model.preset = "tiny"
-  config.model.initializer_range = 0.1  # logits with std ~1, so the tolerance is meaningful
-  config.verify.max_logit_diff = 1e-5
   config.verify.seq_len = 16  # greedy prompts of 8..16 tokens
   config.verify.new_tokens = 3
   for key, value in verify_settings.items():
@@ -32,28 +44,58 @@ def tiny_config(**verify_settings):
   return config
 
 
-@functools.lru_cache(maxsize=None)
-def full_report():
-  return verify(tiny_config())
+def real_looking_model(seed=0):
+  """A random HF Qwen2 (the 0.5B head shape: 14 query / 2 KV heads) whose logits look real."""
+  model = tiny_hf_model(heads=14, kv_heads=2, hidden=112, vocab=256, tied=True, seed=seed)
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if not name.endswith("norm.weight"):
+        scale = next((s for part, s in SCALES.items() if part in name), OTHER_SCALE)
+        p.copy_(scale * torch.randn(p.shape, generator=generator))
+  return model
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("real_looking")
+  model = real_looking_model()
+  model.save_pretrained(str(directory))
+  return str(directory), model
+
+
+@pytest.fixture(scope="module")
+def full_run(real_checkpoint):
+  """The whole suite with the default verdict on the real-looking checkpoint: (report, suite)."""
+  config = tiny_config()
+  config.checkpoint = real_checkpoint[0]
+  suite = Suite(config, Settings.from_config(config.verify))
+  return verify(config, suite), suite
 
 
 def _by_combination(report):
   return {(e["mesh"], e["rules"]): e for e in report["combinations"]}
 
 
-def test_every_mesh_and_table_agrees_with_single_device():
-  report = full_report()
+def test_every_mesh_and_table_agrees_with_single_device_on_real_looking_logits(real_checkpoint, full_run):
+  report, suite = full_run
   assert report["ok"], report["verdict"]
+  logits = suite.reference.logits
+  assert logits.std() >= 3 and np.abs(logits).max() >= 25, (logits.std(), np.abs(logits).max())
+  # The single-device run every combination matched is itself transformers' model.
+  np.testing.assert_allclose(logits, hf_logits(real_checkpoint[1], suite.tokens), atol=1e-4, rtol=0)
   entries = _by_combination(report)
   assert set(entries) == {(m, t) for m in ("1x1", "1x8", "2x4", "4x2", "8x1")
                           for t in ("tensor_parallel", "data_parallel", "fsdp", "tp_fsdp")}
-  assert report["reference"]["logits_std"] > 0.5
   for key, e in entries.items():
-    assert e["status"] == "ok", (key, e.get("failures"))
-    assert 0 <= e["max_abs_logit_diff"] <= 1e-5, key
+    assert e["status"] == "ok" and e["weights"] == "loaded from the checkpoint", (key, e.get("failures"))
+    # Float32 summed in another order: far inside every tolerance (measured: <= 0.001 of the
+    # logit tolerance, 1-PCC <= 2e-12, KL <= 2e-14).
+    assert e["tolerance_used"] < 0.01 and 1 - e["pcc_min"] < 1e-9 and e["kl_mean"] < 1e-10, key
     assert e["top_k_overlap_min"] == 1.0 and e["greedy_tokens_agree"], key
-    assert len(e["pictures"]) == 7, key  # embedding, q, k, o, up, down kernels and lm_head
+    assert len(e["pictures"]) == 6, key  # embedding, q, k, o, up, down kernels (tied: no lm_head)
     assert all(t >= 0 for t in e["timings"].values())
+  assert entries[("1x1", "fsdp")]["max_abs_logit_diff"] == 0  # one device: the same program
   # The greedy tokens themselves are what every combination matched.
   assert len(report["reference"]["tokens"]) == 8
   assert all(len(t) == 3 for t in report["reference"]["tokens"])
@@ -63,8 +105,8 @@ def _counts(entry):
   return {kind: c["count"] for kind, c in entry["collectives"].items() if c["count"]}
 
 
-def test_collectives_are_those_each_table_implies():
-  entries = _by_combination(full_report())
+def test_collectives_are_those_each_table_implies(full_run):
+  entries = _by_combination(full_run[0])
   for mesh in ("1x1", "1x8", "2x4", "4x2", "8x1"):
     batch, model = map(int, mesh.split("x"))
     # Data parallel: no communication in the forward pass, on any mesh.
@@ -73,7 +115,7 @@ def test_collectives_are_those_each_table_implies():
     # one for the vocab-parallel embedding lookup; nothing when the model axis is 1.
     tp = _counts(entries[(mesh, "tensor_parallel")])
     assert tp == ({"all-reduce": 2 * LAYERS + 1} if model > 1 else {}), (mesh, tp)
-    # FSDP: every layer's 7 kernels gathered (scanned layers count once per layer), no all-reduce.
+    # FSDP: every layer's 7 kernels gathered, no all-reduce.
     fsdp = _counts(entries[(mesh, "fsdp")])
     if batch * model > 1:
       assert fsdp.get("all-gather", 0) >= 7 * LAYERS and "all-reduce" not in fsdp, (mesh, fsdp)
@@ -85,14 +127,61 @@ def test_collectives_are_those_each_table_implies():
     assert ("all-gather" in two_d) == (batch > 1), (mesh, two_d)
 
 
-def test_per_device_bytes_follow_the_table():
-  entries = _by_combination(full_report())
+def test_per_device_bytes_follow_the_table(full_run):
+  entries = _by_combination(full_run[0])
   single = max(entries[("1x1", "tensor_parallel")]["bytes_by_device"].values())
   for mesh in ("1x8", "2x4", "4x2", "8x1"):
     dp = entries[(mesh, "data_parallel")]
     assert set(dp["bytes_by_device"].values()) == {single}  # every device holds everything
     assert max(entries[(mesh, "fsdp")]["bytes_by_device"].values()) < single / 6
   assert max(entries[("1x8", "tensor_parallel")]["bytes_by_device"].values()) < single / 4
+
+
+def _forward_with_positions(partitioner):
+  """jit(params, tokens, positions) -> logits of the plain forward pass with explicit positions."""
+  def forward(params, tokens, positions):
+    with partitioner.bound():
+      return partitioner.model.apply({"params": params}, tokens, jax.numpy.ones_like(tokens), positions)
+  return jax.jit(forward)
+
+
+def _kv_head_0_into_group_1(params, layer):
+  params = copy.deepcopy(params)
+  for name in ("k_kernel", "v_kernel", "k_bias", "v_bias"):
+    array = params[layer]["attention"][name]
+    array[1] = array[0]  # query heads 7..13 attend with KV head 0's keys and values
+  return params
+
+
+def test_the_verdict_fails_wrong_models_and_passes_an_equivalent_one(real_checkpoint):
+  params, _, part = load_checkpoint(real_checkpoint[0], mesh_of("1x1"), get_table("tensor_parallel"),
+                                    scan_layers=False, progress=False)
+  params = jax.tree_util.tree_map(np.asarray, params)
+  tokens = np.random.RandomState(0).randint(0, 256, (8, 32)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(32, dtype=np.int32), tokens.shape)
+  forward = _forward_with_positions(part)
+  run = lambda p, pos=positions: np.asarray(forward(p, tokens, pos))
+  right = run(params)
+  assert right.std() >= 3 and np.abs(right).max() >= 25
+  swapped = {**params, "layers_0": params["layers_1"], "layers_1": params["layers_0"]}
+  wrong = {
+      "KV head 0 repeated into group 1 (first layer)": run(_kv_head_0_into_group_1(params, "layers_0")),
+      "KV head 0 repeated into group 1 (last layer)": run(_kv_head_0_into_group_1(params, "layers_1")),
+      "two layers' weights swapped": run(swapped),
+      "RoPE positions off by one from the middle on": run(params, positions + (positions >= 16)),
+      "RoPE position of the last token off by one": run(params, positions + (positions == 31)),
+  }
+  tol = Settings.from_config(verify_config.get_config().verify).tolerances
+  for what, logits in wrong.items():
+    c = compare_logits(logits, right, tol)
+    # Each criterion on its own fails every wrong model (measured: >= 550x the logit tolerance,
+    # 1-PCC >= 0.26, mean KL >= 1.9e-4, top-100 overlap <= 0.67).
+    assert c.tolerance_used > 100 and 1 - c.pcc_min > 100 * (1 - tol.min_pcc), (what, c)
+    assert c.kl_mean > 10 * tol.max_kl and c.top_k_overlap_min < tol.min_top_k_overlap, (what, c)
+    assert len(c.failures(tol)) == 4, (what, c.failures(tol))
+  # Every position shifted by one is the same model (RoPE sees only relative positions): it passes.
+  shifted = compare_logits(run(params, positions + 1), right, tol)
+  assert shifted.failures(tol) == [] and shifted.max_abs_logit_diff > 0
 
 
 def test_a_table_that_replicates_what_it_claims_fails_with_nonzero_exit(tmp_path):
@@ -109,12 +198,13 @@ def test_a_table_that_replicates_what_it_claims_fails_with_nonzero_exit(tmp_path
   assert not report["ok"]
   entries = _by_combination(report)
   broken = entries[("1x8", "tensor_parallel+overrides")]
-  assert broken["status"] == "fail"
+  assert broken["status"] == "fail" and broken["weights"] == "the reference's weights, loaded"
   # The numbers still agree: replication is wrong, not inaccurate, and is caught anyway.
-  assert broken["max_abs_logit_diff"] <= 1e-4 and broken["greedy_tokens_agree"]
+  assert broken["tolerance_used"] < 0.01 and broken["greedy_tokens_agree"]
+  assert all(f.startswith("replicated parameter axis") for f in broken["failures"]), broken["failures"]
   flagged = " ".join(broken["failures"])
   for kernel in ("q_kernel", "k_kernel", "v_kernel", "o_kernel"):
-    assert f"layers/attention/{kernel}" in flagged
+    assert f"layers_0/attention/{kernel}" in flagged
   # On one device nothing can be split, so nothing is claimed; data parallel claims nothing.
   assert entries[("1x1", "tensor_parallel+overrides")]["status"] == "ok"
   assert entries[("1x8", "data_parallel+overrides")]["status"] == "ok"
@@ -127,7 +217,7 @@ def test_combinations_that_cannot_fit_are_skipped_with_the_reason():
   assert report["ok"], report["verdict"]
   skipped = entries[("1x8", "data_parallel")]
   assert skipped["status"] == "skipped"
-  assert "token batch (4, 16)" in skipped["reason"] and "--config.verify.batch_size" in skipped["reason"]
+  assert "token batch (4, 16)" in skipped["reason"] and "(--config.verify.batch_size)" in skipped["reason"]
   assert entries[("1x8", "tensor_parallel")]["status"] == "ok"  # sharded init is the same model
   for table in ("tensor_parallel", "data_parallel"):
     assert entries[("2x8", table)]["status"] == "skipped"
@@ -135,22 +225,7 @@ def test_combinations_that_cannot_fit_are_skipped_with_the_reason():
   assert "1 agree, 0 FAILED, 3 skipped" in report["verdict"]
 
 
-def test_checkpoint_suite_matches_transformers(tmp_path):
-  model = tiny_hf_model(heads=14, kv_heads=2, hidden=112, tied=True)
-  model.save_pretrained(str(tmp_path))
-  config = tiny_config(meshes="1x8,2x4", tables="tensor_parallel,tp_fsdp", max_logit_diff=1e-4)
-  config.checkpoint = str(tmp_path)
-  config.model.initializer_range = None
-  suite = Suite(config, Settings.from_config(config.verify))
-  report = verify(config, suite)
-  assert report["ok"], report["verdict"]
-  assert all(e["weights"] == "loaded from the checkpoint" for e in report["combinations"])
-  # The single-device run every combination matched is itself transformers' model.
-  np.testing.assert_allclose(suite.reference.logits, hf_logits(model, suite.tokens), atol=1e-4, rtol=0)
-
-
 def test_unclaimed_replication_names_parameter_and_axis():
-  from conftest import mesh_of
   from qwen_logical.model.config import preset
   from qwen_logical.sharding.partitioner import Partitioner
   part = Partitioner(preset("tiny"), mesh_of("2x4"), get_table("fsdp", "embed=batch"))
@@ -159,7 +234,25 @@ def test_unclaimed_replication_names_parameter_and_axis():
   assert not unclaimed_replication(Partitioner(preset("tiny"), mesh_of("2x4"), get_table("fsdp")))
 
 
-def test_top_k_overlap():
+def test_the_logit_tolerance_scales_with_each_position():
+  tol = Settings.from_config(verify_config.get_config().verify).tolerances  # atol 1e-4, rtol 1e-3
+  reference = np.zeros((2, 4))
+  reference[0, 0], reference[1, 0] = 30.0, 0.5  # a real-sized position and a small one
+  noisy = reference + 2e-3  # within 1e-4 + 1e-3 * 30 = 0.0301, beyond 1e-4 + 1e-3 * 0.5 = 0.0006
+  c = compare_logits(noisy, reference, tol)
+  assert c.tolerance_used == pytest.approx(2e-3 / 6e-4)
+  assert c.max_rel_logit_diff == pytest.approx(2e-3 / 0.5)
+  assert compare_logits(noisy[:1], reference[:1], tol).tolerance_used == pytest.approx(2e-3 / 0.0301)
+
+
+def test_pcc_kl_and_top_k_overlap():
+  x = np.array([[1.0, 2.0, 4.0], [0.0, 1.0, -1.0]])
+  np.testing.assert_allclose(pearson_rows(2 * x + 1, x), [1.0, 1.0])
+  np.testing.assert_allclose(pearson_rows(-x, x), [-1.0, -1.0])
+  # KL([.5, .5] || [.25, .75]) = .5 ln 2 + .5 ln(2/3)
+  np.testing.assert_allclose(kl_rows(np.log([[0.25, 0.75]]), np.zeros((1, 2))),
+                             [0.5 * np.log(2) + 0.5 * np.log(2 / 3)])
+  assert kl_rows(x + 5, x).max() < 1e-15  # a constant shift is the same distribution
   ref = np.arange(10.0)[None]
   assert top_k_overlap(ref, ref, 3).tolist() == [1.0]
   swapped = ref.copy()

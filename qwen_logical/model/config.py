@@ -67,7 +67,7 @@ class ModelConfig:
   # Numerics and structure, not architecture. The dtypes accept names or dtypes and hold np.dtype.
   param_dtype: np.dtype = DTYPES["float32"]
   dtype: np.dtype = DTYPES["float32"]  # compute dtype of activations and matmuls
-  scan_layers: bool = True
+  scan_layers: bool = False  # unrolled: the fast form on XLA:CPU; jobs pick per platform
 
   def __post_init__(self):
     for field in ("param_dtype", "dtype"):

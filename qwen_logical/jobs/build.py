@@ -1,0 +1,188 @@
+"""The one build path of every job: run config -> ModelConfig or checkpoint -> Partitioner -> params.
+
+    source = model_source(config)                    # ModelConfig (+ opened checkpoint), once per job
+    partitioner = make_partitioner(source, mesh, table)
+    params, seconds = source.weights(partitioner)    # loaded into shards, or sharded random init
+    forward = timed_forward(partitioner, params, tokens)
+
+Runs after `devices.setup_devices` (the platform decides the layer form and whether the
+host-memory fit applies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+
+from qwen_logical.common.errors import QwenLogicalError
+from qwen_logical.jobs import host_memory
+from qwen_logical.model import axes as ax
+from qwen_logical.model.config import ModelConfig, from_hf_config, preset
+from qwen_logical.sharding import distributed
+from qwen_logical.sharding.collectives import count_collectives
+from qwen_logical.sharding.mesh import mesh_name
+from qwen_logical.sharding.partitioner import Partitioner
+
+# ModelConfig fields a run config sets that are numerics and structure, not architecture: a
+# checkpoint accepts them; every other ModelConfig field under config.model is an architecture
+# override (the placeholders in configs/base.py say which).
+NUMERICS = ("param_dtype", "dtype", "scan_layers")
+_NOT_OVERRIDES = NUMERICS + ("name",)
+
+
+class JobError(QwenLogicalError):
+  """A run config the jobs cannot carry out as given (the message names the flag and the fix)."""
+
+
+def scan_layers_for(setting: bool | None, backend: str) -> bool:
+  """--config.model.scan_layers resolved: None picks the fast form for the platform.
+
+  XLA:CPU copies each layer's slice of scanned (stacked) weights on every decode step, about
+  4x slower decode than unrolled layers on a real 0.5B; accelerators compile one scanned layer
+  instead of N and lose nothing at run time.
+  """
+  return setting if setting is not None else backend != "cpu"
+
+
+def numerics(config: ConfigDict) -> dict[str, Any]:
+  """param_dtype, dtype and the resolved scan_layers of a run config."""
+  m = config.model
+  return {"param_dtype": m.param_dtype, "dtype": m.dtype,
+          "scan_layers": scan_layers_for(m.scan_layers, jax.default_backend())}
+
+
+def architecture_overrides(config: ConfigDict) -> dict[str, Any]:
+  """The ModelConfig architecture fields the run config sets (not None) under config.model."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)} - set(_NOT_OVERRIDES)
+  return {k: v for k, v in config.model.items() if k in fields and v is not None}
+
+
+def model_config_from(config: ConfigDict) -> ModelConfig:
+  """The ModelConfig a run config asks for: a preset or an HF config.json, then its overrides."""
+  m = config.model
+  overrides = {**architecture_overrides(config), **numerics(config)}
+  if m.get("hf_config"):
+    return from_hf_config(m.hf_config, **overrides)
+  return preset(m.preset).replace(**overrides)
+
+
+@dataclasses.dataclass
+class Source:
+  """Where a job's model comes from: its ModelConfig and, for a checkpoint, the opened directory.
+
+  Attributes:
+    config: the ModelConfig every partitioner of the job is built for.
+    checkpoint: the opened checkpoint (weights are loaded from it), or None (sharded random init).
+    seed: the random-init seed.
+    note: a message the job repeats at the end (a reduced layer count), or "".
+    label: how the weights came to be, for reports.
+  """
+
+  config: ModelConfig
+  checkpoint: Any = None
+  seed: int = 0
+  note: str = ""
+  label: str = ""
+
+  @property
+  def kind(self) -> str:
+    """'load' or 'init' (the timing's name)."""
+    return "load" if self.checkpoint is not None else "init"
+
+  def weights(self, partitioner: Partitioner, progress: bool = True) -> tuple[Any, float]:
+    """(params on the partitioner's mesh, seconds): each device's slice read, or created, in place."""
+    start = time.perf_counter()
+    if self.checkpoint is not None:
+      from qwen_logical.checkpoints.loader import load_params
+      params = load_params(self.checkpoint, partitioner, progress=progress)
+    else:
+      params = partitioner.init(self.seed)
+    params = jax.block_until_ready(params)
+    seconds = time.perf_counter() - start
+    logging.info("Weights (%s) on %s: %.2f s", self.kind, partitioner.name, seconds)
+    return params, seconds
+
+
+def open_source(directory: str, numerics_: dict[str, Any], label: str) -> Source:
+  """A Source reading its weights from an HF checkpoint directory (validated, headers only)."""
+  from qwen_logical.checkpoints.directory import open_checkpoint
+  checkpoint = open_checkpoint(directory, **numerics_)
+  return Source(checkpoint.config, checkpoint, label=label)
+
+
+def model_source(config: ConfigDict) -> Source:
+  """The job's model: --config.checkpoint, else the preset / hf_config with overrides.
+
+  On CPU with --config.fit_to_host_memory, a random model that would not fit the host runs
+  with fewer layers, and the Source's note says so.
+  """
+  if config.checkpoint:
+    overridden = sorted(architecture_overrides(config))
+    if overridden:
+      raise JobError(f"--config.model.{overridden[0]} cannot change a checkpoint's architecture; the "
+                     f"model comes from {config.checkpoint}/config.json. Drop the override.")
+    return open_source(config.checkpoint, numerics(config), "loaded from the checkpoint")
+  cfg, note = model_config_from(config), ""
+  if config.fit_to_host_memory and jax.default_backend() == "cpu":
+    cfg, note = host_memory.fit_layers_to_host(cfg, config.host_memory_fraction,
+                                               config.model.num_layers is not None)
+    if note:
+      logging.warning(note)
+  return Source(cfg, seed=config.seed, note=note, label="sharded init")
+
+
+def make_partitioner(source: Source, mesh, table) -> Partitioner:
+  """The Partitioner for the source's model on `mesh` under `table` (validates; logs what it built)."""
+  partitioner = Partitioner(source.config, mesh, table)
+  cfg = source.config
+  logging.info("Model %s: %d layers (%s), hidden %d, %d query / %d KV heads, head_dim %d, mlp %d, vocab %d, "
+               "%.2fB parameters", cfg.name, cfg.num_layers, "scanned" if cfg.scan_layers else "unrolled",
+               cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+               cfg.vocab_size, cfg.num_parameters / 1e9)
+  logging.info("Mesh %s on %d %s devices; rule table %s: %s", mesh_name(mesh), mesh.devices.size,
+               jax.default_backend(), table.name, table.description)
+  return partitioner
+
+
+@dataclasses.dataclass
+class Forward:
+  """One compiled, timed forward pass.
+
+  logits: float32[B, L, V] on the host (activation_batch, activation_length, activation_vocab).
+  sharding: the device logits' PartitionSpec, as text.
+  collectives: per kind, count and bytes per execution of the compiled program.
+  """
+
+  logits: np.ndarray
+  sharding: str
+  compile_s: float
+  run_s: float
+  collectives: dict[str, dict[str, int]]
+
+
+def timed_forward(partitioner: Partitioner, params, tokens: np.ndarray, batch_flag: str = "--config.batch_size"
+                  ) -> Forward:
+  """Compiles and runs the forward pass on int[B, L] `tokens` (no padding), timing each.
+
+  `batch_flag` is the flag a user changes when [B, L] does not split over the mesh.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  partitioner.check_batch(*tokens.shape, flag=batch_flag)
+  start = time.perf_counter()
+  compiled = partitioner.lower_forward(*tokens.shape).compile()
+  compile_s = time.perf_counter() - start
+  sharding = partitioner.sharding(ax.TOKENS)
+  start = time.perf_counter()
+  logits = jax.block_until_ready(compiled(params, distributed.global_array(tokens, sharding),
+                                          distributed.global_array(np.ones_like(tokens), sharding)))
+  run_s = time.perf_counter() - start
+  logging.info("Forward %s on %s: compile %.2f s, run %.3f s (%.1f tokens/s)", tokens.shape, partitioner.name,
+               compile_s, run_s, tokens.size / run_s)
+  return Forward(distributed.to_host(logits), str(logits.sharding.spec), compile_s, run_s,
+                 count_collectives(compiled.as_text()))
