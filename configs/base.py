@@ -43,6 +43,7 @@ def get_config() -> ConfigDict:
   config.model.hf_config = ""  # path to an HF config.json (or its directory) instead of a preset
   config.model.param_dtype = "float32"
   config.model.dtype = "float32"
+  config.model.quantization = ""  # "" = weights in param_dtype | "int8": weight-only, one scale per output channel
   # None = the fast layer form for the platform: unrolled on CPU (XLA:CPU copies each layer's slice of
   # scanned weights on every decode step, ~4x slower decode), scanned on accelerators (one compiled layer).
   config.model.scan_layers = config_dict.placeholder(bool)

@@ -25,7 +25,8 @@ _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.jso
 
 
 def _export_dtype(dtype, config) -> np.dtype:
-  out = np.dtype(dtype or config.param_dtype)
+  """`dtype`, else the weights' own: param_dtype, or float32 for int8 kernels (their dequantised values)."""
+  out = np.dtype(dtype or (np.float32 if config.quantization else config.param_dtype))
   if out.name not in SUPPORTED_DTYPES:
     raise CheckpointError(f"cannot export in dtype {out.name}; use one of {SUPPORTED_DTYPES}.")
   return out
@@ -55,9 +56,9 @@ def export_checkpoint(params, partitioner: Partitioner, directory: str, *, dtype
                       progress: bool = True) -> list[str]:
   """Writes params as an HF directory (safetensors shards + index + config.json), head plan undone.
 
-  Returns the files written. `dtype` (default the params' dtype) is one of
-  float32, bfloat16, float16. `copy_files_from` copies tokenizer and generation
-  config files from another checkpoint directory. In a multi-process job every
+  Returns the files written. `dtype` (default the params' dtype; float32 for int8 params, whose
+  kernels are written dequantised) is one of float32, bfloat16, float16. `copy_files_from`
+  copies tokenizer and generation config files from another checkpoint directory. In a multi-process job every
   process must call it (each tensor is gathered from all of them); process 0 writes.
   """
   writer = is_main_process()

@@ -7,6 +7,12 @@ heads for the head layout plan. Flax kernels keep HF's [out, in] order (outputs
 first, the contracted dimension last), so every view is a plain reshape or the
 identity and a loaded slice is a contiguous copy. Full conversions (`flax_from_hf`,
 `hf_from_flax`) and the slice-wise checkpoint loader all read that table.
+
+With int8 quantization (`ModelConfig.quantization`) a kernel's spec carries a second
+spec, `scale`, for its `<kernel>_scale` parameter: the tensor's per-output-channel
+scales (`quantization.row_scales`, f32[out] in HF order) through the same head layout
+as the kernel's output dimensions. Loading quantises each slice with its scales;
+exporting writes the dequantised kernel.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from qwen_logical.checkpoints.safetensors_io import CheckpointError
+from qwen_logical.model import quantization as quant
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.sharding.distributed import to_host
 from qwen_logical.model.head_layout import KV, QUERY, HeadLayout, plan_heads
@@ -34,6 +41,9 @@ class TensorSpec:
     head_axis, head_kind: the canonical axis holding heads and its kind (head_layout.QUERY or KV),
       or None.
     layer: decoder layer index; None for global tensors.
+    scale: for an int8 kernel, the spec of its scale parameter (else None).
+    of_scales: this spec is a `scale`: hf_shape is the tensor's output channels (out,), and its
+      values are the tensor's row scales, not the tensor.
   """
 
   hf_name: str
@@ -44,19 +54,49 @@ class TensorSpec:
   head_axis: int | None = None
   head_kind: str | None = None
   layer: int | None = None
+  scale: "TensorSpec | None" = None
+  of_scales: bool = False
+
+  @property
+  def canonical_shape(self) -> tuple[int, ...]:
+    """Shape of the view (the Flax shape before the head layout)."""
+    return self.view(np.broadcast_to(np.zeros((), np.uint8), self.hf_shape)).shape
+
+  @property
+  def contracted(self) -> tuple[int, ...]:
+    return quant.contracted_axes(self.flax_path[-1])
 
   def layout_shape(self, layout: HeadLayout) -> tuple[int, ...]:
     """Shape of this tensor in the Flax head layout (one layer, unstacked)."""
-    shape = list(self.view(np.broadcast_to(np.zeros((), np.uint8), self.hf_shape)).shape)
+    shape = list(self.canonical_shape)
     if self.head_axis is not None:
       shape[self.head_axis] = layout.num_layout_heads(self.head_kind)
     return tuple(shape)
 
-  def read_into(self, hf_array: np.ndarray, layout: HeadLayout, index: Sequence[slice], out: np.ndarray) -> None:
+  def flax_dtype(self, hf_dtype) -> np.dtype:
+    """The dtype a full conversion gives: int8 kernel, float32 scale, else the file's."""
+    return np.dtype(np.int8 if self.scale is not None else np.float32 if self.of_scales else hf_dtype)
+
+  def read_into(self, hf_array: np.ndarray, layout: HeadLayout, index: Sequence[slice], out: np.ndarray,
+                hf_scales: np.ndarray | None = None) -> None:
     """Writes the `index` slice of the layout-shaped parameter into `out`, reading only that slice.
 
-    `hf_array` may be a memory map: views select the slice before anything is read.
+    `hf_array` may be a memory map: views select the slice before anything is read. An int8
+    kernel or its scale needs `hf_scales`, the tensor's `quantization.row_scales` (f32[out]).
     """
+    if self.of_scales:
+      self._read_layout(hf_scales, layout, index, out)
+      out[out == 0] = 1  # padded heads (read as zeros): scale 1; a real scale is never 0
+    elif self.scale is not None:  # the slice in float32, quantised with its rows' scales
+      values = np.empty(out.shape, np.float32)
+      self._read_layout(hf_array, layout, index, values)
+      scale_index = tuple(index)[:len(self.scale.canonical_shape)]
+      scale = self.scale.read(None, layout, scale_index, np.float32, hf_scales)
+      quant.quantize_into(out, values, scale, self.contracted)
+    else:
+      self._read_layout(hf_array, layout, index, out)
+
+  def _read_layout(self, hf_array: np.ndarray, layout: HeadLayout, index: Sequence[slice], out: np.ndarray) -> None:
     canonical = self.view(hf_array)
     index = tuple(index) + (slice(None),) * (canonical.ndim - len(index))
     if self.head_axis is None:
@@ -66,17 +106,18 @@ class TensorSpec:
     others = tuple(slice(None) if a == axis else s for a, s in enumerate(index))
     layout.read_heads(self.head_kind, canonical[others], axis, index[axis], out, convert_into)
 
-  def read(self, hf_array: np.ndarray, layout: HeadLayout, index: Sequence[slice], dtype) -> np.ndarray:
+  def read(self, hf_array: np.ndarray, layout: HeadLayout, index: Sequence[slice], dtype,
+           hf_scales: np.ndarray | None = None) -> np.ndarray:
     """The `index` slice of the layout-shaped parameter as a new array of `dtype`."""
     layout_shape = self.layout_shape(layout)
     index = list(index) + [slice(None)] * (len(layout_shape) - len(index))
     shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, layout_shape))
     out = np.empty(shape, dtype)
-    self.read_into(hf_array, layout, index, out)
+    self.read_into(hf_array, layout, index, out, hf_scales)
     return out
 
-  def to_flax(self, hf_array: np.ndarray, layout: HeadLayout) -> np.ndarray:
-    return self.read(hf_array, layout, (), hf_array.dtype)
+  def to_flax(self, hf_array: np.ndarray, layout: HeadLayout, hf_scales: np.ndarray | None = None) -> np.ndarray:
+    return self.read(hf_array, layout, (), self.flax_dtype(hf_array.dtype), hf_scales)
 
   def from_flax(self, value: np.ndarray, layout: HeadLayout) -> np.ndarray:
     if self.head_axis is not None:
@@ -132,7 +173,21 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
   specs.append(TensorSpec("model.norm.weight", (e,), ("final_norm", "scale"), _identity, _identity))
   if not config.tie_word_embeddings:
     specs.append(TensorSpec("lm_head.weight", (v, e), ("lm_head",), _identity, _identity))
-  return specs
+  return [_with_scale(spec) if quant.is_quantized(spec.flax_path[-1], config.quantization) else spec
+          for spec in specs]
+
+
+def _with_scale(kernel: TensorSpec) -> TensorSpec:
+  """An int8 kernel's spec, with the spec of its scale: the output dimensions of its view, heads and all."""
+  out_shape = quant.output_part(kernel.canonical_shape, kernel.contracted)
+  has_heads = kernel.head_axis is not None and kernel.head_axis < len(out_shape)
+  rows = kernel.hf_shape[0]
+  scale = dataclasses.replace(
+      kernel, hf_shape=(rows,), flax_path=kernel.flax_path[:-1] + (quant.scale_name(kernel.flax_path[-1]),),
+      view=lambda s: s.reshape(out_shape), unview=lambda x: x.reshape(rows),
+      head_axis=kernel.head_axis if has_heads else None, head_kind=kernel.head_kind if has_heads else None,
+      of_scales=True)
+  return dataclasses.replace(kernel, scale=scale)
 
 
 def set_path(tree: dict, path: tuple[str, ...], value) -> None:
@@ -167,22 +222,31 @@ def flax_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig,
       raise CheckpointError(f"tensor {spec.hf_name} is missing; expected shape {spec.hf_shape}.")
     array = np.asarray(tensors[spec.hf_name])
     check_tensor(spec, array.shape)
-    value = spec.to_flax(array, layout)
-    if spec.layer is not None and config.scan_layers:
-      stacked.setdefault(spec.flax_path, []).append(value)
-    else:
-      set_path(params, spec.flax_path, value)
+    hf_scales = quant.row_scales(array) if spec.scale is not None else None
+    for part in (spec,) if spec.scale is None else (spec, spec.scale):
+      value = part.to_flax(array, layout, hf_scales)
+      if spec.layer is not None and config.scan_layers:
+        stacked.setdefault(part.flax_path, []).append(value)
+      else:
+        set_path(params, part.flax_path, value)
   for path, values in stacked.items():
     set_path(params, path, np.stack(values))
   return params
 
 
-def hf_tensor_from_flax(params: Mapping, spec: TensorSpec, config: ModelConfig, layout: HeadLayout) -> np.ndarray:
-  """One HF tensor from Flax params (numpy or jax; a stacked layer is sliced before the host copy)."""
+def _host_value(params: Mapping, spec: TensorSpec, config: ModelConfig) -> np.ndarray:
+  """The parameter of `spec` on the host (a stacked layer is sliced before the host copy)."""
   value = get_path(params, spec.flax_path)
   if spec.layer is not None and config.scan_layers:
     value = value[spec.layer]
-  host = np.asarray(value) if isinstance(value, np.ndarray) else to_host(value)
+  return np.asarray(value) if isinstance(value, np.ndarray) else to_host(value)
+
+
+def hf_tensor_from_flax(params: Mapping, spec: TensorSpec, config: ModelConfig, layout: HeadLayout) -> np.ndarray:
+  """One HF tensor from Flax params (numpy or jax); an int8 kernel comes back dequantised (float32)."""
+  host = _host_value(params, spec, config)
+  if spec.scale is not None:
+    host = quant.dequantize(host, _host_value(params, spec.scale, config), spec.contracted, np.float32)
   return np.ascontiguousarray(spec.from_flax(host, layout))
 
 

@@ -2,7 +2,10 @@
 
 Each device's slice of each parameter is read from a memory map of its tensor,
 through the HF name map and the head layout plan (`hf_names.TensorSpec.read_into`),
-into a buffer the device adopts; nothing full-size is built first.
+into a buffer the device adopts; nothing full-size is built first. With int8
+quantization each quantised tensor's per-output-channel scales are computed once per
+load (a streaming pass over its rows, `_Scales`) before the first slice that needs them;
+each slice is then quantised from a float32 temporary of its own size.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dataclasses
 import functools
 import mmap
 import os
+import threading
 from collections import defaultdict
 
 import jax
@@ -21,6 +25,7 @@ from absl import logging
 from qwen_logical.checkpoints.directory import Checkpoint, open_checkpoint
 from qwen_logical.checkpoints.hf_names import TensorSpec, tensor_specs
 from qwen_logical.common.progress import Progress
+from qwen_logical.model import quantization as quant
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.sharding.partitioner import Partitioner, path_keys
 
@@ -29,7 +34,31 @@ def _leaf_specs(config: ModelConfig) -> dict[tuple[str, ...], list[TensorSpec]]:
   groups: dict[tuple[str, ...], list[TensorSpec]] = defaultdict(list)
   for spec in tensor_specs(config):
     groups[spec.flax_path].append(spec)
+    if spec.scale is not None:
+      groups[spec.scale.flax_path].append(spec.scale)
   return groups
+
+
+class _Scales:
+  """Each quantised tensor's row scales (f32[out], HF order), computed on first use, once per load.
+
+  A reader that needs a tensor's scales while another computes them waits for that one.
+  """
+
+  def __init__(self):
+    self._guard = threading.Lock()
+    self._locks: dict[str, threading.Lock] = {}
+    self._values: dict[str, np.ndarray] = {}
+
+  def get(self, spec: TensorSpec, hf_array: np.ndarray) -> np.ndarray | None:
+    if spec.scale is None and not spec.of_scales:
+      return None
+    with self._guard:
+      lock = self._locks.setdefault(spec.hf_name, threading.Lock())
+    with lock:
+      if spec.hf_name not in self._values:
+        self._values[spec.hf_name] = quant.row_scales(hf_array)
+      return self._values[spec.hf_name]
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,7 +92,7 @@ _CHUNK_BYTES = 32 * 2**20
 
 
 def _read_tasks(checkpoint: Checkpoint, specs: list[TensorSpec], layout, stacked: bool,
-                slices: list[tuple[tuple[slice, ...], np.ndarray]]) -> list:
+                slices: list[tuple[tuple[slice, ...], np.ndarray]], scales: _Scales) -> list:
   """Independent pieces of reading one parameter's distinct device slices `(index, out)`.
 
   A piece maps one tensor (one layer of a stacked parameter) once and reads every slice
@@ -73,8 +102,9 @@ def _read_tasks(checkpoint: Checkpoint, specs: list[TensorSpec], layout, stacked
   def task(spec: TensorSpec, reads):
     def run():
       hf_array = checkpoint.entries[spec.hf_name].memmap()
+      hf_scales = scales.get(spec, hf_array)
       for sub_index, target in reads:
-        spec.read_into(hf_array, layout, sub_index, target)
+        spec.read_into(hf_array, layout, sub_index, target, hf_scales)
     return run
 
   if stacked:
@@ -121,13 +151,14 @@ class _PendingLeaf:
 
 
 def _start_leaf(checkpoint: Checkpoint, specs: list[TensorSpec], partitioner: Partitioner,
-                shape: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding) -> _PendingLeaf:
+                shape: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding, scales: _Scales) -> _PendingLeaf:
   """Allocates one parameter's distinct device slices and queues their reads."""
   stacked = specs[0].layer is not None and partitioner.config.scan_layers
   global_shape = tuple(shape.shape)
   shard_shape = sharding.shard_shape(global_shape)
-  leaf = _PendingLeaf(global_shape, sharding, {}, [], [], len(specs),
-                      sum(checkpoint.entries[s.hf_name].nbytes for s in specs))
+  tensors = [s for s in specs if not s.of_scales]  # a scale parameter reads no tensor of its own
+  leaf = _PendingLeaf(global_shape, sharding, {}, [], [], len(tensors),
+                      sum(checkpoint.entries[s.hf_name].nbytes for s in tensors))
   slices = []
   for device, index in sharding.addressable_devices_indices_map(global_shape).items():
     key = tuple((s.start, s.stop) for s in index)
@@ -135,7 +166,7 @@ def _start_leaf(checkpoint: Checkpoint, specs: list[TensorSpec], partitioner: Pa
       leaf.buffers[key] = aligned_empty(shard_shape, shape.dtype)
       slices.append((index, leaf.buffers[key]))
     leaf.placement.append((device, key))
-  tasks = _read_tasks(checkpoint, specs, partitioner.layout, stacked, slices)
+  tasks = _read_tasks(checkpoint, specs, partitioner.layout, stacked, slices, scales)
   leaf.futures = [_readers().submit(t) for t in tasks]
   return leaf
 
@@ -153,10 +184,10 @@ def load_params(checkpoint: Checkpoint, partitioner: Partitioner, progress: bool
   shardings = jax.tree_util.tree_leaves(partitioner.param_shardings)
   bar = Progress(f"Loading {os.path.basename(checkpoint.directory.rstrip('/'))}", len(checkpoint.entries),
                  checkpoint.nbytes, enabled=progress)
-  pending = []
+  pending, scales = [], _Scales()
   try:
     for (path, shape), sharding in zip(shapes, shardings):
-      pending.append(_start_leaf(checkpoint, groups[path_keys(path)], partitioner, shape, sharding))
+      pending.append(_start_leaf(checkpoint, groups[path_keys(path)], partitioner, shape, sharding, scales))
     leaves = []
     for leaf in pending:
       leaves.append(leaf.finish())
@@ -172,8 +203,12 @@ def load_params(checkpoint: Checkpoint, partitioner: Partitioner, progress: bool
 
 
 def load_checkpoint(directory: str, mesh, table, *, param_dtype: str = "float32", dtype: str = "float32",
-                    scan_layers: bool = True, progress: bool = True):
-  """(sharded params, ModelConfig, Partitioner) for an HF directory on `mesh` under rule `table`."""
-  checkpoint = open_checkpoint(directory, param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers)
+                    scan_layers: bool = True, quantization: str = "", progress: bool = True):
+  """(sharded params, ModelConfig, Partitioner) for an HF directory on `mesh` under rule `table`.
+
+  `quantization="int8"` stores the kernels int8 with per-output-channel scales, quantised on load
+  from the files' bf16 / f16 / f32 values."""
+  checkpoint = open_checkpoint(directory, param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers,
+                               quantization=quantization)
   partitioner = Partitioner(checkpoint.config, mesh, table)
   return load_params(checkpoint, partitioner, progress), checkpoint.config, partitioner

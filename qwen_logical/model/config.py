@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 
 from qwen_logical.common.errors import QwenLogicalError
+from qwen_logical.model.quantization import QUANTIZATIONS
 
 # The dtypes a model can hold its parameters and compute in, by name.
 DTYPES: dict[str, np.dtype] = {
@@ -67,6 +68,9 @@ class ModelConfig:
   # Numerics and structure, not architecture. The dtypes accept names or dtypes and hold np.dtype.
   param_dtype: np.dtype = DTYPES["float32"]
   dtype: np.dtype = DTYPES["float32"]  # compute dtype of activations and matmuls
+  # "" stores kernels in param_dtype; "int8": weight-only int8 kernels with float32 scales per output
+  # channel (model.quantization). Not part of the HF config.
+  quantization: str = ""
   scan_layers: bool = False  # unrolled: the fast form on XLA:CPU; jobs pick per platform
 
   def __post_init__(self):
@@ -88,6 +92,9 @@ class ModelConfig:
           f"{self.num_kv_heads}; grouped-query attention needs whole groups.")
     if self.head_dim % 2:
       raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings.")
+    if self.quantization not in QUANTIZATIONS:
+      raise ConfigError(f"ModelConfig.quantization={self.quantization!r} is not supported; use one of "
+                        f"{QUANTIZATIONS} ('' keeps weights in param_dtype).")
 
   def replace(self, **changes: Any) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_logical.model import axes as ax
+from qwen_logical.model import quantization as quant
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import KV, QUERY, HeadLayout
 
@@ -74,6 +75,40 @@ def logical_param(module: nn.Module, name: str, init: Initializer, shape, names,
   return module.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), dtype)
 
 
+Kernel = tuple  # (kernel, its per-output-channel float32 scale or None)
+
+
+def kernel_param(module: nn.Module, name: str, init: Initializer, shape, names, config: ModelConfig) -> Kernel:
+  """A weight kernel `name` [out..., in...] as stored: (kernel in param_dtype, None), or with int8
+  quantization (config.quantization) (int8 kernel, `<name>_scale` f32[out...]) whose scale carries the
+  output dimensions' logical axes. Both int8 parameters come from one draw of `init`, so
+  kernel * scale is that draw quantised (Partitioner.init makes them by sharding.init instead)."""
+  if not quant.is_quantized(name, config.quantization):
+    return logical_param(module, name, init, shape, names, config.param_dtype), None
+  contracted = quant.contracted_axes(name)
+  # One key for both (Flax would give each param its own); outside init, Flax traces the initializers
+  # for their shapes only, with a key of its own.
+  shared = module.make_rng("params") if module.is_initializing() and not _SHAPES_ONLY.get() else None
+  values = lambda key: init(key if shared is None else shared, tuple(shape), jnp.float32)
+  scales = lambda key, *_: quant.scales_of(values(key), contracted, jnp)
+  kernel = logical_param(module, name, lambda key, *_: quant.quantize(values(key), scales(key), contracted, jnp),
+                         shape, names, jnp.int8)
+  scale = logical_param(module, quant.scale_name(name), scales, quant.output_part(shape, contracted),
+                        quant.output_part(names, contracted), jnp.float32)
+  return kernel, scale
+
+
+def dense(spec: str, x: jax.Array, kernel: Kernel, dtype) -> jax.Array:
+  """einsum(spec, x, kernel) in `dtype`, then times the int8 scale over the output's last dimension.
+
+  `kernel` as from kernel_param, possibly reshaped: the output's last dimension holds the kernel's
+  output channels flattened (exact: a per-output-channel scale factors out of the sum).
+  """
+  weights, scale = kernel
+  y = jnp.einsum(spec, x, weights.astype(dtype))
+  return y if scale is None else y * scale.reshape(-1).astype(dtype)
+
+
 class RMSNorm(nn.Module):
   """x: [..., E] -> [..., E]; statistics in float32 as in HF Qwen2RMSNorm. Param scale: (norm,)."""
 
@@ -95,19 +130,23 @@ class Embedder(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embedding = logical_param(self, "embedding", nn.initializers.normal(cfg.initializer_range),
-                            (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED),
-                            cfg.param_dtype)
+    self.embedding = kernel_param(self, "embedding", nn.initializers.normal(cfg.initializer_range),
+                                  (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED), cfg)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    """tokens int[B, L] -> [B, L, E] (activation_batch, activation_length, activation_embed)."""
-    x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.dtype)
+    """tokens int[B, L] -> [B, L, E] (activation_batch, activation_length, activation_embed).
+
+    int8: the rows are gathered as int8 and scaled by their own scales."""
+    dtype = self.config.dtype
+    table, scale = self.embedding
+    x = jnp.take(table, tokens, axis=0).astype(dtype)
+    if scale is not None:
+      x = x * jnp.take(scale, tokens, axis=0)[..., None].astype(dtype)
     return constrain(x, ax.EMBED_ACTIVATION)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """x [B, L, E] -> logits [B, L, V] with the embedding transposed (tied weights)."""
-    dtype = self.config.dtype
-    return jnp.einsum("ble,ve->blv", x, self.embedding.astype(dtype))
+    return dense("ble,ve->blv", x, self.embedding, self.config.dtype)
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -174,13 +213,13 @@ class Attention(nn.Module):
     normal = nn.initializers.normal(cfg.initializer_range)
 
     def project(name, kind, heads, head_axis_name, activation_names, x=x):
-      kernel = logical_param(self, f"{name}_kernel", layout.keyed_init(normal, kind, 0), (heads, d, e),
-                      (head_axis_name, ax.HEAD_DIM, ax.EMBED), pdtype)
+      kernel, scale = kernel_param(self, f"{name}_kernel", layout.keyed_init(normal, kind, 0), (heads, d, e),
+                                   (head_axis_name, ax.HEAD_DIM, ax.EMBED), cfg)
       bias_ = logical_param(self, f"{name}_bias", layout.keyed_init(normal, kind, 0), (heads, d),
                      (head_axis_name, ax.HEAD_DIM), pdtype)
       # One [B*L, E] x [H*D, E]^T product on the kernel in its stored order, then split the heads:
       # einsum "ble,hde->blhd" makes XLA:CPU transpose the whole kernel on every call.
-      y = jnp.einsum("ble,ke->blk", x, kernel.astype(dtype).reshape(heads * d, e))
+      y = dense("ble,ke->blk", x, (kernel.reshape(heads * d, e), scale), dtype)
       y = y.reshape(*x.shape[:2], heads, d) + bias_.astype(dtype)
       return constrain(y, activation_names)
 
@@ -215,11 +254,11 @@ class Attention(nn.Module):
       out = jnp.einsum(f"bkgls,{keys}->blkgd", probs, value).reshape(b, l, h, d)
     out = constrain(out, ax.QUERY_ACTIVATION)
 
-    o_kernel = logical_param(self, "o_kernel", layout.keyed_init(normal, QUERY, 1), (e, h, d),
-                      (ax.EMBED, ax.HEADS, ax.HEAD_DIM), pdtype)
+    o_kernel, o_scale = kernel_param(self, "o_kernel", layout.keyed_init(normal, QUERY, 1), (e, h, d),
+                                     (ax.EMBED, ax.HEADS, ax.HEAD_DIM), cfg)
     # One [B*L, H*D] x [E, H*D]^T product: the kernel is used in its stored order (an einsum over
     # (h, d) lets XLA:CPU transpose the whole kernel on every call).
-    y = jnp.einsum("blk,ek->ble", out.reshape(b, l, h * d), o_kernel.astype(dtype).reshape(e, h * d))
+    y = dense("blk,ek->ble", out.reshape(b, l, h * d), (o_kernel.reshape(e, h * d), o_scale), dtype)
     y = constrain(y, ax.EMBED_ACTIVATION)
     return y if self.mode is Mode.FORWARD else (y, cache)
 
@@ -234,13 +273,13 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [B, L, E] -> [B, L, E]."""
     cfg = self.config
-    dtype, pdtype = cfg.dtype, cfg.param_dtype
+    dtype = cfg.dtype
     normal = nn.initializers.normal(cfg.initializer_range)
     e, i = cfg.hidden_size, cfg.intermediate_size
-    gate = logical_param(self, "gate_kernel", normal, (i, e), (ax.MLP, ax.EMBED), pdtype)
-    up = logical_param(self, "up_kernel", normal, (i, e), (ax.MLP, ax.EMBED), pdtype)
-    down = logical_param(self, "down_kernel", normal, (e, i), (ax.EMBED, ax.MLP), pdtype)
-    project = lambda v, kernel: jnp.einsum("bli,oi->blo", v, kernel.astype(dtype))
+    gate = kernel_param(self, "gate_kernel", normal, (i, e), (ax.MLP, ax.EMBED), cfg)
+    up = kernel_param(self, "up_kernel", normal, (i, e), (ax.MLP, ax.EMBED), cfg)
+    down = kernel_param(self, "down_kernel", normal, (e, i), (ax.EMBED, ax.MLP), cfg)
+    project = lambda v, kernel: dense("bli,oi->blo", v, kernel, dtype)
     hidden = jax.nn.silu(project(x, gate)) * project(x, up)
     hidden = constrain(hidden, ax.MLP_ACTIVATION)
     y = project(hidden, down)

@@ -12,7 +12,10 @@ scales are ones). Consequences:
 * the head layout is applied through its index map (`HeadLayout.source`): a repeated KV
   head gets its source head's values, a padded query head zeros;
 * one compiled program per parameter kind serves every layer (the layer is an argument),
-  so the 28 layers of the 7B compile 12 small programs, not 28 x 12.
+  so the 28 layers of the 7B compile 12 small programs, not 28 x 12;
+* an int8 kernel (`model.quantization`) and its `<kernel>_scale` come from one program: the
+  kernel's float32 hash values, their per-output-channel scales, and the values quantised with
+  them (padded heads: zero rows, so q 0 and scale 1).
 
 A hash, not `jax.random`: threefry normals run at ~50 M values/s on XLA:CPU against
 ~900 M/s for this hash (2026-11-25), i.e. 150 s against 8 s for the 7.6 B values of the 7B.
@@ -33,6 +36,7 @@ from jax.sharding import PartitionSpec
 
 from qwen_logical.common.progress import Progress
 from qwen_logical.model import axes as ax
+from qwen_logical.model import quantization as quant
 from qwen_logical.model.head_layout import KV, PADDING, QUERY, HeadLayout
 
 _GOLDEN = np.uint32(0x9E3779B9)
@@ -107,23 +111,44 @@ def _is_norm(path: str) -> bool:
   return path.endswith("/scale")
 
 
+def _quantized_values(seed, layer, *, values: Callable, contracted: tuple[int, ...]):
+  """(int8 kernel, f32 scale per output channel) of the float32 `values(seed, layer)`."""
+  kernel = values(seed, layer)
+  scale = quant.scales_of(kernel, contracted, jnp)
+  return quant.quantize(kernel, scale, contracted, jnp), scale
+
+
+def _leaf_table(partitioner) -> dict[str, tuple]:
+  """'path/name' -> (ShapeDtypeStruct, logical names, sharding) of every parameter, in tree order."""
+  leaves = jax.tree_util.tree_leaves_with_path(partitioner.param_shapes)
+  logical = jax.tree_util.tree_leaves(partitioner.logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  shardings = jax.tree_util.tree_leaves(partitioner.param_shardings)
+  return {_path_name(path): (shape, tuple(names), sharding)
+          for (path, shape), names, sharding in zip(leaves, logical, shardings)}
+
+
 def init_programs(partitioner) -> dict[str, Callable]:
   """canonical parameter key -> jit(seed uint32[], layer int32[]) -> that parameter, in its shards.
 
   Unrolled layers share their kind's program ('layers_3/mlp/up_kernel' -> 'layers/mlp/up_kernel').
+  An int8 kernel's program returns (kernel, scale); its scale has no program of its own.
   """
   cfg, layout = partitioner.config, partitioner.layout
-  leaves = jax.tree_util.tree_leaves_with_path(partitioner.param_shapes)
-  logical = jax.tree_util.tree_leaves(partitioner.logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-  shardings = jax.tree_util.tree_leaves(partitioner.param_shardings)
+  table = _leaf_table(partitioner)
+  int8 = {name for name in table if quant.is_quantized(name.rsplit("/", 1)[-1], cfg.quantization)}
+  made_with_kernel = {quant.scale_name(name) for name in int8}
   programs: dict[str, Callable] = {}
-  for (path, shape), names, sharding in zip(leaves, logical, shardings):
-    key = canonical_key(_path_name(path))
-    if key not in programs:
-      fn = functools.partial(param_values, shape=tuple(shape.shape), logical=tuple(names), layout=layout,
-                             key=zlib.crc32(key.encode()), std=None if _is_norm(key) else cfg.initializer_range,
-                             dtype=shape.dtype)
-      programs[key] = jax.jit(fn, out_shardings=sharding)
+  for name, (shape, names, sharding) in table.items():
+    key = canonical_key(name)
+    if key in programs or name in made_with_kernel:
+      continue
+    fn = functools.partial(param_values, shape=tuple(shape.shape), logical=names, layout=layout,
+                           key=zlib.crc32(key.encode()), std=None if _is_norm(key) else cfg.initializer_range,
+                           dtype=jnp.float32 if name in int8 else shape.dtype)
+    if name in int8:
+      fn = functools.partial(_quantized_values, values=fn, contracted=quant.contracted_axes(name.rsplit("/", 1)[-1]))
+      sharding = (sharding, table[quant.scale_name(name)][2])
+    programs[key] = jax.jit(fn, out_shardings=sharding)
   return programs
 
 
@@ -138,15 +163,19 @@ def init_params(partitioner, seed: int = 0, progress: bool = True) -> Any:
   its devices' slices of one parameter.
   """
   programs = init_programs(partitioner)
-  leaves = jax.tree_util.tree_leaves_with_path(partitioner.param_shapes)
-  nbytes = [math.prod(s.shape) * np.dtype(s.dtype).itemsize for _, s in leaves]
-  bar = Progress("Initialising parameters", len(leaves), sum(nbytes), enabled=progress)
+  table = _leaf_table(partitioner)
+  nbytes = {name: math.prod(s.shape) * np.dtype(s.dtype).itemsize for name, (s, _, _) in table.items()}
+  bar = Progress("Initialising parameters", len(table), sum(nbytes.values()), enabled=progress)
   seed_arr = np.uint32(seed % 2**32)
-  out = []
-  for (path, _), size in zip(leaves, nbytes):
-    name = _path_name(path)
-    layer = _layer_of(name)
-    out.append(jax.block_until_ready(programs[canonical_key(name)](seed_arr, np.int32(layer or 0))))
-    bar.update(1, size)
+  out: dict[str, jax.Array] = {}
+  for name in table:
+    program = programs.get(canonical_key(name))
+    if program is None:  # an int8 kernel's scale: made with its kernel
+      continue
+    values = jax.block_until_ready(program(seed_arr, np.int32(_layer_of(name) or 0)))
+    made = dict(zip((name, quant.scale_name(name)), values)) if isinstance(values, tuple) else {name: values}
+    out.update(made)
+    bar.update(len(made), sum(nbytes[n] for n in made))
   bar.close()
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(partitioner.param_shapes), out)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(partitioner.param_shapes),
+                                      [out[name] for name in table])

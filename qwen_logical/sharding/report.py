@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from qwen_logical.model.quantization import storage_bytes
 from qwen_logical.sharding.partitioner import Partitioner, path_str
 from qwen_logical.sharding.rules import format_mesh_axes
 
@@ -114,9 +115,8 @@ def sharding_report(partitioner: Partitioner, params=None) -> ShardingReport:
   else:
     for device in p.mesh.devices.flat:
       by_device[str(device.id)] = sum(r.bytes_per_device for r in rows)
-  cfg = p.config
-  canonical = cfg.num_parameters * np.dtype(cfg.param_dtype).itemsize
-  return ShardingReport(p.name, p.mesh.devices.size, p.layout.describe(), rows, dict(by_device), canonical)
+  return ShardingReport(p.name, p.mesh.devices.size, p.layout.describe(), rows, dict(by_device),
+                        storage_bytes(p.config))
 
 
 def _block(index: tuple[slice, ...], shape) -> tuple[tuple[int, int], ...]:
