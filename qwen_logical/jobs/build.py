@@ -32,7 +32,7 @@ from qwen_logical.sharding.partitioner import Partitioner
 # ModelConfig fields a run config sets that are numerics and structure, not architecture: a
 # checkpoint accepts them; every other ModelConfig field under config.model is an architecture
 # override (the placeholders in configs/base.py say which).
-NUMERICS = ("param_dtype", "dtype", "scan_layers")
+NUMERICS = ("param_dtype", "dtype", "quantization", "scan_layers")
 _NOT_OVERRIDES = NUMERICS + ("name",)
 
 
@@ -51,9 +51,9 @@ def scan_layers_for(setting: bool | None, backend: str) -> bool:
 
 
 def numerics(config: ConfigDict) -> dict[str, Any]:
-  """param_dtype, dtype and the resolved scan_layers of a run config."""
+  """param_dtype, dtype, quantization and the resolved scan_layers of a run config."""
   m = config.model
-  return {"param_dtype": m.param_dtype, "dtype": m.dtype,
+  return {"param_dtype": m.param_dtype, "dtype": m.dtype, "quantization": m.get("quantization", ""),
           "scan_layers": scan_layers_for(m.scan_layers, jax.default_backend())}
 
 
