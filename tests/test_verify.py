@@ -243,6 +243,11 @@ def test_the_logit_tolerance_scales_with_each_position():
   assert c.tolerance_used == pytest.approx(2e-3 / 6e-4)
   assert c.max_rel_logit_diff == pytest.approx(2e-3 / 0.5)
   assert compare_logits(noisy[:1], reference[:1], tol).tolerance_used == pytest.approx(2e-3 / 0.0301)
+  # Positions are compared a chunk at a time; the chunk size changes nothing.
+  rng = np.random.RandomState(0)
+  reference = 3 * rng.randn(3, 5, 40)
+  candidate = reference + 1e-3 * rng.randn(*reference.shape)
+  assert compare_logits(candidate, reference, tol, rows_per_chunk=4) == compare_logits(candidate, reference, tol)
 
 
 def test_pcc_kl_and_top_k_overlap():

@@ -8,6 +8,7 @@ one [B, L] token batch, and greedy generation with the KV cache on prompts cut f
 from __future__ import annotations
 
 import dataclasses
+import gc
 import shutil
 import tempfile
 import time
@@ -66,6 +67,13 @@ class Reference:
   tokens: list[list[int]]  # greedy tokens per prompt
 
 
+def release_weights() -> None:
+  """Frees the host memory of weights that are gone: buffers the loader's devices adopted without a
+  copy go back through a queue JAX drains only when Python's cycle collector runs (jax's gc
+  callback), so without this every combination's weights stay until a collection happens to run."""
+  gc.collect()
+
+
 class Suite:
   """Runs the combinations of `settings` for one model source and one set of inputs."""
 
@@ -113,6 +121,7 @@ class Suite:
       loaded = build.open_source(self.scratch, numerics, "the reference's weights, loaded")
       self.source = dataclasses.replace(loaded, note=self.source.note)
     del params
+    release_weights()
     self.reference = Reference(logits, tokens)
     info.update(logits_std=float(logits.std()), logits_max=float(np.abs(logits).max()), tokens=tokens)
     return info
@@ -154,6 +163,7 @@ class Suite:
       return entry
     report = sharding_report(partitioner, params)
     del params
+    release_weights()
     tolerances = self.settings.tolerances
     comparison = compare_logits(logits, self.reference.logits, tolerances)
     failures += comparison.failures(tolerances) + greedy_failures(tokens, self.reference.tokens)
