@@ -17,6 +17,7 @@ from conftest import mesh_of
 from hf_reference import hf_logits, tiny_hf_model
 from qwen_logical.checkpoints.loader import load_checkpoint
 from qwen_logical.jobs.verify import verify
+from qwen_logical.jobs.verify_report import compact_paths
 from qwen_logical.jobs.verify_suite import Settings, Suite
 from qwen_logical.jobs.verify_verdict import compare_logits, kl_rows, pearson_rows, top_k_overlap, unclaimed_replication
 from qwen_logical.sharding.rules import get_table
@@ -263,3 +264,8 @@ def test_pcc_kl_and_top_k_overlap():
   swapped = ref.copy()
   swapped[0, [6, 9]] = swapped[0, [9, 6]]  # 9 leaves the top 3, 6 enters
   assert top_k_overlap(swapped, ref, 3).tolist() == [2 / 3]
+
+
+def test_replicated_paths_of_unrolled_layers_are_folded():
+  paths = ["final_norm/scale", "layers_0/input_norm/scale", "layers_1/input_norm/scale", "layers_10/mlp/up_kernel"]
+  assert compact_paths(paths) == "final_norm/scale, layers_*/input_norm/scale (2 layers), layers_*/mlp/up_kernel (1 layer)"

@@ -37,6 +37,16 @@ def pictures(partitioner: Partitioner, key_params: tuple[str, ...]) -> list[str]
   return out
 
 
+def compact_paths(paths: list[str]) -> str:
+  """Parameter paths with unrolled layers folded: 'layers_0/a', 'layers_1/a' -> 'layers_*/a (2 layers)'."""
+  groups: dict[str, int] = {}
+  for path in paths:
+    key = re.sub(r"^layers_\d+/", "layers_*/", path)
+    groups[key] = groups.get(key, 0) + 1
+  return ", ".join(f"{k} ({n} layer{'s' * (n > 1)})" if k.startswith("layers_*/") else k
+                   for k, n in groups.items())
+
+
 def collectives_text(collectives: dict, long: bool = False) -> str:
   parts = []
   for kind in KINDS:
@@ -67,7 +77,7 @@ def format_combination(entry: dict[str, Any], tol: Tolerances) -> str:
     lines += [
         f"   head plan: {entry['head_plan']}; weights: {entry['weights']}",
         f"   params MiB/device: max {max(per_device) / 2**20:.2f}, min {min(per_device) / 2**20:.2f} "
-        f"over {entry['devices']} devices; replicated: {', '.join(entry['replicated']) or 'none'}",
+        f"over {entry['devices']} devices; replicated: {compact_paths(entry['replicated']) or 'none'}",
         f"   times: weights {t['weights_s']:.2f} s, compile {t['compile_s']:.2f} s, forward "
         f"{t['run_s']:.3f} s, generate {t['generate_s']:.2f} s (compile {t['generate_compile_s']:.2f} s)",
         "   " + agreement_text(entry, tol),
