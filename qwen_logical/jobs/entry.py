@@ -12,13 +12,13 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from qwen_logical.common.errors import QwenLogicalError
-from qwen_logical.jobs import run, verify
+from qwen_logical.jobs import run, verify, verify_large
 from qwen_logical.jobs.build import JobError
 from qwen_logical.jobs.devices import setup_devices
 from qwen_logical.sharding import distributed
 
 # name -> module with devices_needed(config) -> int and main(config) -> JSON report (report["ok"]).
-JOBS = {"run": run, "verify": verify}
+JOBS = {"run": run, "verify": verify, "verify_large": verify_large}
 USER_ERROR_EXIT_CODE = 2
 
 
@@ -26,8 +26,9 @@ def run_job(config: ConfigDict) -> dict[str, Any]:
   """Runs the job `config.job` names; writes --config.report (process 0); returns the report."""
   job = JOBS.get(config.job)
   if job is None:
-    raise JobError(f"--config.job={config.job!r}: use 'run' (one mesh and table) or 'verify' "
-                   "(the verification suite, configs/verify.py).")
+    raise JobError(f"--config.job={config.job!r}: use 'run' (one mesh and table), 'verify' "
+                   "(the verification suite, configs/verify.py) or 'verify_large' (a process per "
+                   "combination within host memory, configs/verify_7b.py).")
   setup_devices(config, job.devices_needed(config))
   report = job.main(config)
   if config.report and distributed.is_main_process():

@@ -1,0 +1,53 @@
+"""The whole Qwen2.5-7B verified on every mesh of the suite, within this host's memory.
+
+  python main.py --config=configs/verify_7b.py [--config.report=verify_7b.json]
+
+The 7B shape (28 layers, 28 query / 4 KV heads) with bf16 weight storage and float32 compute,
+random weights from the hash init (the same model on every mesh and table, so every run builds
+its own). Each combination below and each 1x1 reference (one per weight storage: bf16, int8)
+runs in a process of its own after its host memory is estimated from its compiled programs; a run
+that would not fit is skipped with the figures. The logits of the 1x1 references stay on disk.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.job = "verify_large"
+  config.platform = "cpu"  # the memory estimate is of host memory: simulated CPU devices
+  config.fit_to_host_memory = False  # the whole model or nothing: the estimate decides per run
+  config.model.preset = "qwen2.5-7b"
+  config.model.param_dtype = "bfloat16"
+  config.model.dtype = "float32"
+  config.verify = ConfigDict()
+  # MESH:TABLE[:int8][:NAME=AXES,...] (jobs/verify_large_plan.py). Measured needs of the 7B
+  # (compiled programs, 2026-11-27): 1x1 bf16 17.5 GiB, 1x8 tensor_parallel 17.9; tp_fsdp as it is
+  # gathers each layer on every device (2x4: 22.8 GiB, 4x2: 30.9) while with replicated activations
+  # (activation_batch=None) XLA keeps the weights sharded and sums partial products (2x4: 18.2,
+  # 4x2: 18.6); fsdp on 8x1 needs 47 GiB in bf16 (listed to show the skip), 13 GiB in int8 with
+  # replicated activations; tensor_parallel on 2x4 holds two int8 copies (20.5 GiB).
+  config.verify.combinations = ("1x8:tensor_parallel,"
+                                "2x4:tp_fsdp:activation_batch=None,"
+                                "4x2:tp_fsdp:activation_batch=None,"
+                                "8x1:fsdp:int8:activation_batch=None,"
+                                "2x4:tp_fsdp:int8:activation_batch=None,"
+                                "2x4:tensor_parallel:int8,"
+                                "8x1:fsdp")
+  config.verify.batch_size = 8
+  config.verify.seq_len = 16  # the forward batch [batch_size, seq_len]
+  # Of the memory available when each run starts (MemAvailable; no swap here): the estimate
+  # already bounds the run from above (1x8 tensor_parallel: estimate 17.9 GiB, measured 17.5).
+  config.verify.host_memory_fraction = 0.95
+  config.verify.keep_dir = ""  # a directory to keep the logits in; "" = a temporary one, removed
+  # The verdict, per position vs the 1x1 reference of the same weights (verify_verdict.py). Float32
+  # compute over the same bf16 (or int8) values: runs differ only in the order of float32 sums.
+  config.verify.rtol = 1e-3
+  config.verify.atol = 1e-4
+  config.verify.min_pcc = 0.99999
+  config.verify.max_kl = 1e-5  # nats
+  config.verify.top_k = 100
+  config.verify.min_top_k_overlap = 0.98
+  return config

@@ -1,0 +1,140 @@
+"""Host memory of one run on CPU: estimated from compiled programs before any weight exists, then measured.
+
+On XLA:CPU every (simulated) device lives in this process, so one run's peak resident memory is
+bounded by
+
+    overhead + parameters + max(forward temporaries + outputs, init temporaries) + host logits
+
+* overhead: this process's peak resident memory so far, measured once JAX is up and the forward
+  is compiled (Python, JAX, the XLA runtime and the compiler's own transient memory);
+* parameters: every device's stored parameter bytes, replicas included (from the shardings);
+* forward: the compiled forward's temporaries and outputs per device (XLA's buffer assignment,
+  `compiled.memory_analysis()`), summed over the devices;
+* init: the largest temporaries of one sharded-init program, summed over the devices (an int8
+  kernel's float32 values before its scales exist; a bf16 init fuses into its output: none);
+* host logits: the float32 [B, L, V] copy brought to the host.
+
+Weights exist in the forward and in init, never both with the other's temporaries, hence the max.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import sys
+
+import numpy as np
+
+from qwen_logical.common import host
+from qwen_logical.sharding.partitioner import Partitioner
+from qwen_logical.sharding.report import sharding_report
+
+GiB = 2**30
+
+
+def _status_bytes(field: str) -> int | None:
+  """A `kB` field of /proc/self/status (VmRSS, VmHWM) in bytes; None where there is no procfs."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory so far (VmHWM; getrusage's ru_maxrss where there is no procfs)."""
+  peak = _status_bytes("VmHWM")
+  if peak is None:
+    peak = maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+  return peak
+
+
+def maxrss_bytes(ru_maxrss: int) -> int:
+  """getrusage/wait4's ru_maxrss in bytes (kilobytes on Linux, bytes on macOS)."""
+  return ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024
+
+
+def size_text(nbytes: float) -> str:
+  """'17.9 GiB', or '312 MiB' under a GiB (tiny models)."""
+  return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.0f} MiB"
+
+
+def param_bytes(partitioner: Partitioner) -> int:
+  """Stored parameter bytes over every device of the mesh, replicas included (from the shardings)."""
+  return sum(sharding_report(partitioner).bytes_by_device.values())
+
+
+def program_bytes(compiled, devices: int) -> tuple[int, int]:
+  """(temporaries, outputs) of a compiled SPMD program, summed over its `devices` (XLA reports one device's)."""
+  stats = compiled.memory_analysis()
+  return devices * int(stats.temp_size_in_bytes), devices * int(stats.output_size_in_bytes)
+
+
+def init_temp_bytes(partitioner: Partitioner) -> int:
+  """The largest temporaries of one sharded-init program, summed over the devices (compiles each, ~1 s
+  for the 7B: one small program per parameter kind)."""
+  from qwen_logical.sharding.init import init_programs
+  devices = partitioner.mesh.devices.size
+  seed, layer = np.uint32(0), np.int32(0)
+  return max((program_bytes(program.lower(seed, layer).compile(), devices)[0]
+              for program in init_programs(partitioner).values()), default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostEstimate:
+  """The pieces of one run's host-memory bound, in bytes (see the module docstring)."""
+
+  overhead: int
+  params: int
+  forward_temp: int
+  forward_output: int
+  init_temp: int
+  host_logits: int
+
+  @property
+  def total(self) -> int:
+    return (self.overhead + self.params + max(self.forward_temp + self.forward_output, self.init_temp)
+            + self.host_logits)
+
+  def describe(self) -> str:
+    """'process 0.4 + parameters 14.6 + forward temporaries 2.9 + outputs 0.1 + host logits 0.1 GiB'."""
+    parts = [("process", self.overhead), ("parameters", self.params)]
+    if self.init_temp > self.forward_temp + self.forward_output:
+      parts.append(("init temporaries", self.init_temp))
+    else:
+      parts += [("forward temporaries", self.forward_temp), ("outputs", self.forward_output)]
+    parts.append(("host logits", self.host_logits))
+    return " + ".join(f"{name} {value / GiB:.2f}" for name, value in parts) + " GiB"
+
+  def to_dict(self) -> dict[str, int]:
+    return {**dataclasses.asdict(self), "total": self.total}
+
+
+def estimate(partitioner: Partitioner, compiled_forward, logits_shape: tuple[int, ...]) -> HostEstimate:
+  """The bound for running `compiled_forward` (already compiled) on freshly initialised weights.
+
+  Call it before any weight exists: the overhead is the process's peak so far.
+  """
+  devices = partitioner.mesh.devices.size
+  forward_temp, forward_output = program_bytes(compiled_forward, devices)
+  return HostEstimate(overhead=peak_rss_bytes(), params=param_bytes(partitioner), forward_temp=forward_temp,
+                      forward_output=forward_output, init_temp=init_temp_bytes(partitioner),
+                      host_logits=math.prod(logits_shape) * np.dtype(np.float32).itemsize)
+
+
+def allowance_bytes(fraction: float) -> int:
+  """What a run may use now: the host's available memory times `fraction`."""
+  return int(host.available_host_bytes() * fraction)
+
+
+def over_allowance(estimate_: HostEstimate, allowance: int, fraction: float) -> str:
+  """The reason a run is skipped ('needs 30.4 GiB (...), this host allows 16.1 GiB ...'), or "" when it fits."""
+  if estimate_.total <= allowance:
+    return ""
+  return (f"needs {size_text(estimate_.total)} ({estimate_.describe()}), this host allows "
+          f"{size_text(allowance)} ({fraction:.0%} of the memory available when it started; "
+          "--config.verify.host_memory_fraction)")
