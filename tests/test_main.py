@@ -45,9 +45,9 @@ def test_main_runs_tiny_model_with_overrides(tmp_path):
   assert summary["rules"] == "tp_fsdp+overrides"
   assert summary["logits_shape"] == [8, 16, 256]
   assert "padded 7 -> 8" in summary["head_plan"]
-  assert summary["scan_layers"] is False  # the default on CPU: unrolled layers decode faster there
-  mlp = [p for p in report["sharding"]["params"] if p["path"] == "layers_1/mlp/gate_kernel"][0]
-  assert mlp["mesh_axes"] == [None, "batch"]  # (mlp, embed): embed over batch (FSDP), mlp unsharded
+  assert summary["scan_layers"] is True  # FSDP gathers weights: scanned on CPU too (one layer's at a time)
+  mlp = [p for p in report["sharding"]["params"] if p["path"] == "layers/mlp/gate_kernel"][0]
+  assert mlp["mesh_axes"] == [None, None, "batch"]  # (layers, mlp, embed): embed over batch (FSDP), mlp unsharded
   for phrase in ("Sharding of 2x4 tp_fsdp+overrides", "Per-device MiB", "Timings: init"):
     assert phrase in result.stdout
   assert "all-gather" in summary["collectives"]  # FSDP over 'batch' gathers weights
@@ -62,10 +62,16 @@ def test_main_says_when_it_runs_a_reduced_model(tmp_path):
 
 
 def test_the_layer_form_defaults_to_the_fast_one_per_platform():
-  from qwen_logical.jobs.build import scan_layers_for
+  from qwen_logical.jobs.build import gathers_weights, scan_layers_for
+  from qwen_logical.sharding.rules import get_table
   assert scan_layers_for(None, "cpu") is False  # XLA:CPU: scanned layers decode ~4x slower
   assert scan_layers_for(None, "gpu") is True and scan_layers_for(None, "tpu") is True
   assert scan_layers_for(True, "cpu") is True and scan_layers_for(False, "gpu") is False  # as asked
+  # Under FSDP, unrolled layers on XLA:CPU hold every layer's gathered weights at once: scanned.
+  assert scan_layers_for(None, "cpu", gathers=True) is True
+  assert gathers_weights(get_table("fsdp")) and gathers_weights(get_table("tp_fsdp"), {"batch": 2, "model": 4})
+  assert not gathers_weights(get_table("tp_fsdp"), {"batch": 1, "model": 8})  # embed over batch, of size 1
+  assert not gathers_weights(get_table("tensor_parallel")) and not gathers_weights(get_table("data_parallel"))
   sys.path.insert(0, REPO)
   try:
     from configs import base
@@ -92,6 +98,7 @@ def test_main_loads_a_checkpoint_and_exports_it(tmp_path):
                          f"--config.export={exported}")
   summary = report["summary"]
   assert summary["num_layers"] == 2 and "load_s" in summary["timings"]
+  assert summary["scan_layers"] is False  # the default on CPU: unrolled layers decode faster there
   assert (exported / "model.safetensors").exists() and (exported / "config.json").exists()
   assert "Timings: load" in result.stdout
   from qwen_logical.checkpoints.directory import open_checkpoint

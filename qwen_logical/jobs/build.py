@@ -40,21 +40,36 @@ class JobError(QwenLogicalError):
   """A run config the jobs cannot carry out as given (the message names the flag and the fix)."""
 
 
-def scan_layers_for(setting: bool | None, backend: str) -> bool:
-  """--config.model.scan_layers resolved: None picks the fast form for the platform.
+def gathers_weights(table, mesh_shape: dict[str, int] | None = None) -> bool:
+  """Whether `table` shards parameters along embed (FSDP): the forward then gathers each layer's weights.
 
-  XLA:CPU copies each layer's slice of scanned (stacked) weights on every decode step, about
-  4x slower decode than unrolled layers on a real 0.5B; accelerators compile one scanned layer
-  instead of N and lose nothing at run time.
+  With `mesh_shape`, only mesh axes of more than one device count.
   """
-  return setting if setting is not None else backend != "cpu"
+  axes = table.mesh_axes(ax.EMBED)
+  return any(mesh_shape is None or mesh_shape.get(a, 1) > 1 for a in axes)
 
 
-def numerics(config: ConfigDict) -> dict[str, Any]:
-  """param_dtype, dtype, quantization and the resolved scan_layers of a run config."""
+def scan_layers_for(setting: bool | None, backend: str, gathers: bool = False) -> bool:
+  """--config.model.scan_layers resolved: None picks the form for the platform and table.
+
+  Accelerators: scanned (one compiled layer instead of N, nothing lost at run time). CPU:
+  unrolled, since XLA:CPU copies each layer's slice of scanned (stacked) weights on every decode
+  step (about 4x slower decode on a real 0.5B); but scanned under a table that gathers weights
+  (`gathers`, FSDP), where XLA:CPU holds every unrolled layer's gathered weights on every device
+  at once (measured on the 0.5B shape, 1x8 fsdp: +0.5 GB peak per layer, 21 GB at 24 layers)
+  and a scan gathers one layer at a time.
+  """
+  if setting is not None:
+    return setting
+  return backend != "cpu" or gathers
+
+
+def numerics(config: ConfigDict, gathers: bool = False) -> dict[str, Any]:
+  """param_dtype, dtype, quantization and the resolved scan_layers of a run config (`gathers`: see
+  scan_layers_for)."""
   m = config.model
   return {"param_dtype": m.param_dtype, "dtype": m.dtype, "quantization": m.get("quantization", ""),
-          "scan_layers": scan_layers_for(m.scan_layers, jax.default_backend())}
+          "scan_layers": scan_layers_for(m.scan_layers, jax.default_backend(), gathers)}
 
 
 def architecture_overrides(config: ConfigDict) -> dict[str, Any]:
@@ -63,10 +78,10 @@ def architecture_overrides(config: ConfigDict) -> dict[str, Any]:
   return {k: v for k, v in config.model.items() if k in fields and v is not None}
 
 
-def model_config_from(config: ConfigDict) -> ModelConfig:
+def model_config_from(config: ConfigDict, gathers: bool = False) -> ModelConfig:
   """The ModelConfig a run config asks for: a preset or an HF config.json, then its overrides."""
   m = config.model
-  overrides = {**architecture_overrides(config), **numerics(config)}
+  overrides = {**architecture_overrides(config), **numerics(config, gathers)}
   if m.get("hf_config"):
     return from_hf_config(m.hf_config, **overrides)
   return preset(m.preset).replace(**overrides)
@@ -116,19 +131,21 @@ def open_source(directory: str, numerics_: dict[str, Any], label: str) -> Source
   return Source(checkpoint.config, checkpoint, label=label)
 
 
-def model_source(config: ConfigDict) -> Source:
+def model_source(config: ConfigDict, gathers: bool = False) -> Source:
   """The job's model: --config.checkpoint, else the preset / hf_config with overrides.
 
-  On CPU with --config.fit_to_host_memory, a random model that would not fit the host runs
-  with fewer layers, and the Source's note says so.
+  `gathers`: whether a rule table of the job gathers weights (gathers_weights), which decides
+  the layer form when --config.model.scan_layers is None. On CPU with
+  --config.fit_to_host_memory, a random model that would not fit the host runs with fewer
+  layers, and the Source's note says so.
   """
   if config.checkpoint:
     overridden = sorted(architecture_overrides(config))
     if overridden:
       raise JobError(f"--config.model.{overridden[0]} cannot change a checkpoint's architecture; the "
                      f"model comes from {config.checkpoint}/config.json. Drop the override.")
-    return open_source(config.checkpoint, numerics(config), "loaded from the checkpoint")
-  cfg, note = model_config_from(config), ""
+    return open_source(config.checkpoint, numerics(config, gathers), "loaded from the checkpoint")
+  cfg, note = model_config_from(config, gathers), ""
   if config.fit_to_host_memory and jax.default_backend() == "cpu":
     cfg, note = host_memory.fit_layers_to_host(cfg, config.host_memory_fraction,
                                                config.model.num_layers is not None)

@@ -126,7 +126,7 @@ def main(config: ConfigDict) -> dict[str, Any]:
   prompts = read_prompts(config)
   request = prepare_request(config, prompts) if prompts else None
   mesh = make_mesh(config.mesh)
-  source = build.model_source(config)
+  source = build.model_source(config, gathers=build.gathers_weights(table, dict(mesh.shape)))
   partitioner = build.make_partitioner(source, mesh, table)
   params, seconds = source.weights(partitioner)
   timings = {f"{source.kind}_s": seconds}

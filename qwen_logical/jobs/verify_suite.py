@@ -79,7 +79,7 @@ class Suite:
 
   def __init__(self, config: ConfigDict, settings: Settings):
     self.config, self.settings = config, settings
-    self.source = build.model_source(config)
+    self.source = build.model_source(config, gathers=any(map(build.gathers_weights, self._tables())))
     self.scratch: str | None = None  # where the reference's random weights are saved, if anywhere
     s, cfg = settings, self.source.config
     rng = np.random.RandomState(config.seed)
@@ -88,6 +88,16 @@ class Suite:
     lengths = np.linspace(max(1, s.seq_len // 2), s.seq_len, s.batch_size).astype(int)
     self.prompts = [row[:n].tolist() for row, n in zip(self.tokens, lengths)]
     self.reference: Reference | None = None
+
+  def _tables(self) -> list:
+    """The suite's rule tables that resolve (the others are reported as skipped, per combination)."""
+    tables = []
+    for name in self.settings.tables:
+      try:
+        tables.append(get_table(name, self.config.rule_overrides))
+      except RuleError:
+        pass
+    return tables
 
   @property
   def model_config(self):
