@@ -20,6 +20,7 @@ from qwen_logical.checkpoints.export import export_checkpoint
 from qwen_logical.checkpoints.hf_names import flax_from_hf, hf_from_flax
 from qwen_logical.checkpoints.loader import load_checkpoint
 from qwen_logical.model.config import ConfigError, preset
+from qwen_logical.model import projections
 from qwen_logical.model.head_layout import PADDING, QUERY
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.report import sharding_report
@@ -79,11 +80,30 @@ def test_every_mesh_and_table_gives_the_single_device_result(storage, mesh, tabl
 _REFERENCE: dict = {}
 
 
-def _single_device(storage: str) -> np.ndarray:
-  if storage not in _REFERENCE:
-    part = Partitioner(CONFIG.replace(**STORAGE[storage]), mesh_of("1x1"), get_table("tensor_parallel"))
-    _REFERENCE[storage] = np.asarray(part.forward(part.init(seed=0), TOKENS))
-  return _REFERENCE[storage]
+def _single_device(storage: str, tied: bool = False) -> np.ndarray:
+  """The 1x1 logits (the vocab projection in one block: tiny's is far below projections._BLOCK_BYTES)."""
+  if (storage, tied) not in _REFERENCE:
+    config = CONFIG.replace(tie_word_embeddings=tied, **STORAGE[storage])
+    part = Partitioner(config, mesh_of("1x1"), get_table("tensor_parallel"))
+    _REFERENCE[storage, tied] = np.asarray(part.forward(part.init(seed=0), TOKENS))
+  return _REFERENCE[storage, tied]
+
+
+@pytest.mark.parametrize("mesh,table,tied", [("1x1", "tensor_parallel", False), ("1x8", "tensor_parallel", True),
+                                             ("2x4", "fsdp", False), ("4x2", "tp_fsdp", True)])
+@pytest.mark.parametrize("storage", sorted(STORAGE))
+def test_vocab_projection_in_blocks_gives_the_whole_result(monkeypatch, storage, mesh, table, tied):
+  """A stored bf16 / int8 lm_head or tied embedding is converted in blocks of each device's vocab
+  rows (projections.vocab_projection); with blocks forced small the logits stay the 1x1 ones."""
+  expected = _single_device(storage, tied)
+  counts = []
+  original = projections._num_blocks
+  monkeypatch.setattr(projections, "_BLOCK_BYTES", 2048)
+  monkeypatch.setattr(projections, "_num_blocks", lambda *a: counts.append(original(*a)) or counts[-1])
+  part = Partitioner(CONFIG.replace(tie_word_embeddings=tied, **STORAGE[storage]), mesh_of(mesh), get_table(table))
+  got = np.asarray(part.forward(part.init(seed=0), TOKENS))
+  assert counts and min(counts) >= 8
+  assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_int8_scales_are_sharded_like_their_rows_and_padded_heads_are_zero():

@@ -19,6 +19,7 @@ from qwen_logical.model import axes as ax
 from qwen_logical.model import quantization as quant
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import KV, QUERY, HeadLayout
+from qwen_logical.model.projections import Kernel, dense, vocab_projection
 
 Initializer = Callable[..., jax.Array]
 KVCache = dict  # one layer's {'k': [B, K, S, D], 'v': [B, K, S, D]} (logical ax.KV_CACHE)
@@ -75,9 +76,6 @@ def logical_param(module: nn.Module, name: str, init: Initializer, shape, names,
   return module.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), dtype)
 
 
-Kernel = tuple  # (kernel, its per-output-channel float32 scale or None)
-
-
 def kernel_param(module: nn.Module, name: str, init: Initializer, shape, names, config: ModelConfig) -> Kernel:
   """A weight kernel `name` [out..., in...] as stored: (kernel in param_dtype, None), or with int8
   quantization (config.quantization) (int8 kernel, `<name>_scale` f32[out...]) whose scale carries the
@@ -86,8 +84,7 @@ def kernel_param(module: nn.Module, name: str, init: Initializer, shape, names, 
   if not quant.is_quantized(name, config.quantization):
     return logical_param(module, name, init, shape, names, config.param_dtype), None
   contracted = quant.contracted_axes(name)
-  # One key for both (Flax would give each param its own); outside init, Flax traces the initializers
-  # for their shapes only, with a key of its own.
+  # One key for both; outside init Flax traces initializers for shapes only, with a key of its own.
   shared = module.make_rng("params") if module.is_initializing() and not _SHAPES_ONLY.get() else None
   values = lambda key: init(key if shared is None else shared, tuple(shape), jnp.float32)
   scales = lambda key, *_: quant.scales_of(values(key), contracted, jnp)
@@ -96,17 +93,6 @@ def kernel_param(module: nn.Module, name: str, init: Initializer, shape, names, 
   scale = logical_param(module, quant.scale_name(name), scales, quant.output_part(shape, contracted),
                         quant.output_part(names, contracted), jnp.float32)
   return kernel, scale
-
-
-def dense(spec: str, x: jax.Array, kernel: Kernel, dtype) -> jax.Array:
-  """einsum(spec, x, kernel) in `dtype`, then times the int8 scale over the output's last dimension.
-
-  `kernel` as from kernel_param, possibly reshaped: the output's last dimension holds the kernel's
-  output channels flattened (exact: a per-output-channel scale factors out of the sum).
-  """
-  weights, scale = kernel
-  y = jnp.einsum(spec, x, weights.astype(dtype))
-  return y if scale is None else y * scale.reshape(-1).astype(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -146,7 +132,7 @@ class Embedder(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """x [B, L, E] -> logits [B, L, V] with the embedding transposed (tied weights)."""
-    return dense("ble,ve->blv", x, self.embedding, self.config.dtype)
+    return vocab_projection(x, self.embedding, self.config.dtype)
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

@@ -18,7 +18,8 @@ from qwen_logical.common.errors import QwenLogicalError
 from qwen_logical.model import axes as ax
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import HeadLayout, plan_heads
-from qwen_logical.model.layers import DecoderLayer, Embedder, Mode, RMSNorm, constrain, dense, kernel_param
+from qwen_logical.model.layers import DecoderLayer, Embedder, Mode, RMSNorm, constrain, kernel_param
+from qwen_logical.model.projections import vocab_projection
 
 __all__ = ["Mode", "ModelCallError", "Qwen2ForCausalLM", "attention_bias", "cached_attention_bias",
            "positions_from_mask"]
@@ -225,4 +226,4 @@ class Qwen2ForCausalLM(nn.Module):
       return embedder.attend(x)
     kernel = kernel_param(self, "lm_head", nn.initializers.normal(cfg.initializer_range),
                           (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED), cfg)
-    return dense("ble,ve->blv", x, kernel, cfg.dtype)
+    return vocab_projection(x, kernel, cfg.dtype)
