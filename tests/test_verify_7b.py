@@ -132,7 +132,8 @@ def test_the_estimate_pieces_are_the_arrays_and_programs_they_name(eight_devices
   held = sum(shard.data.nbytes for array in jax.tree_util.tree_leaves(params) for shard in array.addressable_shards)
   assert estimate.params == held >= 2 * storage_bytes(cfg)  # tensor_parallel on 2x4: two replicas, padded heads
   stats = compiled.memory_analysis()
-  assert estimate.forward_temp == 8 * stats.temp_size_in_bytes > 0
+  workspace = memory_estimate.ynn_workspace_bytes(compiled.as_text())
+  assert estimate.forward_temp == 8 * (stats.temp_size_in_bytes + workspace) > 0
   logits_bytes = BATCH * LENGTH * cfg.vocab_size * 4  # split over batch and vocab: one copy over the devices
   assert estimate.forward_output == logits_bytes == estimate.host_logits
   if quantization:  # a kernel's float32 values before its scales: the lm_head's, in its 8 shards of 2 replicas
@@ -143,6 +144,29 @@ def test_the_estimate_pieces_are_the_arrays_and_programs_they_name(eight_devices
                             + logits_bytes)
   assert memory_estimate.over_allowance(estimate, estimate.total, 0.5) == ""
   assert memory_estimate.over_allowance(estimate, estimate.total - 1, 0.5).startswith("needs ")
+
+
+YNN_MODULE = """HloModule m
+%fused (param_0: f32[4,8]) -> f32[4] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  ROOT %r = f32[4]{0} reduce(%param_0), dimensions={1}
+}
+ENTRY %main (p: f32[4,8], w: bf16[8,16]) -> (f32[4], f32[4,16]) {
+  %p = f32[4,8]{1,0} parameter(0)
+  %w = bf16[8,16]{1,0} parameter(1)
+  %big = f32[100,8]{1,0} fusion(%p), kind=kLoop, calls=%f1
+  %ynn_fusion = f32[4]{0} fusion(%big, %p), kind=kCustom, calls=%fused, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  %ynn_fusion.1 = f32[4,16]{1,0} fusion(%p, %w), kind=kCustom, calls=%f3, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  %loop = f32[400,8]{1,0} fusion(%big), kind=kLoop, calls=%f4
+  ROOT %t = (f32[4]{0}, f32[4,16]{1,0}) tuple(%ynn_fusion, %ynn_fusion.1)
+}
+"""
+
+
+def test_ynn_workspace_is_the_operands_of_the_largest_ynn_fusion():
+  # XLA's own fusions (kLoop) are in memory_analysis(); only YNNPACK fusions' operands are added.
+  assert memory_estimate.ynn_workspace_bytes(YNN_MODULE) == max(100 * 8 * 4 + 4 * 8 * 4, 4 * 8 * 4 + 8 * 16 * 2)
+  assert memory_estimate.ynn_workspace_bytes(YNN_MODULE.replace("__ynn_fusion", "__other")) == 0
 
 
 def test_combinations_are_config_data():

@@ -12,6 +12,10 @@ bounded by
   `compiled.memory_analysis()`), summed over the devices;
 * init: the largest temporaries of one sharded-init program, summed over the devices (an int8
   kernel's float32 values before its scales exist; a bf16 init fuses into its output: none);
+* temporaries include, per device, the operands of the largest YNNPACK fusion: XLA:CPU's YNNPACK
+  fusions allocate outside buffer assignment (the int8 init of the 7B's embedding on one device
+  peaks 1.3 GiB above memory_analysis()'s 2.5 GiB, whose float32 operand is 2.0 GiB; with
+  --xla_cpu_experimental_ynn_fusion_type= they agree exactly), so their operands bound it;
 * host logits: the float32 [B, L, V] copy brought to the host.
 
 Weights exist in the forward and in init, never both with the other's temporaries, hence the max.
@@ -21,12 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import resource
 import sys
 
 import numpy as np
 
 from qwen_logical.common import host
+from qwen_logical.sharding.collectives import _bytes as shape_bytes  # bytes of an HLO shape's text
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.report import sharding_report
 
@@ -68,10 +74,36 @@ def param_bytes(partitioner: Partitioner) -> int:
   return sum(sharding_report(partitioner).bytes_by_device.values())
 
 
+# "%name = f32[128,3584]{1,0} op(...)" (a tuple-shaped instruction does not match: no operand of interest)
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[^\s=]+)\s*=\s*(?P<shape>[a-z]+\d*\[[\d,]*\])")
+_YNN_FUSION = re.compile(r"\bfusion\((?P<operands>[^)]*)\).*__ynn_fusion")
+
+
+def ynn_workspace_bytes(hlo_text: str) -> int:
+  """Per device, the operand bytes of the largest YNNPACK fusion in a compiled module's text (0 if none).
+
+  Operands print before their users, so one pass over the text knows every operand's shape.
+  """
+  sizes: dict[str, int] = {}
+  worst = 0
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    sizes[match["name"]] = shape_bytes(match["shape"])
+    fusion = _YNN_FUSION.search(line)
+    if fusion:
+      operands = (name.strip().lstrip("%") for name in fusion["operands"].split(","))
+      worst = max(worst, sum(sizes.get(name, 0) for name in operands))
+  return worst
+
+
 def program_bytes(compiled, devices: int) -> tuple[int, int]:
-  """(temporaries, outputs) of a compiled SPMD program, summed over its `devices` (XLA reports one device's)."""
+  """(temporaries, outputs) of a compiled SPMD program, summed over its `devices` (XLA reports one
+  device's); temporaries include the largest YNNPACK fusion's operands (the module docstring says why)."""
   stats = compiled.memory_analysis()
-  return devices * int(stats.temp_size_in_bytes), devices * int(stats.output_size_in_bytes)
+  temp = int(stats.temp_size_in_bytes) + ynn_workspace_bytes(compiled.as_text())
+  return devices * temp, devices * int(stats.output_size_in_bytes)
 
 
 def init_temp_bytes(partitioner: Partitioner) -> int:

@@ -160,6 +160,9 @@ def verify_large(config: ConfigDict) -> dict[str, Any]:
   agreed = sum(e["status"] == "ok" for e in entries)
   say(f"\nSummary (vs the 1x1 reference of the same weights; {tolerances_text(plan.tolerances)})")
   say(summary_table(references, entries))
+  for e in references + entries:
+    if e["status"] == "skipped":
+      say(f"skipped {e['mesh']} {e['rules']} ({e['weights']}): {e['reason']}")
   elapsed = time.perf_counter() - started
   verdict = (f"{agreed} agree, {len(failed)} FAILED, {len(skipped)} skipped of {len(entries)} combinations "
              f"({suite.runs} process{'es' * (suite.runs != 1)}) in {elapsed:.0f} s")
