@@ -22,6 +22,10 @@ def get_config():
   config.model.preset = "qwen2.5-7b"
   config.model.param_dtype = "bfloat16"
   config.model.dtype = "float32"
+  # Unrolled under every table: with scanned layers the 7B's forward under tp_fsdp / fsdp needs
+  # 27-36 GiB of temporaries (2x4 tp_fsdp: 41.9 GiB in all against 17.6 unrolled; estimated
+  # 2026-11-25), so the default form for tables that gather weights (scanned) would skip them all.
+  config.model.scan_layers = False
   config.verify = ConfigDict()
   # MESH:TABLE[:int8][:NAME=AXES,...] (jobs/verify_large_plan.py). Estimated needs of the 7B
   # (2026-11-25; the job prints its own): 1x1 bf16 15.9 GiB, int8 11.7; 1x8 tensor_parallel 16.4;

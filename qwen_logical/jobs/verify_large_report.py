@@ -44,7 +44,8 @@ def format_run(entry: dict[str, Any], tol: Tolerances, kind: str = "") -> str:
     lines.append(f"   {entry['reason']}")
   if "peak_after_init_bytes" in entry:
     t = entry["timings"]
-    lines += [f"   {memory_text(entry)}; head plan {entry['head_plan']}",
+    layers = "scanned" if entry["scan_layers"] else "unrolled"
+    lines += [f"   {memory_text(entry)}; {layers} layers; head plan {entry['head_plan']}",
               f"   times: compile {t['compile_s']:.2f} s, estimate {t['estimate_s']:.2f} s, weights "
               f"{t['weights_s']:.2f} s, forward {t['run_s']:.2f} s, process {entry['process_s']:.1f} s; "
               f"collectives per forward: {collectives_text(entry['collectives'])}"]

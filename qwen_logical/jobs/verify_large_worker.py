@@ -35,13 +35,16 @@ from qwen_logical.model import axes as ax
 BATCH_FLAG = "--config.verify.batch_size"
 
 
-def _partitioner(config: ConfigDict, combination: Combination, source: build.Source):
+def _build(config: ConfigDict, combination: Combination):
+  """(Source, Partitioner) of the combination; the layer form follows the table (build.scan_layers_for)."""
   import jax
   from qwen_logical.sharding.mesh import make_mesh
   from qwen_logical.sharding.rules import get_table
   mesh = make_mesh(combination.mesh, devices=jax.devices()[:combination.devices])
   table = get_table(combination.table, combination.rule_overrides(config.rule_overrides))
-  return build.make_partitioner(source, mesh, table)
+  cfg = build.model_config_from(config, build.gathers_weights(table, dict(mesh.shape)))
+  source = build.Source(cfg.replace(quantization=combination.quantization), seed=config.seed, label="sharded init")
+  return source, build.make_partitioner(source, mesh, table)
 
 
 def _compile(partitioner, shape: tuple[int, int]) -> tuple[Any, float]:
@@ -66,16 +69,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
   """The run SPEC describes; its result (status 'ok' or 'skipped'); raises on anything unexpected."""
   from qwen_logical.sharding.collectives import count_collectives
   config, combination = ConfigDict(spec["config"]), Combination(**spec["combination"])
-  cfg = build.model_config_from(config).replace(quantization=combination.quantization)
-  source = build.Source(cfg, seed=config.seed, label="sharded init")
   tokens = np.load(spec["tokens"])
   result: dict[str, Any] = {"status": "skipped"}
   try:
-    partitioner = _partitioner(config, combination, source)
+    source, partitioner = _build(config, combination)
     partitioner.check_batch(*tokens.shape, flag=BATCH_FLAG)
   except SKIPPABLE as e:  # the table does not fit the mesh or the batch
     return {**result, "reason": str(e)}
-  result["head_plan"] = partitioner.layout.describe()
+  cfg = source.config
+  result.update(head_plan=partitioner.layout.describe(), scan_layers=cfg.scan_layers)
   compiled, compile_s = _compile(partitioner, tokens.shape)
   start = time.perf_counter()
   estimate = memory_estimate.estimate(partitioner, compiled, (*tokens.shape, cfg.vocab_size))
