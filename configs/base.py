@@ -15,7 +15,7 @@ def get_config() -> ConfigDict:
   config.batch_size = 8
   config.seq_len = 16
   config.fit_to_host_memory = True  # on CPU, run fewer layers (and say so) if the model would not fit
-  config.host_memory_fraction = 0.7  # of available memory, for parameters plus init temporaries
+  config.host_memory_fraction = 0.9  # of available memory, for parameters and the forward's temporaries
   config.report = ""  # path of a JSON report
   config.checkpoint = ""  # an HF Qwen2 directory (config.json + safetensors); the architecture comes from it
   # Generation (with a prompt the job generates text instead of running the sample forward pass).
@@ -41,7 +41,8 @@ def get_config() -> ConfigDict:
   config.model = ConfigDict()
   config.model.preset = "qwen2.5-7b"
   config.model.hf_config = ""  # path to an HF config.json (or its directory) instead of a preset
-  config.model.param_dtype = "float32"
+  # "" = float32 (the fast path on CPU) when the model fits this host so, else bfloat16 (the 7B here)
+  config.model.param_dtype = ""
   config.model.dtype = "float32"
   config.model.quantization = ""  # "" = weights in param_dtype | "int8": weight-only, one scale per output channel
   # None = the fast layer form for the platform: unrolled on CPU (XLA:CPU copies each layer's slice of

@@ -18,6 +18,7 @@ def get_config():
   config.job = "verify"
   config.mesh = "1x8"  # unused: the suite makes its meshes from verify.meshes (the largest sizes the devices)
   config.model.preset = "qwen2.5-0.5b"
+  config.model.param_dtype = "float32"
   config.verify = ConfigDict()
   config.verify.meshes = "1x1,1x8,2x4,4x2,8x1"  # batch x model
   config.verify.tables = "tensor_parallel,data_parallel,fsdp,tp_fsdp"  # --config.rule_overrides applies to each

@@ -17,7 +17,7 @@ from conftest import mesh_of
 from hf_reference import hf_logits, tiny_hf_model
 from qwen_logical.checkpoints.loader import load_checkpoint
 from qwen_logical.jobs.verify import verify
-from qwen_logical.jobs.verify_report import compact_paths
+from qwen_logical.sharding.report import compact_paths
 from qwen_logical.jobs.verify_suite import Settings, Suite
 from qwen_logical.jobs.verify_verdict import compare_logits, kl_rows, pearson_rows, top_k_overlap, unclaimed_replication
 from qwen_logical.sharding.rules import get_table

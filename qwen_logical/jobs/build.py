@@ -68,7 +68,7 @@ def numerics(config: ConfigDict, gathers: bool = False) -> dict[str, Any]:
   """param_dtype, dtype, quantization and the resolved scan_layers of a run config (`gathers`: see
   scan_layers_for)."""
   m = config.model
-  return {"param_dtype": m.param_dtype, "dtype": m.dtype, "quantization": m.get("quantization", ""),
+  return {"param_dtype": m.param_dtype or "float32", "dtype": m.dtype, "quantization": m.get("quantization", ""),
           "scan_layers": scan_layers_for(m.scan_layers, jax.default_backend(), gathers)}
 
 
@@ -144,14 +144,28 @@ def model_source(config: ConfigDict, gathers: bool = False) -> Source:
     if overridden:
       raise JobError(f"--config.model.{overridden[0]} cannot change a checkpoint's architecture; the "
                      f"model comes from {config.checkpoint}/config.json. Drop the override.")
-    return open_source(config.checkpoint, numerics(config, gathers), "loaded from the checkpoint")
-  cfg, note = model_config_from(config, gathers), ""
+    source = open_source(config.checkpoint, numerics(config, gathers), "loaded from the checkpoint")
+    source.config, source.note = _auto_storage(config, source.config)
+    source.checkpoint.config = source.config
+    return source
+  cfg, note = _auto_storage(config, model_config_from(config, gathers))
   if config.fit_to_host_memory and jax.default_backend() == "cpu":
-    cfg, note = host_memory.fit_layers_to_host(cfg, config.host_memory_fraction,
-                                               config.model.num_layers is not None)
-    if note:
-      logging.warning(note)
+    cfg, reduced = host_memory.fit_layers_to_host(cfg, config.host_memory_fraction,
+                                                  config.model.num_layers is not None)
+    if reduced:
+      logging.warning(reduced)
+    note = " ".join(filter(None, (note, reduced)))
   return Source(cfg, seed=config.seed, note=note, label="sharded init")
+
+
+def _auto_storage(config: ConfigDict, cfg: ModelConfig) -> tuple[ModelConfig, str]:
+  """--config.model.param_dtype='' (auto): float32 when the model fits this host so, else bfloat16."""
+  if config.model.param_dtype or config.model.get("quantization"):
+    return cfg, ""
+  dtype, note = host_memory.storage_dtype(cfg, config.host_memory_fraction)
+  if note:
+    logging.info(note)
+  return cfg.replace(param_dtype=dtype), note
 
 
 def make_partitioner(source: Source, mesh, table) -> Partitioner:

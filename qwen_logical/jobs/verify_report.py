@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec
 from qwen_logical.jobs.verify_verdict import Tolerances
 from qwen_logical.sharding.collectives import KINDS
 from qwen_logical.sharding.partitioner import Partitioner, path_str
-from qwen_logical.sharding.report import device_picture
+from qwen_logical.sharding.report import compact_paths, device_picture
 
 _SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
           "collective-permute": "CP"}
@@ -35,16 +35,6 @@ def pictures(partitioner: Partitioner, key_params: tuple[str, ...]) -> list[str]
     if _key_param(path_str(path)) in key_params:
       out.append(device_picture(path_str(path), shape.shape, sharding, tuple(specs[path])))
   return out
-
-
-def compact_paths(paths: list[str]) -> str:
-  """Parameter paths with unrolled layers folded: 'layers_0/a', 'layers_1/a' -> 'layers_*/a (2 layers)'."""
-  groups: dict[str, int] = {}
-  for path in paths:
-    key = re.sub(r"^layers_\d+/", "layers_*/", path)
-    groups[key] = groups.get(key, 0) + 1
-  return ", ".join(f"{k} ({n} layer{'s' * (n > 1)})" if k.startswith("layers_*/") else k
-                   for k, n in groups.items())
 
 
 def collectives_text(collectives: dict, long: bool = False) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import defaultdict
 
 import jax
@@ -74,8 +75,18 @@ class ShardingReport:
     if self.devices > 1:
       rep = self.replicated
       out.append(f"Replicated on every device ({len(rep)}): "
-                 + (", ".join(rep) if rep else "none"))
+                 + (compact_paths(rep) if rep else "none"))
     return "\n".join(out)
+
+
+def compact_paths(paths: list[str]) -> str:
+  """Parameter paths with unrolled layers folded: 'layers_0/a', 'layers_1/a' -> 'layers_*/a (2 layers)'."""
+  groups: dict[str, int] = {}
+  for path in paths:
+    key = re.sub(r"^layers_\d+/", "layers_*/", path)
+    groups[key] = groups.get(key, 0) + 1
+  return ", ".join(f"{k} ({n} layer{'s' * (n > 1)})" if k.startswith("layers_*/") else k
+                   for k, n in groups.items())
 
 
 def _axes(values, mesh: bool = False) -> str:
