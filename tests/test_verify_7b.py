@@ -68,6 +68,8 @@ def test_each_reference_runs_once_and_every_combination_agrees_with_its_own(job)
       ("1x1", "bfloat16", "ok"), ("1x1", "int8", "ok")]
   entries = {(e["mesh"], e["rules"], e["weights"]): e for e in report["combinations"]}
   assert set(entries) == {("1x8", "tensor_parallel", "bfloat16"), ("2x4", "tp_fsdp[activation_batch=None]", "int8")}
+  for entry in report["references"] + list(entries.values()):  # every run on the job's copy of the package
+    assert entry["package"] == str(job[2] / "code" / "qwen_logical"), entry["package"]
   for entry in entries.values():
     assert entry["status"] == "ok" and entry["failures"] == [], entry
     assert entry["tolerance_used"] < 0.05 and 1 - entry["pcc_min"] < 1e-9 and entry["kl_mean"] < 1e-9, entry

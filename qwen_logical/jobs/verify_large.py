@@ -56,13 +56,27 @@ def compare_files(candidate: str, reference: str, tolerances) -> dict[str, Any]:
   return {**dataclasses.asdict(comparison), "failures": comparison.failures(tolerances)}
 
 
-def _spawn(spec: dict[str, Any], spec_path: str) -> tuple[int, int]:
-  """Runs one worker process on `spec`; (exit status, its peak resident bytes measured by the kernel)."""
+def snapshot_package(directory: str) -> str:
+  """A copy of the qwen_logical package in `directory`; the directory to put first on the runs' path.
+
+  Every run then executes the code the job started with, even when the source tree is edited
+  during the job's minutes (a half-edited module would otherwise fail the runs that start later).
+  """
+  root = os.path.join(directory, "code")
+  shutil.copytree(os.path.join(_PACKAGE_ROOT, "qwen_logical"), os.path.join(root, "qwen_logical"),
+                  ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+  return root
+
+
+def _spawn(spec: dict[str, Any], spec_path: str, code_root: str) -> tuple[int, int]:
+  """Runs one worker process on `spec` with the package from `code_root`; (exit status, its peak
+  resident bytes measured by the kernel)."""
   with open(spec_path, "w") as f:
     json.dump(spec, f)
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT, env.get("PYTHONPATH"))))
-  process = subprocess.Popen([sys.executable, "-m", verify_large_worker.__name__, spec_path], env=env)
+  # `python -m` would put the working directory (often the source tree) first on the path.
+  start = (f"import sys; sys.path.insert(0, {code_root!r}); from absl import app; "
+           f"from {verify_large_worker.__name__} import main; app.run(main)")
+  process = subprocess.Popen([sys.executable, "-c", start, spec_path])
   _, status, usage = os.wait4(process.pid, 0)
   process.returncode = os.waitstatus_to_exitcode(status)
   return process.returncode, memory_estimate.maxrss_bytes(usage.ru_maxrss)
@@ -79,6 +93,7 @@ class LargeSuite:
     self.tokens_path = os.path.join(directory, "tokens.npy")
     np.save(self.tokens_path, tokens)
     self.references: dict[str, dict[str, Any]] = {}  # weight storage -> the reference's entry
+    self.code_root = snapshot_package(directory)
     self.runs = 0
 
   def weights_name(self, combination: Combination) -> str:
@@ -94,7 +109,7 @@ class LargeSuite:
         allowance_bytes=allowance, host_memory_fraction=self.plan.host_memory_fraction)
     logging.info("Starting %s (allowance %s)", combination.label, memory_estimate.size_text(allowance))
     start = time.perf_counter()
-    status, peak = _spawn(spec, paths["spec"])
+    status, peak = _spawn(spec, paths["spec"], self.code_root)
     self.runs += 1
     entry = {"mesh": combination.mesh, "rules": combination.rules_label, "weights": self.weights_name(combination),
              "allowance_bytes": allowance, "process_s": time.perf_counter() - start}

@@ -1,6 +1,5 @@
-"""One run of the large-model verification, in a process of its own (verify_large.py starts it):
-
-    python -m qwen_logical.jobs.verify_large_worker SPEC.json
+"""One run of the large-model verification, in a process of its own (verify_large.py starts it,
+from its snapshot of the package; by hand: python -m qwen_logical.jobs.verify_large_worker SPEC.json).
 
 SPEC.json: {"config": the run config as a dict, "combination": {mesh, table, quantization, overrides},
 "tokens": int32[B, L] .npy to read, "logits": .npy to write, "allowance_bytes", "host_memory_fraction",
@@ -18,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import traceback
 from typing import Any
@@ -112,6 +112,7 @@ def main(argv: list[str]) -> int:
     logging.error("%s crashed:\n%s", combination.label, traceback.format_exc())
     result, status = {"status": "fail", "failures": [f"crashed: {type(e).__name__}: {e}"]}, 1
   result["peak_rss_bytes"] = memory_estimate.peak_rss_bytes()
+  result["package"] = os.path.dirname(os.path.dirname(os.path.abspath(memory_estimate.__file__)))
   with open(spec["result"], "w") as f:
     json.dump(result, f, indent=1)
   return status
