@@ -12,7 +12,7 @@ A run's peak host memory on XLA:CPU (every simulated device lives in this proces
   buffers for that come to about 3.5 layers in float32 (the 7B shape in bf16 on 1x8: 3.1 GB);
 * the hash init writes each parameter straight into its shards (no temporaries of its size).
 
-Measured 2026-11-25: the whole 7B in bf16 on 1x8 peaks at 18.8 GB (estimate 19.8 GB).
+Measured 2026-11-25: `python main.py` (the whole 7B in bf16 on 1x8) peaks at 16.8 GB (estimate 20.3 GB).
 """
 
 from __future__ import annotations
