@@ -203,7 +203,7 @@ def load_params(checkpoint: Checkpoint, partitioner: Partitioner, progress: bool
 
 
 def load_checkpoint(directory: str, mesh, table, *, param_dtype: str = "float32", dtype: str = "float32",
-                    scan_layers: bool = True, quantization: str = "", progress: bool = True):
+                    scan_layers: bool = False, quantization: str = "", progress: bool = True):
   """(sharded params, ModelConfig, Partitioner) for an HF directory on `mesh` under rule `table`.
 
   `quantization="int8"` stores the kernels int8 with per-output-channel scales, quantised on load
