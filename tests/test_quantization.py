@@ -92,9 +92,9 @@ def _single_device(storage: str, tied: bool = False) -> np.ndarray:
 @pytest.mark.parametrize("mesh,table,tied", [("1x1", "tensor_parallel", False), ("1x8", "tensor_parallel", True),
                                              ("2x4", "fsdp", False), ("4x2", "tp_fsdp", True)])
 @pytest.mark.parametrize("storage", sorted(STORAGE))
-def test_vocab_projection_in_blocks_gives_the_whole_result(monkeypatch, storage, mesh, table, tied):
-  """A stored bf16 / int8 lm_head or tied embedding is converted in blocks of each device's vocab
-  rows (projections.vocab_projection); with blocks forced small the logits stay the 1x1 ones."""
+def test_conversion_in_blocks_gives_the_whole_result(monkeypatch, storage, mesh, table, tied):
+  """Stored bf16 / int8 kernels are converted in blocks of each device's rows (projections.dense);
+  with blocks forced small (tiny's fit in one) the logits stay the 1x1 ones."""
   expected = _single_device(storage, tied)
   counts = []
   original = projections._num_blocks
@@ -102,7 +102,7 @@ def test_vocab_projection_in_blocks_gives_the_whole_result(monkeypatch, storage,
   monkeypatch.setattr(projections, "_num_blocks", lambda *a: counts.append(original(*a)) or counts[-1])
   part = Partitioner(CONFIG.replace(tie_word_embeddings=tied, **STORAGE[storage]), mesh_of(mesh), get_table(table))
   got = np.asarray(part.forward(part.init(seed=0), TOKENS))
-  assert counts and min(counts) >= 8
+  assert max(counts) >= 8 and np.mean(np.array(counts) > 1) > 0.5  # most kernels in several blocks
   assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 

@@ -19,7 +19,7 @@ from qwen_logical.model import axes as ax
 from qwen_logical.model import quantization as quant
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import KV, QUERY, HeadLayout
-from qwen_logical.model.projections import Kernel, dense, vocab_projection
+from qwen_logical.model.projections import Kernel, dense
 
 Initializer = Callable[..., jax.Array]
 KVCache = dict  # one layer's {'k': [B, K, S, D], 'v': [B, K, S, D]} (logical ax.KV_CACHE)
@@ -132,7 +132,7 @@ class Embedder(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """x [B, L, E] -> logits [B, L, V] with the embedding transposed (tied weights)."""
-    return vocab_projection(x, self.embedding, self.config.dtype)
+    return dense(x, self.embedding, self.config.dtype, (ax.VOCAB, ax.EMBED))
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -205,7 +205,7 @@ class Attention(nn.Module):
                      (head_axis_name, ax.HEAD_DIM), pdtype)
       # One [B*L, E] x [H*D, E]^T product on the kernel in its stored order, then split the heads:
       # einsum "ble,hde->blhd" makes XLA:CPU transpose the whole kernel on every call.
-      y = dense("ble,ke->blk", x, (kernel.reshape(heads * d, e), scale), dtype)
+      y = dense(x, (kernel.reshape(heads * d, e), scale), dtype, (head_axis_name, ax.EMBED))
       y = y.reshape(*x.shape[:2], heads, d) + bias_.astype(dtype)
       return constrain(y, activation_names)
 
@@ -244,7 +244,7 @@ class Attention(nn.Module):
                                      (ax.EMBED, ax.HEADS, ax.HEAD_DIM), cfg)
     # One [B*L, H*D] x [E, H*D]^T product: the kernel is used in its stored order (an einsum over
     # (h, d) lets XLA:CPU transpose the whole kernel on every call).
-    y = dense("blk,ek->ble", out.reshape(b, l, h * d), (o_kernel.reshape(e, h * d), o_scale), dtype)
+    y = dense(out.reshape(b, l, h * d), (o_kernel.reshape(e, h * d), o_scale), dtype, (ax.EMBED, ax.HEADS))
     y = constrain(y, ax.EMBED_ACTIVATION)
     return y if self.mode is Mode.FORWARD else (y, cache)
 
@@ -265,10 +265,9 @@ class MLP(nn.Module):
     gate = kernel_param(self, "gate_kernel", normal, (i, e), (ax.MLP, ax.EMBED), cfg)
     up = kernel_param(self, "up_kernel", normal, (i, e), (ax.MLP, ax.EMBED), cfg)
     down = kernel_param(self, "down_kernel", normal, (e, i), (ax.EMBED, ax.MLP), cfg)
-    project = lambda v, kernel: dense("bli,oi->blo", v, kernel, dtype)
-    hidden = jax.nn.silu(project(x, gate)) * project(x, up)
+    hidden = jax.nn.silu(dense(x, gate, dtype, (ax.MLP, ax.EMBED))) * dense(x, up, dtype, (ax.MLP, ax.EMBED))
     hidden = constrain(hidden, ax.MLP_ACTIVATION)
-    y = project(hidden, down)
+    y = dense(hidden, down, dtype, (ax.EMBED, ax.MLP))
     return constrain(y, ax.EMBED_ACTIVATION)
 
 

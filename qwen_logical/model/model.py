@@ -19,7 +19,7 @@ from qwen_logical.model import axes as ax
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import HeadLayout, plan_heads
 from qwen_logical.model.layers import DecoderLayer, Embedder, Mode, RMSNorm, constrain, kernel_param
-from qwen_logical.model.projections import vocab_projection
+from qwen_logical.model.projections import dense
 
 __all__ = ["Mode", "ModelCallError", "Qwen2ForCausalLM", "attention_bias", "cached_attention_bias",
            "positions_from_mask"]
@@ -195,29 +195,9 @@ class Qwen2ForCausalLM(nn.Module):
       # The last layer's queries, o projection and MLP are needed for the last token only.
       last = trim and i == cfg.num_layers - 1
       layer_cache = cache[name] if mode is not Mode.FORWARD else None
-      x, new_cache[name] = self._layer_after(x, name)(cfg, self._layout(), mode, last, name=name)(
+      x, new_cache[name] = DecoderLayer(cfg, self._layout(), mode, last, name=name)(
           x, positions, bias, layer_cache, cache_index)
     return x, (new_cache if mode is not Mode.FORWARD else None)
-
-  def _layer_after(self, x: jax.Array, name: str):
-    """DecoderLayer for unrolled layer `name`, or, when its weights are stored in another dtype
-    (bf16, int8), one that sees them converted to the compute dtype only once `x` exists.
-
-    XLA:CPU converts every layer's weights up front and keeps them all otherwise (the 7B shape,
-    bf16 on 1x8: +0.12 GB per layer per device, 29 GB in all), and neither an optimization
-    barrier nor a scan stops it (measured 2026-11-25); adding a zero computed from the layer's
-    input does: the converted weights then depend on `x` and live for one layer only.
-    """
-    dtype = self.config.dtype
-    if self.is_initializing():
-      return DecoderLayer
-    stored = nn.meta.unbox(self.variables["params"][name])
-    if all(a.dtype == dtype for a in jax.tree_util.tree_leaves(stored)):
-      return DecoderLayer
-    first = x.reshape(-1)[0].astype(dtype)
-    zero = jnp.where(jnp.isfinite(first), first, 0) * 0  # +-0: w + zero == w exactly
-    converted = jax.tree_util.tree_map(lambda a: a.astype(dtype) + zero, stored)
-    return nn.map_variables(DecoderLayer, "params", trans_in_fn=lambda _: {"params": converted}, mutable=False)
 
   def _logits(self, embedder: Embedder, x: jax.Array) -> jax.Array:
     """x [B, L, E] -> logits [B, L, V] (tied: the embedding transposed; else the lm_head)."""
@@ -226,4 +206,4 @@ class Qwen2ForCausalLM(nn.Module):
       return embedder.attend(x)
     kernel = kernel_param(self, "lm_head", nn.initializers.normal(cfg.initializer_range),
                           (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED), cfg)
-    return vocab_projection(x, kernel, cfg.dtype)
+    return dense(x, kernel, cfg.dtype, (ax.VOCAB, ax.EMBED))

@@ -1,9 +1,22 @@
 """Products with weight kernels as stored: float, or int8 with a float32 scale per output channel.
 
-A kernel is `(weights, scale)` (`layers.kernel_param`): weights [out..., in...] in param_dtype
-with scale None, or int8 with scale f32[out...]. Weights are converted to the compute dtype
-where the product happens and the scale multiplies the product's output channels, never the
-weights (exact: a per-output-channel scale factors out of the sum).
+A kernel is `(weights, scale)` (`layers.kernel_param`): weights in param_dtype with scale None,
+or int8 weights with scale f32[out...]. `dense` takes the weights as one [out, in] matrix (HF's
+order: a decode step's matrix-vector product reads rows contiguously) and multiplies the
+product's output channels by the scale, never the weights (exact: a per-output-channel scale
+factors out of the sum).
+
+Weights stored in another dtype than the compute dtype (bf16 or int8 on CPU) are converted
+inside the product, a block of rows at a time (about 4 MiB in float32 per device), each block
+once the previous block's output exists, so XLA can neither hoist the conversions (it would
+convert every layer up front and keep them all) nor hold more than a block. XLA:CPU allocates
+temporaries afresh on each call, so a larger converted copy is fresh memory to fault in and
+zero on every decode step. Measured 2026-11-25, 0.5B shape (24 unrolled layers), 1x1, decode
+step: float32 75 ms; converted a layer at a time (57 MiB of temporaries) bf16 167 ms, int8
+153 ms; in blocks of 4 MiB (9 MiB of temporaries) bf16 136 ms, int8 122 ms (16 MiB blocks:
+140 / 125 ms; 1 MiB: int8 146 ms). The tied embedding converted whole: 150 ms for that
+projection alone, 20 ms in float32. Blocks are rows of each device's own shard, so none crosses
+devices; each costs one scalar all-reduce on a sharded mesh (`_zero_after`).
 """
 
 from __future__ import annotations
@@ -15,23 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen_logical.model import axes as ax
-
 Kernel = tuple  # (weights, per-output-channel float32 scale or None)
 
-
-def dense(spec: str, x: jax.Array, kernel: Kernel, dtype) -> jax.Array:
-  """einsum(spec, x, kernel) in `dtype`, then times the int8 scale over the output's last dimension.
-
-  `kernel` as from kernel_param, possibly reshaped: the output's last dimension holds the kernel's
-  output channels flattened (exact: a per-output-channel scale factors out of the sum).
-  """
-  weights, scale = kernel
-  y = jnp.einsum(spec, x, weights.astype(dtype))
-  return y if scale is None else y * scale.reshape(-1).astype(dtype)
-
-
-_BLOCK_BYTES = 16 * 2**20  # per device, one converted block of the vocab projection
+_BLOCK_BYTES = 4 * 2**20  # per device, one converted block
 _MAX_BLOCKS = 64
 
 
@@ -63,29 +62,32 @@ def _num_blocks(rows: int, nbytes: int) -> int:
   return next((d for d in divisors if nbytes // d <= _BLOCK_BYTES), divisors[-1])
 
 
-def vocab_projection(x: jax.Array, kernel: Kernel, dtype) -> jax.Array:
-  """x [B, L, E] -> logits [B, L, V] with a (vocab, embed) kernel: the lm_head or the tied embedding.
+def dense(x: jax.Array, kernel: Kernel, dtype, names: tuple[str, str]) -> jax.Array:
+  """x [B, L, in] times weights [out, in] -> [B, L, out] in `dtype`, times the scale over out.
 
-  A kernel stored in another dtype (bf16, int8) is converted one block of rows at a time, each
-  block once the previous block's logits exist. Converted whole, its float32 copy (0.5B: 520 MiB,
-  7B: 2.1 GiB) is fresh memory on every XLA:CPU call, and faulting it in cost more than the
-  projection itself (0.5B shape, 2026-11-25: 150 ms against 20 ms in float32; in blocks 60 ms).
-  Blocks are rows of each device's own vocab shard ([T, n, V/(T n), E]), so none crosses devices.
+  `names`: the logical axes of the weights' out and in dimensions (of the major one where a
+  dimension is flattened, e.g. heads for q's heads x head_dim).
   """
   weights, scale = kernel
   if weights.dtype == dtype:
-    return dense("ble,ve->blv", x, kernel, dtype)
-  vocab, embed = weights.shape
-  vocab_shards, embed_shards = mesh_shards((ax.VOCAB, ax.EMBED))
-  rows = vocab // vocab_shards
-  n = _num_blocks(rows, rows * embed * jnp.dtype(dtype).itemsize // embed_shards)
-  blocks = nn.with_logical_constraint(weights.reshape(vocab_shards, n, rows // n, embed),
-                                     (ax.VOCAB, None, None, ax.EMBED))
+    y = jnp.einsum("bli,oi->blo", x, weights)
+  else:
+    y = _in_blocks(x, weights, dtype, names)
+  return y if scale is None else y * scale.reshape(-1).astype(dtype)
+
+
+def _in_blocks(x: jax.Array, weights: jax.Array, dtype, names: tuple[str, str]) -> jax.Array:
+  """`dense` of weights stored in another dtype, converted in blocks of rows of each device's shard."""
+  out, inp = weights.shape
+  out_shards, in_shards = mesh_shards(names)
+  rows = out // out_shards
+  n = _num_blocks(rows, rows * inp * jnp.dtype(dtype).itemsize // in_shards)
+  blocks = nn.with_logical_constraint(weights.reshape(out_shards, n, rows // n, inp),
+                                     (names[0], None, None, names[1]))
   parts, zero = [], _zero_after(x)
-  for k in range(n):  # each block as one [T * rows/n, E] matrix: a 3-D one is transposed by XLA:CPU
-    block = blocks[:, k].reshape(vocab // n, embed).astype(dtype) + zero.astype(dtype)
-    part = jnp.einsum("ble,ke->blk", x, block)
+  for k in range(n):  # each block as one [T * rows/n, in] matrix: a 3-D one is transposed by XLA:CPU
+    block = blocks[:, k].reshape(out // n, inp).astype(dtype) + zero.astype(dtype)
+    part = jnp.einsum("bli,oi->blo", x, block)
     zero = _zero_after(part)
-    parts.append(part.reshape(*x.shape[:2], vocab_shards, rows // n))
-  logits = jnp.stack(parts, axis=3).reshape(*x.shape[:2], vocab)  # [B, L, T, n, rows/n] -> V
-  return logits if scale is None else logits * scale.astype(dtype)
+    parts.append(part.reshape(*x.shape[:2], out_shards, rows // n))
+  return jnp.stack(parts, axis=3).reshape(*x.shape[:2], out)  # [B, L, T, n, rows/n] -> out
