@@ -7,16 +7,18 @@ product's output channels by the scale, never the weights (exact: a per-output-c
 factors out of the sum).
 
 Weights stored in another dtype than the compute dtype (bf16 or int8 on CPU) are converted
-inside the product, a block of rows at a time (about 4 MiB in float32 per device), each block
-once the previous block's output exists, so XLA can neither hoist the conversions (it would
-convert every layer up front and keep them all) nor hold more than a block. XLA:CPU allocates
-temporaries afresh on each call, so a larger converted copy is fresh memory to fault in and
-zero on every decode step. Measured 2026-11-25, 0.5B shape (24 unrolled layers), 1x1, decode
-step: float32 75 ms; converted a layer at a time (57 MiB of temporaries) bf16 167 ms, int8
-153 ms; in blocks of 4 MiB (9 MiB of temporaries) bf16 136 ms, int8 122 ms (16 MiB blocks:
-140 / 125 ms; 1 MiB: int8 146 ms). The tied embedding converted whole: 150 ms for that
-projection alone, 20 ms in float32. Blocks are rows of each device's own shard, so none crosses
-devices; each costs one scalar all-reduce on a sharded mesh (`_zero_after`).
+inside the product, a block of rows at a time (at most 16 MiB in float32 per device where 64
+blocks suffice), each block once the previous block's output exists, so XLA can neither hoist
+the conversions (it would convert every layer up front and keep them all) nor hold more than a
+block. XLA:CPU allocates temporaries afresh on each call, so a larger converted copy is fresh
+memory to fault in and zero on every decode step. Measured 2026-11-25, 0.5B shape (24 unrolled
+layers), 1x1, decode step on a quiet machine: float32 75 ms; converted a layer at a time (57 MiB
+of temporaries) bf16 167 ms, int8 153 ms; in blocks of 4 MiB (9 MiB of temporaries) bf16 136 ms,
+int8 122 ms, of 16 MiB 140 / 125 ms. Smaller blocks compile longer (bf16 prefill + decode
+programs: 4 MiB 24 s, 16 MiB 15 s, float32 5 s) and 1 MiB ran slower (int8 146 ms). The tied
+embedding converted whole took 150 ms for that projection alone, 20 ms in float32. Blocks are
+rows of each device's own shard, so none crosses devices; each costs one scalar all-reduce on
+a sharded mesh (`_zero_after`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 
 Kernel = tuple  # (weights, per-output-channel float32 scale or None)
 
-_BLOCK_BYTES = 4 * 2**20  # per device, one converted block
+_BLOCK_BYTES = 16 * 2**20  # per device, one converted block
 _MAX_BLOCKS = 64
 
 
