@@ -27,12 +27,13 @@ def get_config():
   # 2026-11-25), so the default form for tables that gather weights (scanned) would skip them all.
   config.model.scan_layers = False
   config.verify = ConfigDict()
-  # MESH:TABLE[:int8][:NAME=AXES,...] (jobs/verify_large_plan.py). Estimated needs of the 7B
-  # (2026-11-25; the job prints its own): 1x1 bf16 15.9 GiB, int8 11.7; 1x8 tensor_parallel 16.4;
-  # 2x4 tp_fsdp 17.6; 4x2 tp_fsdp 20.2 as it is (each device gathers half of every layer), 17.8
-  # with replicated activations (activation_batch=None: XLA keeps the weights sharded and sums
-  # partial products); 8x1 fsdp 25.8 in bf16 (listed to show the skip), 11.8 in int8 with
-  # replicated activations; 2x4 tensor_parallel int8 22.9 (two int8 copies plus init temporaries).
+  # MESH:TABLE[:int8][:NAME=AXES,...] (jobs/verify_large_plan.py). The 7B's estimates (measured
+  # peaks) in GiB, 2026-11-25 at d8f13f1: 1x1 bf16 15.9 (15.6), int8 11.7 (10.0); 1x8
+  # tensor_parallel 16.3 (16.0); 2x4 tp_fsdp 17.5 (16.9); 4x2 tp_fsdp 20.2 as it is (each device
+  # gathers half of every layer), 17.6 (16.5) with replicated activations (activation_batch=None:
+  # XLA keeps the weights sharded and sums partial products); 8x1 fsdp int8 with replicated
+  # activations 11.7 (9.4), bf16 fsdp 25.7 and 2x4 tensor_parallel int8 22.8 (two int8 copies plus
+  # init temporaries) are listed to show the skip on this 24 GiB host.
   config.verify.combinations = ("1x8:tensor_parallel,"
                                 "2x4:tp_fsdp,"
                                 "4x2:tp_fsdp:activation_batch=None,"
