@@ -22,6 +22,7 @@ from qwen_logical.checkpoints.loader import load_checkpoint
 from qwen_logical.model.config import ConfigError, preset
 from qwen_logical.model import projections
 from qwen_logical.model.head_layout import PADDING, QUERY
+from qwen_logical.sharding.collectives import count_collectives
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.report import sharding_report
 from qwen_logical.sharding.rules import TABLES, get_table
@@ -98,12 +99,16 @@ def test_conversion_in_blocks_gives_the_whole_result(monkeypatch, storage, mesh,
   expected = _single_device(storage, tied)
   counts = []
   original = projections._num_blocks
-  monkeypatch.setattr(projections, "_BLOCK_BYTES", 2048)
+  monkeypatch.setattr(projections, "_BLOCK_BYTES", 4096)
+  monkeypatch.setattr(projections, "_MAX_BLOCKS", 8)  # each block is a dot to compile
   monkeypatch.setattr(projections, "_num_blocks", lambda *a: counts.append(original(*a)) or counts[-1])
   part = Partitioner(CONFIG.replace(tie_word_embeddings=tied, **STORAGE[storage]), mesh_of(mesh), get_table(table))
   got = np.asarray(part.forward(part.init(seed=0), TOKENS))
   assert max(counts) >= 8 and np.mean(np.array(counts) > 1) > 0.5  # most kernels in several blocks
   assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+  if table == "tensor_parallel":  # blocks are rows of each device's shard: nothing but all-reduces
+    collectives = count_collectives(part.lower_forward(8, 12).compile().as_text())
+    assert [kind for kind, c in collectives.items() if c["count"] and kind != "all-reduce"] == []
 
 
 def test_int8_scales_are_sharded_like_their_rows_and_padded_heads_are_zero():
