@@ -8,8 +8,8 @@ A run's peak host memory on XLA:CPU (every simulated device lives in this proces
 * stored parameters: HF parameter count x bytes per value (int8: 1, plus float32 scales), +5% for
   the head layout's padding and repetition on up to 8 model shards;
 * converted-weight temporaries: weights stored in another dtype than the compute dtype are
-  converted one layer at a time inside the forward (model.Qwen2ForCausalLM._layer_after); XLA's
-  buffers for that come to about 3.5 layers in float32 (the 7B shape in bf16 on 1x8: 3.1 GB);
+  converted inside each product a block of rows at a time (model/projections.py); 3.5 layers in
+  float32 bounds that and the compiler's transient memory (the 7B in bf16 on 1x8: 16.6 GB peak);
 * the hash init writes each parameter straight into its shards (no temporaries of its size).
 
 Measured 2026-11-25: `python main.py` (the whole 7B in bf16 on 1x8) peaks at 16.8 GB (estimate 20.3 GB).
