@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from qwen_logical.sharding.partitioner import Partitioner, path_str
-from qwen_logical.sharding.rules import format_mesh_axes
+from qwen_logical.sharding.rules import as_axes, format_mesh_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +151,7 @@ def unclaimed_replication(partitioner: Partitioner) -> list[str]:
     actual = tuple(sharding.spec) + (None,) * (len(logical) - len(sharding.spec))
     for name, mesh_axes in zip(logical, actual):
       claimed = [a for a in table.claimed_axes(name) if mesh_shape.get(a, 1) > 1]
-      have = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+      have = as_axes(mesh_axes)
       missing = [a for a in claimed if a not in have]
       if missing:
         found.append(f"{path_str(path)}: '{name}' is claimed sharded over {'+'.join(claimed)} by "

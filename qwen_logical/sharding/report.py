@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 
 from qwen_logical.model.quantization import storage_bytes
 from qwen_logical.sharding.partitioner import Partitioner, path_str
-from qwen_logical.sharding.rules import format_mesh_axes
+from qwen_logical.sharding.rules import as_axes, format_mesh_axes
 
 
 @dataclasses.dataclass
@@ -98,8 +98,7 @@ def _axes(values, mesh: bool = False) -> str:
 def _shard_shape(shape, spec: PartitionSpec, mesh_shape) -> tuple[int, ...]:
   out = []
   for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-    out.append(size // math.prod(mesh_shape[n] for n in names))
+    out.append(size // math.prod(mesh_shape[n] for n in as_axes(entry)))
   return tuple(out)
 
 

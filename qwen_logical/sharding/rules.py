@@ -39,17 +39,11 @@ class RuleTable:
 
   def mesh_axes(self, logical_name: str) -> tuple[str, ...]:
     """The mesh axes `logical_name` is sharded over, as a tuple (empty: replicated)."""
-    value = self.mapping().get(logical_name)
-    if value is None:
-      return ()
-    return (value,) if isinstance(value, str) else tuple(value)
+    return as_axes(self.mapping().get(logical_name))
 
   def claimed_axes(self, logical_name: str) -> tuple[str, ...]:
     """The mesh axes this strategy claims to shard parameter axis `logical_name` over."""
-    value = dict(self.claims).get(logical_name)
-    if value is None:
-      return ()
-    return (value,) if isinstance(value, str) else tuple(value)
+    return as_axes(dict(self.claims).get(logical_name))
 
   def with_overrides(self, overrides: Mapping[str, MeshAxes]) -> "RuleTable":
     """A copy with some entries replaced; every overridden name must be in the vocabulary."""
@@ -66,6 +60,13 @@ class RuleTable:
     desc = ", ".join(f"{k}={format_mesh_axes(_normalize(v))}" for k, v in overrides.items())
     return RuleTable(f"{self.name}+overrides", rules, f"{self.description} (overridden: {desc})",
                      self.claims)
+
+
+def as_axes(value: MeshAxes | Sequence[str]) -> tuple[str, ...]:
+  """Mesh axes as a tuple, from a rule value or a PartitionSpec entry (None -> (), 'model' -> ('model',))."""
+  if value is None:
+    return ()
+  return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _normalize(value: MeshAxes | Sequence[str]) -> MeshAxes:
