@@ -20,13 +20,14 @@ Prints a table and writes benchmarks/results/default_commands.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from results_file import write_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -143,10 +144,7 @@ def main() -> None:
     print(f"{name:<40} {d['decode_s_per_token_median']:.4f}")
   print(f"1x1 decode speed vs transformers: {hf / one:.2f}x (bar >= {BARS['decode_vs_transformers']}x)")
   print(f"1x8 decode time / 1x1: {eight / one:.2f}x (bar <= {BARS['mesh8_decode_ratio']}x)")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {args.out}")
+  write_results(args.out, result)
 
 
 if __name__ == "__main__":

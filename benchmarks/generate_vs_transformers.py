@@ -28,6 +28,8 @@ import sys
 import threading
 import time
 
+from results_file import write_results
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -390,10 +392,7 @@ def main():
   print(f"(the roofline allows at most {result['max_possible_decode_vs_transformers']:.2f}x transformers' decode "
         f"here; the read-only stream {result['max_possible_decode_vs_transformers_read_only']:.2f}x; the prefill "
         f"floor {result['max_possible_prefill_vs_transformers']:.2f}x transformers' prefill)")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {args.out}")
+  write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ Prints a table and writes benchmarks/results/storage_dtypes.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+
+from results_file import write_results
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,10 +122,7 @@ def main() -> None:
     result["settings"][name] = entry
     print(f"{name:<22} {entry['prefill_tokens_per_s']:>13.1f} {entry['decode_tokens_per_s']:>12.2f} "
           f"{(step_bytes or 0) / 2**20:>9.0f} {entry['read_GBps'] or 0:>9.2f} {entry['decode_vs_transformers']:>11.2f}x")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {args.out}")
+  write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import sys
 import numpy as np
 
 from qwen_logical.common import host
-from qwen_logical.sharding.collectives import _bytes as shape_bytes  # bytes of an HLO shape's text
+from qwen_logical.sharding.collectives import shape_bytes
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.report import sharding_report
 

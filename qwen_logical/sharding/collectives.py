@@ -21,7 +21,8 @@ _BRANCHES = re.compile(r"branch_computations=\{(?P<names>[^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"\}')
 
 
-def _bytes(shape_text: str) -> int:
+def shape_bytes(shape_text: str) -> int:
+  """Bytes of the arrays in an HLO shape's text, e.g. 'f32[8,128]{1,0}' or a tuple of them."""
   total = 0
   for m in _ARRAY.finditer(shape_text):
     dims = [int(d) for d in m["dims"].split(",") if d]
@@ -52,7 +53,7 @@ def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     op = _OP.search(line)
     if op:
       ops[current][op["kind"]] += 1
-      sizes[current][op["kind"]] += _bytes(op["shape"])
+      sizes[current][op["kind"]] += shape_bytes(op["shape"])
     trip = _TRIP_COUNT.search(line)
     for callee in _CALLEE.finditer(line):
       times = int(trip["n"]) if trip and callee["how"] in ("body", "condition") else 1

@@ -38,6 +38,7 @@ from qwen_logical.common.progress import Progress
 from qwen_logical.model import axes as ax
 from qwen_logical.model import quantization as quant
 from qwen_logical.model.head_layout import KV, PADDING, QUERY, HeadLayout
+from qwen_logical.sharding.tree_paths import path_str
 
 _GOLDEN = np.uint32(0x9E3779B9)
 
@@ -123,7 +124,7 @@ def _leaf_table(partitioner) -> dict[str, tuple]:
   leaves = jax.tree_util.tree_leaves_with_path(partitioner.param_shapes)
   logical = jax.tree_util.tree_leaves(partitioner.logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
   shardings = jax.tree_util.tree_leaves(partitioner.param_shardings)
-  return {_path_name(path): (shape, tuple(names), sharding)
+  return {path_str(path): (shape, tuple(names), sharding)
           for (path, shape), names, sharding in zip(leaves, logical, shardings)}
 
 
@@ -150,10 +151,6 @@ def init_programs(partitioner) -> dict[str, Callable]:
       sharding = (sharding, table[quant.scale_name(name)][2])
     programs[key] = jax.jit(fn, out_shardings=sharding)
   return programs
-
-
-def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def init_params(partitioner, seed: int = 0, progress: bool = True) -> Any:

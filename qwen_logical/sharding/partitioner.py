@@ -27,18 +27,9 @@ from qwen_logical.sharding import distributed, validation
 from qwen_logical.sharding.init import init_params
 from qwen_logical.sharding.mesh import mesh_name
 from qwen_logical.sharding.rules import RuleTable
+from qwen_logical.sharding.tree_paths import path_keys, path_str  # noqa: F401 (re-exported)
 
 Params = Any  # nested dict of arrays, Flax layout
-
-
-def path_keys(path) -> tuple[str, ...]:
-  """A pytree key path as its dict keys, e.g. ('layers', 'attention', 'q_kernel')."""
-  return tuple(str(getattr(k, "key", k)) for k in path)
-
-
-def path_str(path) -> str:
-  """A pytree key path as 'layers/attention/q_kernel'."""
-  return "/".join(path_keys(path))
 
 
 class Partitioner:
