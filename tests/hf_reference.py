@@ -1,4 +1,8 @@
-"""Tiny random HF Qwen2ForCausalLM models (torch, float32): the reference implementation."""
+"""Tiny random HF Qwen2ForCausalLM models (torch, float32): the reference implementation.
+
+`tiny_hf_model` draws every weight at one scale (logit std ~1); `real_looking_model` scales them so
+the logits look like a real checkpoint's (std >= 3, maxima >= 25): test with both.
+"""
 
 import numpy as np
 import torch
@@ -44,3 +48,22 @@ def hf_logits(model, tokens, attention_mask=None) -> np.ndarray:
     kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
   with torch.no_grad():
     return model(tokens, **kwargs).logits.float().numpy()
+
+
+# Weight scales that give logits like a real checkpoint's (std >= 3, maxima >= 25: tied embeddings
+# make each token's own logit stand out), with attention peaked (large q/k) and the layers adding
+# about as much to the residual stream as the embedding (small o/down projections).
+SCALES = {"embed_tokens": 0.3, "q_proj": 0.3, "k_proj": 0.3, "o_proj": 0.02, "down_proj": 0.02}
+OTHER_SCALE = 0.1  # v, gate, up and the biases
+
+
+def real_looking_model(seed=0):
+  """A random HF Qwen2 (the 0.5B head shape: 14 query / 2 KV heads) whose logits look real."""
+  model = tiny_hf_model(heads=14, kv_heads=2, hidden=112, vocab=256, tied=True, seed=seed)
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if not name.endswith("norm.weight"):
+        scale = next((s for part, s in SCALES.items() if part in name), OTHER_SCALE)
+        p.copy_(scale * torch.randn(p.shape, generator=generator))
+  return model

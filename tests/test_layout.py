@@ -17,7 +17,7 @@ README = ROOT / "README.md"
 # Rooms in the order data flows through them; a module may import from its own room or one to its
 # left. The facade (qwen_logical/__init__.py) re-exports the library and sits after every library
 # room; jobs come last, and nothing but a job imports a job.
-ROOMS = ("common", "model", "sharding", "checkpoints", "inference")
+ROOMS = ("common", "model", "sharding", "checkpoints", "inference", "training", "serving")
 FACADE = "qwen_logical"
 JOBS = "jobs"
 ORDER = {name: i for i, name in enumerate(ROOMS + (FACADE, JOBS))}

@@ -11,10 +11,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
 
 from conftest import mesh_of
-from hf_reference import hf_logits, tiny_hf_model
+from hf_reference import hf_logits, real_looking_model
 from qwen_logical.checkpoints.loader import load_checkpoint
 from qwen_logical.jobs.verify import verify
 from qwen_logical.sharding.report import compact_paths
@@ -28,11 +27,6 @@ from configs import verify as verify_config  # noqa: E402
 
 LAYERS = 2  # the tiny preset and the test checkpoint
 BROKEN_TP = "heads=None,kv_heads=None,activation_heads=None,activation_kv_heads=None,cache_kv_heads=None"
-# Weight scales that give logits like a real checkpoint's (std >= 3, maxima >= 25: tied embeddings
-# make each token's own logit stand out), with attention peaked (large q/k) and the layers adding
-# about as much to the residual stream as the embedding (small o/down projections).
-SCALES = {"embed_tokens": 0.3, "q_proj": 0.3, "k_proj": 0.3, "o_proj": 0.02, "down_proj": 0.02}
-OTHER_SCALE = 0.1  # v, gate, up and the biases
 
 
 def tiny_config(**verify_settings):
@@ -44,17 +38,6 @@ def tiny_config(**verify_settings):
     config.verify[key] = value
   return config
 
-
-def real_looking_model(seed=0):
-  """A random HF Qwen2 (the 0.5B head shape: 14 query / 2 KV heads) whose logits look real."""
-  model = tiny_hf_model(heads=14, kv_heads=2, hidden=112, vocab=256, tied=True, seed=seed)
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if not name.endswith("norm.weight"):
-        scale = next((s for part, s in SCALES.items() if part in name), OTHER_SCALE)
-        p.copy_(scale * torch.randn(p.shape, generator=generator))
-  return model
 
 
 @pytest.fixture(scope="module")
