@@ -20,6 +20,7 @@ DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype(np.float16),
 }
 SUPPORTED_DTYPES = tuple(DTYPES)
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 class ConfigError(QwenLogicalError):
@@ -72,6 +73,9 @@ class ModelConfig:
   # channel (model.quantization). Not part of the HF config.
   quantization: str = ""
   scan_layers: bool = False  # unrolled: the fast form on XLA:CPU; jobs pick per platform
+  # Rematerialisation of each decoder layer in FORWARD calls (training): "none" keeps every
+  # activation for the backward pass, "full" recomputes the layer, "dots" keeps the weight products only.
+  remat: str = "none"
 
   def __post_init__(self):
     for field in ("param_dtype", "dtype"):
@@ -92,6 +96,8 @@ class ModelConfig:
           f"{self.num_kv_heads}; grouped-query attention needs whole groups.")
     if self.head_dim % 2:
       raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings.")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"ModelConfig.remat={self.remat!r} is not supported; use one of {REMAT_POLICIES}.")
     if self.quantization not in QUANTIZATIONS:
       raise ConfigError(f"ModelConfig.quantization={self.quantization!r} is not supported; use one of "
                         f"{QUANTIZATIONS} ('' keeps weights in param_dtype).")

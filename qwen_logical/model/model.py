@@ -88,11 +88,20 @@ def _positions_and_bias(mode: Mode, shape: tuple[int, int], attention_mask, posi
   return (positions_from_mask(mask) if positions is None else positions), attention_bias(mask)
 
 
-def _scan(num_layers: int, cached: bool):
+def _layer_class(remat: str, scanned: bool):
+  """DecoderLayer, rematerialised as ModelConfig.remat says ("full": recompute the whole layer in the
+  backward pass; "dots": keep the weight products, recompute the rest)."""
+  if remat == "none":
+    return DecoderLayer
+  policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nn.remat(DecoderLayer, policy=policy, prevent_cse=not scanned)
+
+
+def _scan(num_layers: int, cached: bool, remat: str = "none"):
   """DecoderLayer scanned over `num_layers` stacked layers (params with a leading `layers` axis);
   called as (x, positions, bias[, cache stacked [n, ...], cache_index])."""
   return nn.scan(
-      DecoderLayer,
+      _layer_class(remat, scanned=True),
       variable_axes={"params": 0},
       split_rngs={"params": True},
       in_axes=(nn.broadcast, nn.broadcast) + ((0, nn.broadcast) if cached else ()),
@@ -185,17 +194,19 @@ class Qwen2ForCausalLM(nn.Module):
     if trim and not self.is_initializing():
       x, stacked = _LastTokenStack(cfg, self._layout(), mode, name="layers")(x, *args)
     else:  # init creates the stacked params with the full-length scan
-      x, stacked = _scan(cfg.num_layers, cached)(cfg, self._layout(), mode, name="layers")(x, *args)
+      remat = "none" if cached else cfg.remat  # remat serves training (FORWARD) only
+      x, stacked = _scan(cfg.num_layers, cached, remat)(cfg, self._layout(), mode, name="layers")(x, *args)
     return x, ({"layers": stacked} if cached else None)
 
   def _unrolled(self, x, positions, bias, mode, cache, cache_index, trim):
     cfg, new_cache = self.config, {}
+    layer_class = _layer_class(cfg.remat if mode is Mode.FORWARD else "none", scanned=False)
     for i in range(cfg.num_layers):
       name = f"layers_{i}"
       # The last layer's queries, o projection and MLP are needed for the last token only.
       last = trim and i == cfg.num_layers - 1
       layer_cache = cache[name] if mode is not Mode.FORWARD else None
-      x, new_cache[name] = DecoderLayer(cfg, self._layout(), mode, last, name=name)(
+      x, new_cache[name] = layer_class(cfg, self._layout(), mode, last, name=name)(
           x, positions, bias, layer_cache, cache_index)
     return x, (new_cache if mode is not Mode.FORWARD else None)
 

@@ -1,0 +1,1 @@
+"""Fine-tuning with the same rule tables: data, loss, optimizer, the sharded train state and step."""
