@@ -1,8 +1,19 @@
-"""Next-token selection: greedy, temperature, top-k and top-p (nucleus) sampling.
+"""Next-token selection: greedy, temperature, top-k and top-p (nucleus) sampling, row by row.
 
-`SamplingParams` is static (hashable): each distinct setting compiles its own
-decode step once. Logits are f32[B, V] (activation_batch, activation_vocab);
-tokens come back as int32[B].
+`SamplingParams` is one setting (hashable). The compiled programs take the settings as runtime
+arrays, one value per row (`sample_rows`): temperature f32[B], top_k i32[B], top_p f32[B], so
+one compiled step serves rows with different settings. What differs between programs is only
+the static sampler `kind`:
+
+* GREEDY: every row takes its most likely token (no noise is drawn);
+* SAMPLE: rows with temperature 0 take their most likely token, the others draw by Gumbel-max
+  over the whole vocabulary: argmax(logits / temperature + Gumbel noise);
+* FILTERED: as SAMPLE, but rows with top_k or top_p first mask every logit below their
+  threshold (found by sorting the row). A row without filtering draws exactly what it draws
+  under SAMPLE: the noise always covers the full vocabulary, so the draw depends only on the
+  row's key and logits, never on the kind, the batch or the row's neighbours.
+
+Logits are f32[B, V] (activation_batch, activation_vocab); tokens come back as int32[B].
 """
 
 from __future__ import annotations
@@ -13,7 +24,10 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from qwen_logical.common.errors import QwenLogicalError
+
+GREEDY, SAMPLE, FILTERED = "greedy", "sample", "filtered"
 
 
 class SamplingError(QwenLogicalError):
@@ -57,29 +71,76 @@ class SamplingParams:
   def greedy(self) -> bool:
     return self.temperature == 0.0
 
+  @property
+  def filtered(self) -> bool:
+    """Whether top-k or top-p removes tokens before a sampled draw (needs the FILTERED kind)."""
+    return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
+
+  @property
+  def kind(self) -> str:
+    """The sampler kind that serves this setting: GREEDY, SAMPLE or FILTERED."""
+    return GREEDY if self.greedy else FILTERED if self.filtered else SAMPLE
+
   def check_vocab(self, vocab_size: int) -> None:
     if self.top_k > vocab_size:
       raise SamplingError(f"top_k={self.top_k} exceeds the vocabulary size {vocab_size}; use at most "
                           f"{vocab_size} (or 0 to turn top-k off).")
 
 
-def sample(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> jax.Array:
-  """logits f32[B, V], keys (one PRNG key per row) [B] -> tokens int32[B]."""
+def row_values(settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Host arrays (temperature f32[B], top_k i32[B], top_p f32[B]) of SamplingParams, one per row."""
+  return (np.array([s.temperature for s in settings], np.float32), np.array([s.top_k for s in settings], np.int32),
+          np.array([s.top_p for s in settings], np.float32))
+
+
+def kind_of(settings) -> str:
+  """The cheapest kind that serves every one of these SamplingParams."""
+  kinds = {s.kind for s in settings}
+  return FILTERED if FILTERED in kinds else SAMPLE if SAMPLE in kinds else GREEDY
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array, kind: str = SAMPLE) -> jax.Array:
+  """logits f32[B, V], keys [B] (one PRNG key per row), per-row settings f32/i32/f32[B] ->
+  tokens int32[B]. `kind` (static) as in the module docstring."""
   logits = logits.astype(jnp.float32)
-  if params.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / params.temperature
-  vocab = logits.shape[-1]
-  if params.top_k or params.top_p < 1.0:
-    # Candidates in descending order: the top k, or the whole vocabulary sorted for top-p.
-    values, indices = jax.lax.top_k(logits, params.top_k or vocab)
-    if params.top_p < 1.0:
-      probs = jax.nn.softmax(values, axis=-1)
-      before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely candidates
-      values = jnp.where(before < params.top_p, values, -jnp.inf)  # the first candidate always stays
-    choice = jax.vmap(jax.random.categorical)(keys, values)
-    return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+  best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if kind == GREEDY:
+    return best
+  hot = temperature > 0
+  scaled = logits / jnp.where(hot, temperature, 1.0)[:, None]
+  if kind == FILTERED:
+    scaled = jnp.where(scaled >= _threshold(scaled, top_k, top_p)[:, None], scaled, -jnp.inf)
+  elif kind != SAMPLE:
+    raise ValueError(f"unknown sampler kind {kind!r}; use {GREEDY!r}, {SAMPLE!r} or {FILTERED!r}")
+  noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys)
+  drawn = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+  return jnp.where(hot, drawn, best)
+
+
+def _threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """f32[B]: the smallest scaled logit each row keeps under its top_k, then top_p (-inf: all).
+
+  The candidates are the row sorted in descending order; top-p counts the probability mass of
+  the strictly more likely candidates among the top k (renormalised), so the first always stays.
+  """
+  vocab = scaled.shape[-1]
+  ranked = -jnp.sort(-scaled, axis=-1)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+  in_k = jnp.arange(vocab)[None, :] < k[:, None]
+  probs = jax.nn.softmax(jnp.where(in_k, ranked, -jnp.inf), axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs
+  keep = in_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))  # a prefix of the ranking
+  last = jnp.take_along_axis(ranked, jnp.sum(keep, axis=-1, keepdims=True) - 1, axis=-1)[:, 0]
+  return jnp.where((top_k > 0) | (top_p < 1.0), last, -jnp.inf)
+
+
+def sample(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> jax.Array:
+  """logits f32[B, V], keys [B] -> tokens int32[B]: every row with the same setting."""
+  rows = logits.shape[0]
+  full = lambda value, dtype: jnp.full((rows,), value, dtype)
+  return sample_rows(logits, keys, full(params.temperature, jnp.float32), full(params.top_k, jnp.int32),
+                     full(params.top_p, jnp.float32), params.kind)
 
 
 def row_keys(seed_key: jax.Array, rows: jax.Array, step: jax.Array) -> jax.Array:
@@ -87,3 +148,13 @@ def row_keys(seed_key: jax.Array, rows: jax.Array, step: jax.Array) -> jax.Array
   as row r draws what it draws as row r of a batch."""
   per_row = jax.vmap(lambda r: jax.random.fold_in(seed_key, r))(rows)
   return jax.vmap(lambda k: jax.random.fold_in(k, step))(per_row)
+
+
+def request_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
+  """Keys for rows that are each their own request: seeds u32[B], steps i32[B] -> keys [B].
+
+  Row b's key is row 0's key of a call with seed seeds[b] at step steps[b] (`row_keys`), so a
+  request draws what `generate` draws for it alone, whatever its slot or neighbours.
+  """
+  return jax.vmap(lambda seed, step: row_keys(jax.random.key(seed), jnp.zeros((1,), jnp.int32), step)[0])(
+      seeds, steps)

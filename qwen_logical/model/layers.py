@@ -189,8 +189,8 @@ class Attention(nn.Module):
 
     FORWARD: S == L, the keys are this call's tokens; returns y. PREFILL / DECODE: `cache`
     ({'k', 'v'}: [B, K, S_cache, D], logical ax.KV_CACHE) gets this call's keys/values at
-    slots [cache_index, cache_index + L) (PREFILL: cache_index 0); PREFILL attends over the
-    L new keys (S == L), DECODE over all S_cache slots; returns (y, new cache).
+    slots [cache_index, cache_index + L) (PREFILL: 0; DECODE: a scalar, or int[B]: a slot per row);
+    PREFILL attends over the L new keys (S == L), DECODE over all S_cache slots; returns (y, new cache).
     """
     cfg, layout = self.config, self.layout
     dtype, pdtype = cfg.dtype, cfg.param_dtype
@@ -222,9 +222,10 @@ class Attention(nn.Module):
     if self.mode is not Mode.FORWARD:
       index = 0 if self.mode is Mode.PREFILL else cache_index
 
-      def write(slots, new):  # new [B, L, K, D] into slots [B, K, S, D] at `index`
-        new = jnp.swapaxes(new, 1, 2).astype(slots.dtype)
-        return constrain(jax.lax.dynamic_update_slice(slots, new, (0, 0, index, 0)), ax.KV_CACHE)
+      def write(slots, new):  # new [B, L, K, D] into slots [B, K, S, D] at `index`: a scalar or int[B]
+        at = lambda s, n, i: jax.lax.dynamic_update_slice(s, n, (0,) * (s.ndim - 2) + (i, 0))  # [.., S, D] at i
+        at = at if jnp.ndim(index) == 0 else jax.vmap(at)  # int[B]: each row at its own slot
+        return constrain(at(slots, jnp.swapaxes(new, 1, 2).astype(slots.dtype), index), ax.KV_CACHE)
       cache = {"k": write(cache["k"], key), "v": write(cache["v"], value)}
       if self.mode is Mode.DECODE:
         key, value, keys = cache["k"].astype(dtype), cache["v"].astype(dtype), "bksd"

@@ -41,17 +41,24 @@ def attention_bias(attention_mask: jax.Array) -> jax.Array:
   return jnp.where(allowed, 0.0, _MASKED).astype(jnp.float32)
 
 
+def _query_slots(cache_index: jax.Array, batch: int, length: int) -> jax.Array:
+  """int[B, L]: the slot of each query; cache_index is one slot for every row (scalar) or int[B]."""
+  index = jnp.asarray(cache_index, jnp.int32)
+  return jnp.broadcast_to(index[..., None] + jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
 def cached_attention_bias(slot_mask: jax.Array, cache_index: jax.Array, length: int) -> jax.Array:
   """Bias for L queries at slots [cache_index, cache_index + L) over S cache slots.
 
   slot_mask int/bool[B, S]: 1 for slots holding (or about to hold) real tokens, 0 for
-  left padding. Query i may attend slot s iff s <= cache_index + i and slot_mask[b, s].
+  left padding. cache_index: a scalar (every row) or int[B] (each row its own slot). Query i
+  of row b may attend slot s iff s <= cache_index[b] + i and slot_mask[b, s].
   Returns f32[B, 1, L, S].
   """
   slots = jnp.arange(slot_mask.shape[1])
-  queries = cache_index + jnp.arange(length)
-  allowed = (slots[None, :] <= queries[:, None])[None, None] & slot_mask.astype(bool)[:, None, None, :]
-  return jnp.where(allowed, 0.0, _MASKED).astype(jnp.float32)
+  queries = _query_slots(cache_index, slot_mask.shape[0], length)  # [B, L]
+  allowed = (slots[None, None, :] <= queries[:, :, None]) & slot_mask.astype(bool)[:, None, :]
+  return jnp.where(allowed[:, None], 0.0, _MASKED).astype(jnp.float32)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -79,8 +86,9 @@ def _positions_and_bias(mode: Mode, shape: tuple[int, int], attention_mask, posi
   """(positions int[B, L], bias f32[B, 1, L, S]) for tokens of `shape` [B, L] in `mode`."""
   length = shape[1]
   if mode is Mode.DECODE:
-    if positions is None:
-      positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, length, 1)
+    if positions is None:  # each row's count of real slots before its own query slots
+      queries = _query_slots(cache_index, shape[0], length)
+      positions = jnp.take_along_axis(positions_from_mask(attention_mask), queries, axis=1)
     return positions, cached_attention_bias(attention_mask, cache_index, length)
   if attention_mask is None:
     attention_mask = jnp.ones(shape, jnp.int32)
@@ -169,8 +177,9 @@ class Qwen2ForCausalLM(nn.Module):
     computes them for the last position only ([B, 1, V]; the cache still gets all L tokens).
     FORWARD: attention_mask int[B, L] (default all ones). PREFILL / DECODE: `cache` (tree of
     [.., B, K, S, D] arrays), attention_mask int[B, S] over the cache slots; PREFILL writes the
-    tokens at slots [0, L), DECODE at [cache_index, cache_index + L). Positions default to the
-    count of real tokens (slots) before each one.
+    tokens at slots [0, L), DECODE at [cache_index, cache_index + L) where cache_index is one
+    slot for every row (scalar) or each row's own (int[B]). Positions default to the count of
+    real tokens (slots) before each one.
     """
     mode = Mode(mode)
     _check_call(mode, attention_mask, cache, cache_index)
