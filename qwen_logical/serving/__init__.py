@@ -1,0 +1,1 @@
+"""Serving: the engine (continuous batching over slots) and the OpenAI-compatible HTTP layer on top of it."""

@@ -1,0 +1,289 @@
+"""OpenAI-compatible request parsing and response bodies (no HTTP: plain dicts in and out).
+
+    parsed = parse_request("chat", body, served)       # RequestError(message, param) on bad input
+    parsed.request                                      # the EngineRequest (chat-templated token ids)
+    completion_body(parsed, ids, output), chunk_body(parsed, ids, text=..., finish_reason=...)
+
+`served` (ServedModel) says what the server runs: its model name, tokenizer (None: token-id prompts
+only), context and vocabulary size. Fields OpenAI defines but this server does not implement are
+accepted at their default values (presence_penalty 0, logprobs off, ...) and refused otherwise;
+unknown fields are refused. Extensions: `top_k` (0 or -1: off) and `return_token_ids` (each
+choice, and each chunk, carries `token_ids`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from typing import Any
+
+from qwen_logical.inference.sampling import SamplingParams
+from qwen_logical.serving import completions
+from qwen_logical.serving.completions import RequestError
+from qwen_logical.serving.engine import EngineRequest
+from qwen_logical.serving.openai_fields import IGNORED_AT_DEFAULT, expect, optional_int, optional_number
+
+ROLES = ("system", "user", "assistant", "tool")
+_SHARED = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+           "stream", "stream_options", "n", "return_token_ids")
+FIELDS = {"chat": frozenset(_SHARED + ("messages",)), "completion": frozenset(_SHARED + ("prompt",))}
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+# EngineRequest / ServingError field names -> the OpenAI parameter a client sent.
+_ENGINE_PARAMS = {"max_new_tokens": "max_tokens", "sampling": "temperature", "stop_ids": "stop"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+  """What the server runs: `name` (the only accepted `model`), `tokenizer` (None: token ids only),
+  `context` (prompt + new tokens per request), `vocab_size` (token ids must be below it)."""
+
+  name: str
+  tokenizer: Any
+  context: int
+  vocab_size: int
+  created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return tuple(getattr(self.tokenizer, "stop_ids", ()) or ())
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedRequest:
+  """A validated request: `kind` "chat" | "completion", the EngineRequest, the text-side options."""
+
+  kind: str
+  model: str
+  request: EngineRequest
+  stop: tuple[str, ...]
+  stream: bool
+  include_usage: bool
+  return_token_ids: bool
+
+  @property
+  def prompt_param(self) -> str:
+    return "messages" if self.kind == "chat" else "prompt"
+
+
+def engine_param(parsed: ParsedRequest | None, field: str | None) -> str | None:
+  """The OpenAI parameter for an engine error's field (`tokens` -> the prompt's parameter)."""
+  if field == "tokens":
+    return parsed.prompt_param if parsed is not None else "prompt"
+  return _ENGINE_PARAMS.get(field, field)
+
+
+def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
+  """Validates an OpenAI request body (the decoded JSON) into a ParsedRequest; RequestError names the field."""
+  if not isinstance(body, dict):
+    raise RequestError(f"The request body must be a JSON object, got {type(body).__name__}.")
+  _check_fields(kind, body)
+  model = expect(body, "model", str, required=True)
+  if model != served.name:
+    raise RequestError(f"The model `{model}` does not exist: this server serves `{served.name}` (GET /v1/models).",
+                       "model")
+  if expect(body, "n", int, default=1) != 1:
+    raise RequestError("Only n=1 is supported: send one request per completion you want.", "n")
+  tokens = _chat_tokens(body, served) if kind == "chat" else _prompt_tokens(body, served)
+  stream = expect(body, "stream", bool, default=False)
+  include_usage = _stream_options(body, stream)
+  stop = _stop(body, served)
+  sampling = _sampling(body)
+  seed = optional_int(body, "seed")
+  if seed is None:
+    seed = secrets.randbits(31) if not sampling.greedy else 0
+  max_new = _max_tokens(kind, body, len(tokens), served.context, "messages" if kind == "chat" else "prompt")
+  request = EngineRequest(tuple(tokens), max_new, sampling, seed=seed % 2**32, stop_ids=served.stop_ids)
+  return ParsedRequest(kind, model, request, stop, stream, include_usage,
+                       expect(body, "return_token_ids", bool, default=False))
+
+
+def _check_fields(kind: str, body: dict) -> None:
+  for name, value in body.items():
+    if name in FIELDS[kind]:
+      continue
+    if name in IGNORED_AT_DEFAULT:
+      if not IGNORED_AT_DEFAULT[name](value):
+        raise RequestError(f"`{name}` is not supported by this server; leave it out (or at its default).", name)
+      continue
+    raise RequestError(f"Unrecognized request argument supplied: {name}", name)
+
+
+def _chat_tokens(body: dict, served: ServedModel) -> list[int]:
+  messages = expect(body, "messages", list, required=True)
+  if not messages:
+    raise RequestError("`messages` is empty: send at least one message, e.g. {\"role\": \"user\", "
+                       "\"content\": \"Hi\"}.", "messages")
+  plain = []
+  for i, message in enumerate(messages):
+    where = f"messages.[{i}]"
+    if not isinstance(message, dict):
+      raise RequestError(f"{where} must be an object with `role` and `content`.", where)
+    role = expect(message, "role", str, required=True, where=where)
+    if role == "developer":  # OpenAI's newer name for the system role
+      role = "system"
+    if role not in ROLES:
+      raise RequestError(f"{where}.role is {role!r}: use one of {', '.join(ROLES)} (or developer).",
+                         f"{where}.role")
+    plain.append({**message, "role": role, "content": _content(message.get("content"), f"{where}.content")})
+  return _checked_ids(completions.chat_prompt(served.tokenizer, plain), served, "messages")
+
+
+def _content(content: Any, where: str) -> str:
+  """A message's text: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
+  if content is None or isinstance(content, str):
+    return content or ""
+  if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                       and isinstance(p.get("text"), str) for p in content):
+    return "".join(p["text"] for p in content)
+  raise RequestError(f"{where} must be a string or a list of text parts ({{\"type\": \"text\", \"text\": "
+                     "...}); images and audio are not supported.", where)
+
+
+def _prompt_tokens(body: dict, served: ServedModel) -> list[int]:
+  prompt = body.get("prompt")
+  if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+    prompt = prompt[0]  # a batch of one
+  if isinstance(prompt, str):
+    return _checked_ids(completions.text_prompt(served.tokenizer, prompt), served, "prompt")
+  if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    return _checked_ids(list(prompt), served, "prompt")
+  if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+    raise RequestError("Only one prompt per request is supported: send the prompts as separate requests.",
+                       "prompt")
+  raise RequestError("`prompt` must be a string or a list of token ids (ints)." if "prompt" in body
+                     else "Missing required parameter: `prompt`.", "prompt")
+
+
+def _checked_ids(ids: list[int], served: ServedModel, param: str) -> list[int]:
+  if not ids:
+    raise RequestError(f"The {param} is empty: the model needs at least one prompt token.", param)
+  bad = [t for t in ids if not 0 <= t < served.vocab_size]
+  if bad:
+    raise RequestError(f"Token id(s) {bad[:5]} are outside this model's vocabulary [0, {served.vocab_size}).",
+                       param)
+  if len(ids) >= served.context:
+    raise RequestError(f"This model's maximum context length is {served.context} tokens, but the {param} has "
+                       f"{len(ids)} tokens (at least one must be left to generate); shorten it.", param)
+  return ids
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+  options = expect(body, "stream_options", dict)
+  if options is None:
+    return False
+  if not stream:
+    raise RequestError("`stream_options` is only allowed with stream=true.", "stream_options")
+  unknown = set(options) - {"include_usage"}
+  if unknown:
+    raise RequestError(f"Unrecognized stream option: {sorted(unknown)[0]}", "stream_options")
+  return bool(expect(options, "include_usage", bool, default=False, where="stream_options"))
+
+
+def _stop(body: dict, served: ServedModel) -> tuple[str, ...]:
+  stop = body.get("stop")
+  if stop is None:
+    return ()
+  stops = [stop] if isinstance(stop, str) else stop
+  if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+    raise RequestError("`stop` must be a non-empty string or a list of non-empty strings.", "stop")
+  if served.tokenizer is None:
+    raise RequestError(f"Stop strings need text: {completions.NO_TOKENIZER}.", "stop")
+  return tuple(stops)
+
+
+def _sampling(body: dict) -> SamplingParams:
+  temperature = optional_number(body, "temperature", 1.0)
+  if temperature < 0:
+    raise RequestError(f"temperature={temperature} is invalid: use 0 for greedy decoding or a positive number.",
+                       "temperature")
+  top_p = optional_number(body, "top_p", 1.0)
+  if not 0 < top_p <= 1:
+    raise RequestError(f"top_p={top_p} is invalid: it must be in (0, 1] (1 turns it off).", "top_p")
+  top_k = optional_int(body, "top_k")
+  top_k = 0 if top_k in (None, -1) else top_k
+  if top_k < 0:
+    raise RequestError(f"top_k={top_k} is invalid: use a positive integer, or 0 / -1 to turn it off.", "top_k")
+  return SamplingParams(temperature, top_k, top_p)
+
+
+def _max_tokens(kind: str, body: dict, prompt_len: int, context: int, prompt_param: str) -> int:
+  param, value = "max_completion_tokens", optional_int(body, "max_completion_tokens")
+  legacy = optional_int(body, "max_tokens")
+  if value is None:
+    param, value = "max_tokens", legacy
+  elif legacy is not None and legacy != value:
+    raise RequestError("max_tokens and max_completion_tokens differ: send only one.", "max_tokens")
+  room = context - prompt_len
+  if value is None:
+    return min(COMPLETIONS_DEFAULT_MAX_TOKENS, room) if kind == "completion" else room
+  if value < 1:
+    raise RequestError(f"{param}={value} is invalid: it must be at least 1.", param)
+  if value > room:
+    raise RequestError(f"This model's maximum context length is {context} tokens. However, you requested "
+                       f"{prompt_len + value} tokens ({prompt_len} in the {prompt_param}, {value} in the "
+                       f"completion). Reduce the {prompt_param} or {param} (at most {room} here).", param)
+  return value
+
+
+# ----------------------------------------------------------------------------- response bodies
+
+
+def new_id(parsed: ParsedRequest) -> str:
+  return ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + secrets.token_hex(12)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+          "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _envelope(parsed: ParsedRequest, request_id: str, created: int, chunk: bool) -> dict[str, Any]:
+  kind = {"chat": "chat.completion", "completion": "text_completion"}[parsed.kind]
+  return {"id": request_id, "object": kind + (".chunk" if chunk and parsed.kind == "chat" else ""),
+          "created": created, "model": parsed.model, "system_fingerprint": None}
+
+
+def completion_body(parsed: ParsedRequest, request_id: str, created: int, output: completions.Output) -> dict:
+  """The non-streamed response: one choice with the whole text, finish_reason and usage."""
+  if parsed.kind == "chat":
+    choice = {"index": 0, "message": {"role": "assistant", "content": output.text}, "logprobs": None,
+              "finish_reason": output.finish_reason}
+  else:
+    choice = {"index": 0, "text": output.text, "logprobs": None, "finish_reason": output.finish_reason}
+  if parsed.return_token_ids:
+    choice["token_ids"] = output.token_ids
+  return {**_envelope(parsed, request_id, created, False), "choices": [choice],
+          "usage": usage(output.prompt_tokens, output.completion_tokens)}
+
+
+def chunk_body(parsed: ParsedRequest, request_id: str, created: int, text: str | None = None,
+               finish_reason: str | None = None, token_ids: list[int] | None = None, first: bool = False) -> dict:
+  """One streamed chunk: a text delta and/or the finish reason (chat: `first` carries the role)."""
+  if parsed.kind == "chat":
+    delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+  else:
+    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+  if parsed.return_token_ids:
+    choice["token_ids"] = token_ids or []
+  body = {**_envelope(parsed, request_id, created, True), "choices": [choice]}
+  if parsed.include_usage:
+    body["usage"] = None
+  return body
+
+
+def usage_chunk(parsed: ParsedRequest, request_id: str, created: int, output: completions.Output) -> dict:
+  """The last chunk with stream_options.include_usage: no choices, the usage."""
+  return {**_envelope(parsed, request_id, created, True), "choices": [],
+          "usage": usage(output.prompt_tokens, output.completion_tokens)}
+
+
+def error_body(message: str, param: str | None = None, error_type: str = "invalid_request_error",
+               code: str | None = None) -> dict:
+  return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def models_body(served: ServedModel) -> dict:
+  return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
+                                      "owned_by": "qwen_logical", "max_model_len": served.context}]}

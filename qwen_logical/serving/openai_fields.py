@@ -1,0 +1,69 @@
+"""Typed access to the fields of an OpenAI request body, with the 400 a wrong type deserves.
+
+    expect(body, "stream", bool, default=False)     # RequestError(param="stream") unless a bool
+    optional_int(body, "seed"), optional_number(body, "temperature", 1.0)
+
+JSON numbers arrive as int or float and JSON true/false as bool (a Python int): ints exclude bools
+here, numbers accept ints, and NaN / infinity are refused. IGNORED_AT_DEFAULT lists the OpenAI
+fields this server does not implement, each with the test its value must pass to be accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from qwen_logical.serving.completions import RequestError
+
+_NAMES = {str: "a string", bool: "a boolean", int: "an integer", list: "an array", dict: "an object"}
+
+
+def expect(body: dict, name: str, kind: type, default: Any = None, required: bool = False, where: str = "") -> Any:
+  """body[name] checked to be of `kind` (None or absent gives `default`; RequestError if `required`)."""
+  param = f"{where}.{name}" if where else name
+  value = body.get(name)
+  if value is None:
+    if required:
+      raise RequestError(f"Missing required parameter: `{param}`.", param)
+    return default
+  if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    raise RequestError(f"`{param}` must be {_NAMES[kind]}, got {_json_type(value)}.", param)
+  return value
+
+
+def optional_int(body: dict, name: str) -> int | None:
+  return expect(body, name, int)
+
+
+def optional_number(body: dict, name: str, default: float) -> float:
+  value = body.get(name)
+  if value is None:
+    return default
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise RequestError(f"`{name}` must be a finite number, got {_json_type(value)}.", name)
+  return float(value)
+
+
+def _json_type(value: Any) -> str:
+  if isinstance(value, bool):
+    return "a boolean"
+  if isinstance(value, (int, float)):
+    return "a number" if math.isfinite(value) else str(value)
+  return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _is(*allowed) -> Callable[[Any], bool]:
+  return lambda value: value is None or any(value == a and type(value) is type(a) for a in allowed)
+
+
+def _anything(value: Any) -> bool:
+  return True
+
+
+IGNORED_AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
+    "user": _anything, "metadata": _anything, "store": _is(False), "service_tier": _anything,
+    "presence_penalty": _is(0, 0.0), "frequency_penalty": _is(0, 0.0), "logit_bias": _is({}),
+    "logprobs": _is(False, 0), "top_logprobs": _is(0), "echo": _is(False), "best_of": _is(1), "suffix": _is(""),
+    "response_format": lambda v: v is None or v == {"type": "text"}, "tools": _is([]), "tool_choice": _is("none"),
+    "parallel_tool_calls": _anything, "modalities": _is(["text"]),
+}
