@@ -13,6 +13,7 @@ HEAD_DIM = "head_dim"
 MLP = "mlp"
 NORM = "norm"
 LAYERS = "layers"  # the stacked-layer dimension when layers are scanned
+LORA_RANK = "lora_rank"  # the rank of LoRA adapters (training.lora); replicated in every table
 
 # Activations.
 ACTIVATION_BATCH = "activation_batch"
@@ -30,7 +31,7 @@ CACHE_SEQUENCE = "cache_sequence"
 CACHE_KV_HEADS = "cache_kv_heads"
 CACHE_HEAD_DIM = "cache_head_dim"
 
-PARAMETER_AXES = (VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, NORM, LAYERS)
+PARAMETER_AXES = (VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, NORM, LAYERS, LORA_RANK)
 ACTIVATION_AXES = (
     ACTIVATION_BATCH,
     ACTIVATION_LENGTH,

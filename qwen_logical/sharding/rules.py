@@ -91,6 +91,8 @@ def _table(name: str, description: str, **entries: MeshAxes) -> RuleTable:
   return RuleTable(name, tuple((k, entries[k]) for k in ax.ALL_AXES), description, claims)
 
 
+# Every name starts replicated; lora_rank (LoRA adapters' rank, a few dozen at most) stays so in every
+# table, while the adapters' in / out dimensions keep their kernel's names and split like it.
 _NO_SHARDING = {name: None for name in ax.ALL_AXES}
 _ALL_DEVICES = (BATCH, MODEL)
 
