@@ -45,8 +45,9 @@ def get_config() -> ConfigDict:
   config.model.param_dtype = ""
   config.model.dtype = "float32"
   config.model.quantization = ""  # "" = weights in param_dtype | "int8": weight-only, one scale per output channel
-  # None = the fast layer form for the platform: unrolled on CPU (XLA:CPU copies each layer's slice of
-  # scanned weights on every decode step, ~4x slower decode), scanned on accelerators (one compiled layer).
+  # None = the fast layer form for the platform: unrolled on CPU and GPU (XLA copies each layer's slice of
+  # scanned weights on every decode step: ~4x slower decode on CPU, 2.6x on an H100), scanned on TPU and
+  # under tables that gather weights (fsdp).
   config.model.scan_layers = config_dict.placeholder(bool)
   # Architecture overrides (None = as in the preset / config.json).
   for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
