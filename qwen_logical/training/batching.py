@@ -29,7 +29,12 @@ def bucket_lengths(max_length: int, count: int = 3, multiple: int = 8) -> tuple[
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
-  return next(b for b in buckets if b >= length)
+  """The smallest bucket that holds `length` tokens."""
+  fitting = [b for b in buckets if b >= length]
+  if not fitting:
+    raise DataError(f"an example of {length} tokens is longer than the largest length bucket {max(buckets)}; "
+                    "fit the examples to --config.train.max_length first (batching.fit_length).")
+  return min(fitting)
 
 
 def split_indices(count: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

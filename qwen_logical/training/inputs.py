@@ -53,6 +53,10 @@ def make_datasets(tokenizer, *, data: str, max_length: int, eval_fraction: float
   name = data or "the built-in conversations"
   train = fit_length(_tokenize(tokenizer, train_conv), max_length, overlong, f"{name} (train)")
   held_out = fit_length(_tokenize(tokenizer, eval_conv), max_length, overlong, f"{name} (eval)")
+  if not train:
+    raise DataError(f"no training examples are left from {name} on this process (part {index} of {count}: "
+                    f"{len(train_conv)} read, the rest held out; over-long ones {overlong}); add data, lower "
+                    "--config.train.eval_fraction, raise --config.train.max_length or use overlong=truncate.")
   buckets = bucket_lengths(max_length, num_buckets)
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   train_ds, eval_ds = Dataset(train, buckets, pad_id), Dataset(held_out, buckets, pad_id)

@@ -38,11 +38,13 @@ Batch = dict  # {'tokens': int32[B, L], 'loss_mask': float32[B, L], 'attention_m
 
 class StepFns(NamedTuple):
   """train_step(state, frozen, batch) -> (state, metrics); eval_step(trainable, frozen, batch) -> metrics;
-  shardings: the TrainState of NamedSharding the train step keeps."""
+  shardings: the TrainState of NamedSharding the train step keeps; gradients: what train_step would
+  apply before clipping (for tests and benchmarks)."""
 
   train_step: Callable[..., tuple[TrainState, dict]]
   eval_step: Callable[..., dict]
   shardings: TrainState
+  gradients: Callable[..., tuple[dict, Any]]  # (trainable, frozen, batch) -> (metrics, tied mean gradient)
 
 
 def check_batch_size(partitioner: Partitioner, batch_size: int, grad_accum: int = 1,
@@ -148,21 +150,30 @@ def make_train_step(partitioner: Partitioner, optimizer: optax.GradientTransform
     (grads, loss_sum, count), _ = jax.lax.scan(body, start, _micro_batches(batch, grad_accum))
     return grads, loss_sum, count
 
+  def gradients(trainable, frozen, batch):
+    """(metrics, the mean gradient tied through the head layout, unclipped); inside `bound()`."""
+    grads, loss_sum, count = summed_grads(trainable, frozen, batch)
+    denominator = jnp.maximum(count, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
+    grads = tie_gradients(grads, axes, partitioner.layout)
+    norm = canonical_norm(grads, axes, partitioner.layout)
+    return {"loss": loss_sum / denominator, "tokens": count.astype(jnp.int32), "grad_norm": norm}, grads
+
   def train(state: TrainState, frozen, batch):
     with partitioner.bound():
-      grads, loss_sum, count = summed_grads(state.trainable, frozen, batch)
-      denominator = jnp.maximum(count, 1.0)
-      grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
-      grads = tie_gradients(grads, axes, partitioner.layout)
-      norm = canonical_norm(grads, axes, partitioner.layout)
+      metrics, grads = gradients(state.trainable, frozen, batch)
       if clip_norm:
+        norm = metrics["grad_norm"]
         factor = jnp.where(norm > clip_norm, clip_norm / jnp.maximum(norm, 1e-30), 1.0)
         grads = jax.tree_util.tree_map(lambda g: g * factor, grads)
       grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
       updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
       trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": loss_sum / denominator, "tokens": count.astype(jnp.int32), "grad_norm": norm}
     return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+  def bound_gradients(trainable, frozen, batch):
+    with partitioner.bound():
+      return gradients(trainable, frozen, batch)
 
   def evaluate(trainable, frozen, batch):
     with partitioner.bound():
@@ -171,6 +182,7 @@ def make_train_step(partitioner: Partitioner, optimizer: optax.GradientTransform
 
   train_jit = jax.jit(train, donate_argnums=(0,), out_shardings=(shardings, replicated))
   eval_jit = jax.jit(evaluate, out_shardings=replicated)
+  grads_jit = jax.jit(bound_gradients, out_shardings=(replicated, shardings.trainable))
 
   def train_step(state: TrainState, frozen, batch: Batch):
     _check_rows(partitioner, batch, grad_accum)
@@ -180,7 +192,11 @@ def make_train_step(partitioner: Partitioner, optimizer: optax.GradientTransform
     _check_rows(partitioner, batch, 1)
     return eval_jit(trainable, frozen, place_batch(partitioner, batch))
 
-  return StepFns(train_step, eval_step, shardings)
+  def gradients_step(trainable, frozen, batch: Batch):
+    _check_rows(partitioner, batch, grad_accum)
+    return grads_jit(trainable, frozen, place_batch(partitioner, batch))
+
+  return StepFns(train_step, eval_step, shardings, gradients_step)
 
 
 def _check_rows(partitioner: Partitioner, batch: Batch, grad_accum: int) -> None:
