@@ -71,11 +71,12 @@ class FakeEngine:
 
   Tokens come from qwen_logical's Generator when `partitioner` and `params` are given (real
   tokens), else from `script` (a list of ids, the same for every request), else from a hash of
-  the prompt and step (no model). `step_s` slows each step, so tests can
+  the prompt and step below `vocab_size` (no model; the default 256 keeps clear of the test
+  tokenizer's stop ids, so such requests run to max_new_tokens). `step_s` slows each step, so tests can
   hold the slot, fill the queue, and see that a cancel frees the slot at once.
   """
 
-  def __init__(self, partitioner=None, params=None, context=128, queue_size=4, step_s=0.0, vocab_size=320,
+  def __init__(self, partitioner=None, params=None, context=128, queue_size=4, step_s=0.0, vocab_size=256,
                script=None):
     self.partitioner, self.params, self.script = partitioner, params, script
     self.context, self.queue_size, self.step_s, self.vocab_size = context, queue_size, step_s, vocab_size

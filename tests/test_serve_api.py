@@ -156,13 +156,14 @@ def tiny_model(tmp_path_factory):
   import qwen_logical as ql
   from conftest import mesh_of
   directory = tmp_path_factory.mktemp("instruct")
-  model = write_instruct_checkpoint(directory, real_looking=False)
+  model = write_instruct_checkpoint(directory, real_looking=True)
   params, cfg, part = ql.load_checkpoint(str(directory), mesh_of("1x8"), ql.get_table("tensor_parallel"),
                                          progress=False)
   return model, part, params, ql.Tokenizer.from_directory(directory)
 
 
 def test_the_library_drives_a_completion_like_generate(tiny_model):
+  """Real-looking logits (std >= 3): the engine's greedy tokens are generate's and transformers'."""
   from serve_helpers import hf_greedy
   from qwen_logical.inference.generate import generate
   model, part, params, tokenizer = tiny_model
@@ -180,6 +181,7 @@ def test_the_library_drives_a_completion_like_generate(tiny_model):
   assert whole.token_ids == reference.tokens[0] and whole.finish_reason == reference.finish_reasons[0]
   assert whole.text == reference.texts[0] and whole.completion_tokens == len(whole.token_ids)
   assert whole.token_ids == hf_greedy(model, ids, 20)[:len(whole.token_ids)]
+  assert len(whole.token_ids) == 20  # (the real-looking model repeats its last token: no stop id comes)
 
 
 def _engine(part, params):

@@ -12,13 +12,13 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from qwen_logical.common.errors import QwenLogicalError
-from qwen_logical.jobs import finetune, run, verify, verify_large
+from qwen_logical.jobs import finetune, run, serve, verify, verify_large
 from qwen_logical.jobs.build import JobError
 from qwen_logical.jobs.devices import setup_devices
 from qwen_logical.sharding import distributed
 
 # name -> module with devices_needed(config) -> int and main(config) -> JSON report (report["ok"]).
-JOBS = {"run": run, "verify": verify, "verify_large": verify_large, "finetune": finetune}
+JOBS = {"run": run, "verify": verify, "verify_large": verify_large, "serve": serve, "finetune": finetune}
 USER_ERROR_EXIT_CODE = 2
 
 
@@ -28,7 +28,8 @@ def run_job(config: ConfigDict) -> dict[str, Any]:
   if job is None:
     raise JobError(f"--config.job={config.job!r}: use 'run' (one mesh and table), 'verify' "
                    "(the verification suite, configs/verify.py), 'verify_large' (a process per "
-                   "combination within host memory, configs/verify_7b.py) or 'finetune' (configs/finetune.py).")
+                   "combination within host memory, configs/verify_7b.py), 'serve' (the OpenAI-compatible "
+                   "server, configs/serve.py) or 'finetune' (configs/finetune.py).")
   setup_devices(config, job.devices_needed(config))
   report = job.main(config)
   if config.report and distributed.is_main_process():

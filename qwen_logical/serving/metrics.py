@@ -33,8 +33,9 @@ class Timer:
     self._start = self._last = time.perf_counter()
     self.tokens = 0
 
-  def token(self, count: int = 1) -> None:
-    now = time.perf_counter()
+  def token(self, count: int = 1, now: float | None = None) -> None:
+    """Counts `count` new tokens that arrived at `now` (time.perf_counter(); default: now)."""
+    now = time.perf_counter() if now is None else now
     if self.tokens == 0:
       self._metrics.ttft.observe(now - self._start)
     else:

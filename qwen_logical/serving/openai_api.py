@@ -8,7 +8,7 @@
 only), context and vocabulary size. Fields OpenAI defines but this server does not implement are
 accepted at their default values (presence_penalty 0, logprobs off, ...) and refused otherwise;
 unknown fields are refused. Extensions: `top_k` (0 or -1: off) and `return_token_ids` (each
-choice, and each chunk, carries `token_ids`).
+choice, and each chunk, carries `token_ids`; always on for a server without a tokenizer).
 """
 
 from __future__ import annotations
@@ -84,7 +84,6 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
                        "model")
   if expect(body, "n", int, default=1) != 1:
     raise RequestError("Only n=1 is supported: send one request per completion you want.", "n")
-  tokens = _chat_tokens(body, served) if kind == "chat" else _prompt_tokens(body, served)
   stream = expect(body, "stream", bool, default=False)
   include_usage = _stream_options(body, stream)
   stop = _stop(body, served)
@@ -92,10 +91,12 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
   seed = optional_int(body, "seed")
   if seed is None:
     seed = secrets.randbits(31) if not sampling.greedy else 0
-  max_new = _max_tokens(kind, body, len(tokens), served.context, "messages" if kind == "chat" else "prompt")
+  token_ids = expect(body, "return_token_ids", bool, default=False) or served.tokenizer is None  # no text without
+  asked = _asked_max_tokens(body)
+  tokens = _chat_tokens(body, served) if kind == "chat" else _prompt_tokens(body, served)
+  max_new = _max_tokens(kind, asked, len(tokens), served.context, "messages" if kind == "chat" else "prompt")
   request = EngineRequest(tuple(tokens), max_new, sampling, seed=seed % 2**32, stop_ids=served.stop_ids)
-  return ParsedRequest(kind, model, request, stop, stream, include_usage,
-                       expect(body, "return_token_ids", bool, default=False))
+  return ParsedRequest(kind, model, request, stop, stream, include_usage, token_ids)
 
 
 def _check_fields(kind: str, body: dict) -> None:
@@ -207,18 +208,26 @@ def _sampling(body: dict) -> SamplingParams:
   return SamplingParams(temperature, top_k, top_p)
 
 
-def _max_tokens(kind: str, body: dict, prompt_len: int, context: int, prompt_param: str) -> int:
+def _asked_max_tokens(body: dict) -> tuple[str, int | None]:
+  """(the parameter used, its value or None): max_completion_tokens or the older max_tokens."""
   param, value = "max_completion_tokens", optional_int(body, "max_completion_tokens")
   legacy = optional_int(body, "max_tokens")
   if value is None:
     param, value = "max_tokens", legacy
   elif legacy is not None and legacy != value:
     raise RequestError("max_tokens and max_completion_tokens differ: send only one.", "max_tokens")
+  if value is not None and value < 1:
+    raise RequestError(f"{param}={value} is invalid: it must be at least 1.", param)
+  return param, value
+
+
+def _max_tokens(kind: str, asked: tuple[str, int | None], prompt_len: int, context: int, prompt_param: str) -> int:
+  """New tokens at most: as asked if the context holds them; by default 16 for completions (as OpenAI),
+  the rest of the context for chat."""
+  param, value = asked
   room = context - prompt_len
   if value is None:
     return min(COMPLETIONS_DEFAULT_MAX_TOKENS, room) if kind == "completion" else room
-  if value < 1:
-    raise RequestError(f"{param}={value} is invalid: it must be at least 1.", param)
   if value > room:
     raise RequestError(f"This model's maximum context length is {context} tokens. However, you requested "
                        f"{prompt_len + value} tokens ({prompt_len} in the {prompt_param}, {value} in the "

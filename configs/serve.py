@@ -1,0 +1,24 @@
+"""The OpenAI-compatible server: python main.py --config=configs/serve.py --config.checkpoint=DIR.
+
+Mesh and rule table as every config (default 1x8 tensor_parallel). Without a checkpoint it serves
+the random-weights default model; text then needs --config.tokenizer=DIR (else token-id prompts only).
+"""
+
+from ml_collections import ConfigDict
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.job = "serve"
+  config.serve = ConfigDict()
+  config.serve.host = "127.0.0.1"
+  config.serve.port = 8000
+  config.serve.model_name = ""  # the `model` clients send; "" = the checkpoint directory's name, else the preset's
+  config.serve.slots = 8  # requests decoded together
+  config.serve.queue_size = 64  # requests waiting for a slot; one more gets HTTP 429
+  config.serve.context = 2048  # prompt + new tokens per request (at most the model's max_position_embeddings)
+  config.serve.drain_seconds = 30.0  # on SIGTERM: time running requests get to finish
+  config.serve.warmup = False  # compile every program (each prompt bucket) before listening, not on first use
+  return config

@@ -1,0 +1,128 @@
+"""The serve job: the model on one mesh under one rule table, served over an OpenAI-compatible HTTP API.
+
+Process 0 builds the Engine and runs uvicorn; every other process of a multi-process job builds the
+same Engine and follows process 0's decisions (`engine.follow()`). SIGTERM (or Ctrl-C) drains: new
+requests get 503, running ones finish within --config.serve.drain_seconds, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import uvicorn
+from absl import logging
+from ml_collections import ConfigDict
+
+from qwen_logical.jobs import build, run
+from qwen_logical.sharding import distributed
+
+devices_needed = run.devices_needed
+
+
+def open_tokenizer(config: ConfigDict):
+  """--config.tokenizer, else the checkpoint's tokenizer; None (token-id prompts only) when there is none."""
+  from qwen_logical.checkpoints.tokenizer import Tokenizer
+  from qwen_logical.checkpoints.tokenizer_files import TOKENIZER_FILE
+  source = config.tokenizer or config.checkpoint
+  if config.tokenizer or (source and os.path.exists(os.path.join(source, TOKENIZER_FILE))):
+    return Tokenizer.from_directory(source)
+  logging.warning("No tokenizer (%s): serving token-id prompts only (`prompt` as a list of ints on "
+                  "/v1/completions, text answered as token_ids). For text and chat pass --config.tokenizer=DIR.",
+                  f"no {TOKENIZER_FILE} in {source}" if source else "no checkpoint")
+  return None
+
+
+def context_for(config: ConfigDict, model_config) -> int:
+  """--config.serve.context, at most the model's max_position_embeddings (said in the log when capped)."""
+  context = int(config.serve.context)
+  if context < 2:
+    raise build.JobError(f"--config.serve.context={context}: use at least 2 (a prompt token and a new one).")
+  if context > model_config.max_position_embeddings:
+    logging.info("Context %d capped to the model's max_position_embeddings %d", context,
+                 model_config.max_position_embeddings)
+    context = model_config.max_position_embeddings
+  return context
+
+
+def model_name(config: ConfigDict, model_config) -> str:
+  if config.serve.model_name:
+    return config.serve.model_name
+  if config.checkpoint:
+    return os.path.basename(os.path.normpath(config.checkpoint))
+  return model_config.name
+
+
+class DrainingServer(uvicorn.Server):
+  """A uvicorn server whose SIGTERM / SIGINT drains the app before stopping; a second signal forces it.
+
+  (uvicorn's own handler re-raises the signal once it has shut down, so the process would not exit 0.)
+  """
+
+  def __init__(self, uvicorn_config: uvicorn.Config, serving, drain_seconds: float):
+    super().__init__(uvicorn_config)
+    self.serving, self.drain_seconds = serving, drain_seconds
+
+  def handle_exit(self, sig, frame):
+    if self.serving.draining:
+      self.should_exit = self.force_exit = True
+      return
+    logging.info("Signal %d: draining (up to %.0f s), then stopping", sig, self.drain_seconds)
+    self.serving.draining = True
+    threading.Thread(target=self._drain, name="drain", daemon=True).start()
+
+  def _drain(self):
+    try:
+      self.serving.drain(self.drain_seconds)
+    finally:
+      self.should_exit = True
+
+
+def main(config: ConfigDict) -> dict[str, Any]:
+  """Builds the model and the Engine, serves until a signal; returns the JSON report."""
+  from qwen_logical.serving.engine import Engine
+  from qwen_logical.sharding.mesh import make_mesh
+  from qwen_logical.sharding.rules import get_table
+
+  table = get_table(config.rules, config.rule_overrides)
+  tokenizer = open_tokenizer(config)
+  mesh = make_mesh(config.mesh)
+  source = build.model_source(config, gathers=build.gathers_weights(table, dict(mesh.shape)))
+  partitioner = build.make_partitioner(source, mesh, table)
+  params, _ = source.weights(partitioner)
+  s = config.serve
+  engine = Engine(partitioner, params, slots=s.slots, context=context_for(config, partitioner.config),
+                  queue_size=s.queue_size)
+  if s.warmup:
+    engine.warmup()
+  if not distributed.is_main_process():
+    engine.follow()
+    return {"ok": True, "summary": {"served": False}}
+  engine.start()
+  try:
+    summary = _serve(config, engine, partitioner.config, tokenizer)
+  finally:
+    engine.stop(0.0)
+  if source.note:
+    logging.warning(source.note)
+  return {"ok": True, "summary": summary}
+
+
+def _serve(config: ConfigDict, engine, model_config, tokenizer) -> dict[str, Any]:
+  from qwen_logical.serving.http_app import create_app
+  from qwen_logical.serving.openai_api import ServedModel
+  s = config.serve
+  served = ServedModel(model_name(config, model_config), tokenizer, engine.context, model_config.vocab_size)
+  app = create_app(engine, served)
+  server = DrainingServer(uvicorn.Config(app, host=s.host, port=s.port, log_level="info", access_log=False,
+                                         timeout_graceful_shutdown=5), app.state.serving, s.drain_seconds)
+  logging.info("Serving %s on http://%s:%d/v1 (%d slots, context %d, queue %d%s)", served.name, s.host, s.port,
+               s.slots, engine.context, s.queue_size, "" if tokenizer else ", token ids only")
+  try:
+    server.run()
+  except SystemExit as e:  # uvicorn exits when it cannot listen (it logged why)
+    raise build.JobError(f"Could not serve on {s.host}:{s.port} (see the log above; is the port in use?): "
+                         "pass another --config.serve.port or --config.serve.host.") from e
+  return {"model": served.name, "host": s.host, "port": s.port, "context": engine.context,
+          "drained": app.state.serving.draining}

@@ -1,0 +1,252 @@
+"""The HTTP layer: an OpenAI-compatible FastAPI app around an engine.
+
+    app = create_app(engine, ServedModel(name, tokenizer, engine.context, vocab_size))
+    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=8000)).run()
+    app.state.serving.drain(30.0)                      # from another thread: 503 for new requests, finish the rest
+
+Routes: POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with
+"stream": true), GET /v1/models, GET /health, GET /metrics. The engine calls back from its own
+thread; each request's events cross into the event loop with `call_soon_threadsafe` onto an
+asyncio queue, and one coroutine per request turns them into text (serving.completions) and
+responses (serving.openai_api). A client that goes away cancels its request in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from absl import logging
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from qwen_logical.serving import openai_api
+from qwen_logical.serving.completions import Completion, Output, RequestError
+from qwen_logical.serving.engine import QueueFullError, ServingError
+from qwen_logical.serving.metrics import Metrics
+from qwen_logical.serving.openai_api import ParsedRequest, ServedModel
+
+ENDPOINTS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+CLIENT_CLOSED = 499  # the status metrics count a request under when its client went away
+_GONE = object()  # queued when the client disconnects
+
+
+def _sse(body: dict | str) -> str:
+  data = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+  return f"data: {data}\n\n"
+
+
+class _Run:
+  """One accepted request: its Completion, the queue its engine events arrive on, its metrics."""
+
+  def __init__(self, serving: "Serving", parsed: ParsedRequest, endpoint: str):
+    self.serving, self.parsed, self.endpoint = serving, parsed, endpoint
+    self.completion = Completion(serving.engine, parsed.request, serving.served.tokenizer, parsed.stop)
+    self.events: asyncio.Queue = asyncio.Queue()
+    self.timer = serving.metrics.timer()
+    self.last: Output | None = None
+    self.id, self.created = openai_api.new_id(parsed), int(time.time())
+    self._loop = asyncio.get_running_loop()
+    self._closed = False
+    self.gone = False  # the client disconnected
+
+  def notify(self, event) -> None:
+    """The engine's callback (engine thread); the arrival time goes along, for the latency metrics."""
+    try:
+      self._loop.call_soon_threadsafe(self.events.put_nowait, (event, time.perf_counter()))
+    except RuntimeError:  # the event loop has closed: nobody waits for this request any more
+      pass
+
+  async def next(self) -> Output | None:
+    """The next Output; None when an event adds nothing, or when the client has gone (then done)."""
+    event, at = await self.events.get()
+    if event is _GONE:
+      self.gone = True
+      self.completion.cancel()
+      return None
+    output = self.completion.on_event(event)
+    if output is not None:
+      self.last = output
+      if output.token_ids:
+        self.timer.token(len(output.token_ids), at)
+    return output
+
+  def close(self, status: int) -> None:
+    """Ends the request (cancelled in the engine unless it finished) and counts it; idempotent."""
+    if self._closed:
+      return
+    self._closed = True
+    if not self.completion.done:
+      self.completion.cancel()
+      status = CLIENT_CLOSED
+    self.serving.inflight -= 1
+    usage = (self.last.prompt_tokens, self.last.completion_tokens) if self.last else (0, 0)
+    self.serving.metrics.finished(self.endpoint, status, *usage)
+
+
+class _EventStream(StreamingResponse):
+  """Server-sent events whose request is closed however the response ends (done, or client gone)."""
+
+  def __init__(self, content, run: _Run):
+    super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    self._run = run
+
+  async def __call__(self, scope, receive, send):
+    try:
+      await super().__call__(scope, receive, send)
+    finally:
+      self._run.close(200)
+
+
+class Serving:
+  """The app's state: the engine, what it serves, the metrics, and whether it is draining."""
+
+  def __init__(self, engine, served: ServedModel, metrics: Metrics | None = None):
+    self.engine, self.served = engine, served
+    self.metrics = metrics or Metrics(engine.stats)
+    self.draining = False
+    self.inflight = 0  # requests accepted and not yet answered (changed on the event loop only)
+
+  def drain(self, seconds: float, settle_s: float = 5.0) -> None:
+    """Refuses new requests (503), lets the engine finish running ones within `seconds` (cancelling
+    the rest), then waits up to `settle_s` for their responses to go out. Blocks; call it off the loop."""
+    self.draining = True
+    logging.info("Draining: new requests get 503; %d running, up to %.0f s to finish", self.inflight, seconds)
+    self.engine.stop(seconds)
+    deadline = time.monotonic() + settle_s
+    while self.inflight > 0 and time.monotonic() < deadline:
+      time.sleep(0.02)
+    logging.info("Drained (%d responses still open)", self.inflight)
+
+  def error(self, endpoint: str, status: int, message: str, param: str | None = None,
+            error_type: str = "invalid_request_error") -> JSONResponse:
+    self.metrics.finished(endpoint, status)
+    return JSONResponse(openai_api.error_body(message, param, error_type), status_code=status)
+
+  async def complete(self, request: Request, kind: str) -> Response:
+    """POST /v1/chat/completions and /v1/completions."""
+    endpoint = ENDPOINTS[kind]
+    if self.draining:
+      return self.error(endpoint, 503, "The server is shutting down and takes no new requests.",
+                        error_type="server_error")
+    parsed = None
+    try:
+      body = json.loads(await request.body())
+      parsed = openai_api.parse_request(kind, body, self.served)
+      self.engine.check(parsed.request)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      return self.error(endpoint, 400, f"The request body is not valid JSON: {e}.")
+    except RequestError as e:
+      return self.error(endpoint, 400, str(e), e.param)
+    except ServingError as e:
+      return self.error(endpoint, 400, str(e), openai_api.engine_param(parsed, e.field))
+    run = _Run(self, parsed, endpoint)
+    try:
+      run.completion.submit(run.notify)
+    except QueueFullError as e:
+      return self.error(endpoint, 429, f"The server is busy (its queue is full): retry later. {e}",
+                        error_type="rate_limit_exceeded")
+    except ServingError as e:
+      if e.field is not None:
+        return self.error(endpoint, 400, str(e), openai_api.engine_param(parsed, e.field))
+      return self.error(endpoint, 503, str(e), error_type="server_error")
+    self.inflight += 1
+    if parsed.stream:
+      return _EventStream(self._events(run), run)
+    try:
+      return await self._whole(request, run)
+    except BaseException:
+      run.close(500)
+      raise
+
+  async def _events(self, run: _Run):
+    """The SSE body: a chunk per text delta, the finish reason, usage when asked for, [DONE]."""
+    parsed = run.parsed
+    if parsed.kind == "chat":
+      yield _sse(openai_api.chunk_body(parsed, run.id, run.created, first=True))
+    while not run.completion.done:
+      output = await run.next()
+      if output is None:
+        continue
+      if output.finish_reason in ("cancelled", "error"):
+        yield _sse(self._failure(output)[1])
+        break
+      if output.text or output.finish_reason or (parsed.return_token_ids and output.token_ids):
+        yield _sse(openai_api.chunk_body(parsed, run.id, run.created, output.text, output.finish_reason,
+                                         output.token_ids))
+    if parsed.include_usage and run.last is not None:
+      yield _sse(openai_api.usage_chunk(parsed, run.id, run.created, run.last))
+    yield _sse("[DONE]")
+
+  async def _whole(self, request: Request, run: _Run) -> Response:
+    """The non-streamed answer; a client that disconnects meanwhile cancels the request."""
+    watcher = asyncio.create_task(_watch_disconnect(request, run.events))
+    texts, ids = [], []
+    try:
+      while not run.completion.done:
+        output = await run.next()
+        if output is not None:
+          texts.append(output.text)
+          ids += output.token_ids
+    finally:
+      watcher.cancel()
+    last = run.last
+    if run.gone:
+      run.close(CLIENT_CLOSED)
+      return Response(status_code=CLIENT_CLOSED)
+    if last.finish_reason in ("cancelled", "error"):
+      status, body = self._failure(last)
+      run.close(status)
+      return JSONResponse(body, status_code=status)
+    run.close(200)
+    whole = Output("".join(texts), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+    return JSONResponse(openai_api.completion_body(run.parsed, run.id, run.created, whole))
+
+  @staticmethod
+  def _failure(output: Output) -> tuple[int, dict]:
+    if output.finish_reason == "cancelled":
+      return 503, openai_api.error_body("The request was cancelled: the server is shutting down.",
+                                        error_type="server_error")
+    return 500, openai_api.error_body(f"The engine failed on this request: {output.error}", error_type="server_error")
+
+
+async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
+  """Waits for the client to go away (the body was read already), then queues _GONE."""
+  while True:
+    message = await request.receive()
+    if message["type"] == "http.disconnect":
+      events.put_nowait((_GONE, time.perf_counter()))
+      return
+
+
+def create_app(engine, served: ServedModel, metrics: Metrics | None = None) -> FastAPI:
+  """The app for `engine` (an Engine, or anything with check/submit/cancel/stop/stats)."""
+  serving = Serving(engine, served, metrics)
+  app = FastAPI(title="qwen_logical", docs_url=None, redoc_url=None)
+  app.state.serving = serving
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(request: Request):
+    return await serving.complete(request, "chat")
+
+  @app.post("/v1/completions")
+  async def text_completions(request: Request):
+    return await serving.complete(request, "completion")
+
+  @app.get("/v1/models")
+  async def models():
+    serving.metrics.finished("/v1/models", 200)
+    return openai_api.models_body(served)
+
+  @app.get("/health")
+  async def health():
+    if serving.draining:
+      return JSONResponse({"status": "draining"}, status_code=503)
+    return {"status": "ok"}
+
+  @app.get("/metrics")
+  async def metrics_text():
+    return Response(serving.metrics.exposition(), media_type=serving.metrics.content_type)
+
+  return app
