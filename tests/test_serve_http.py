@@ -291,6 +291,25 @@ def test_draining_refuses_new_requests_and_finishes_running_ones(tokenizer):
     assert not drain.is_alive()
 
 
+def test_what_outlives_the_drain_deadline_is_cancelled(tokenizer):
+  engine, server = _fake_server(tokenizer, context=100000, step_s=0.02)
+  with server:
+    c = client(server.url)
+    stream = iter(c.completions.create(model="tiny", prompt=[1], max_tokens=5000, stream=True))
+    next(stream)
+    whole = []
+    waiting = threading.Thread(target=lambda: whole.append(_post(server.url, DONE, {"model": "tiny", "prompt": [2],
+                                                                                    "max_tokens": 5000})))
+    waiting.start()
+    time.sleep(0.2)
+    server.server.config.app.state.serving.drain(0.3)
+    with pytest.raises(openai.APIError, match="cancelled: the server is shutting down"):
+      list(stream)
+    waiting.join(10)
+    assert whole[0][0] == 503 and whole[0][1]["error"]["type"] == "server_error"
+    assert 'endpoint="/v1/completions",status="503"} 2.0' in _get(server.url, "/metrics")[1]
+
+
 def _metrics(url):
   from prometheus_client.parser import text_string_to_metric_families
   samples = {}
@@ -368,7 +387,7 @@ def test_sigterm_drains_the_running_request_and_exits_0(checkpoint):
   finally:
     process.kill()
   output = process.stdout.read()
-  assert "Draining" in output and "Traceback" not in output
+  assert "Draining: new requests get 503; 1 running" in output and "Traceback" not in output
 
 
 @needs_engine

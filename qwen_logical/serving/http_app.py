@@ -50,6 +50,7 @@ class _Run:
     self._loop = asyncio.get_running_loop()
     self._closed = False
     self.gone = False  # the client disconnected
+    self.status = 200  # what the metrics count a streamed answer under
 
   def notify(self, event) -> None:
     """The engine's callback (engine thread); the arrival time goes along, for the latency metrics."""
@@ -96,7 +97,7 @@ class _EventStream(StreamingResponse):
     try:
       await super().__call__(scope, receive, send)
     finally:
-      self._run.close(200)
+      self._run.close(self._run.status)
 
 
 class Serving:
@@ -170,7 +171,8 @@ class Serving:
       if output is None:
         continue
       if output.finish_reason in ("cancelled", "error"):
-        yield _sse(self._failure(output)[1])
+        run.status, body = self._failure(output)
+        yield _sse(body)
         break
       if output.text or output.finish_reason or (parsed.return_token_ids and output.token_ids):
         yield _sse(openai_api.chunk_body(parsed, run.id, run.created, output.text, output.finish_reason,
