@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from absl import logging
@@ -111,51 +111,60 @@ def export(config: ConfigDict, partitioner, params) -> list[str]:
   return files
 
 
+def _train(config: ConfigDict, partitioner, params, data) -> tuple[Any, Any, dict, float, Callable]:
+  """(state after the loop, frozen, history, seconds, merge): the state built, restored, trained, saved."""
+  from qwen_logical.training import loop, optimizer as opt, state as st, step as steps
+  train = config.train
+  settings = opt.OptimizerSettings.from_config(train)
+  trainable, frozen, combine, axes, shapes, merge = _hooks(config, partitioner, params)
+  optimizer = opt.make_optimizer(settings)
+  fns = steps.make_train_step(partitioner, optimizer, combine=combine, grad_accum=train.grad_accum,
+                              clip_norm=train.clip_norm, trainable_axes=axes, trainable_shapes=shapes)
+  state = st.init_state(partitioner, optimizer, trainable, axes)
+  del trainable
+  checkpointing = optional_module("checkpointing") if train.checkpoint_dir else None
+  hook_args = {"partitioner": partitioner, "trainable_axes": axes}
+  if checkpointing is not None:
+    state = checkpointing.maybe_restore(train, state, **hook_args)
+  rows = train.batch_size // steps.data_shard(partitioner)[1]
+  loop_settings = loop.LoopSettings(
+      steps=train.steps, batch_size=train.batch_size, rows=rows, eval_every=train.eval_every, seed=train.seed,
+      peak_flops=_peak_flops(config, partitioner.mesh), num_parameters=partitioner.config.num_parameters)
+  start = time.perf_counter()
+  state, history = loop.train_loop(
+      fns, state, frozen, *data, loop_settings, learning_rate=opt.learning_rate_schedule(settings),
+      after_step=(lambda s: checkpointing.save(train, s, **hook_args)) if checkpointing is not None else None)
+  seconds = time.perf_counter() - start
+  if checkpointing is not None:
+    checkpointing.save(train, state, force=True, **hook_args)
+  return state, frozen, history, seconds, merge
+
+
 def main(config: ConfigDict) -> dict[str, Any]:
   """Runs the job; returns the JSON report {'ok', 'summary', 'history'}."""
   from qwen_logical.sharding.mesh import make_mesh
   from qwen_logical.sharding.rules import get_table
-  from qwen_logical.training import inputs, loop, optimizer as opt, state as st, step as steps
+  from qwen_logical.training import inputs, optimizer as opt, step as steps
 
   train = config.train
-  settings = opt.OptimizerSettings.from_config(train)
+  opt.OptimizerSettings.from_config(train)  # a bad setting fails before anything is built
   table = get_table(config.rules, config.rule_overrides)
   mesh = make_mesh(config.mesh)
   tokenizer = open_tokenizer(config)
   source = model_source(config, tokenizer, build.gathers_weights(table, dict(mesh.shape)))
   partitioner = build.make_partitioner(source, mesh, table)
   steps.check_batch_size(partitioner, train.batch_size, train.grad_accum)
-  shard = steps.data_shard(partitioner)
-  train_data, eval_data = inputs.make_datasets(
+  data = inputs.make_datasets(
       tokenizer, data=train.data, max_length=train.max_length, eval_fraction=train.eval_fraction,
-      seed=train.seed, overlong=train.overlong, shard=shard, num_buckets=train.length_buckets)
+      seed=train.seed, overlong=train.overlong, shard=steps.data_shard(partitioner), num_buckets=train.length_buckets)
   params, load_s = source.weights(partitioner)
-  trainable, frozen, combine, axes, shapes, merge = _hooks(config, partitioner, params)
-  optimizer = opt.make_optimizer(settings)
-  fns = steps.make_train_step(partitioner, optimizer, combine=combine, grad_accum=train.grad_accum,
-                              clip_norm=train.clip_norm, trainable_axes=axes, trainable_shapes=shapes)
-  state = st.init_state(partitioner, optimizer, trainable, axes)
-  del trainable, params
-  checkpointing = optional_module("checkpointing") if train.checkpoint_dir else None
-  if checkpointing is not None:
-    state = checkpointing.maybe_restore(train, state)
-  loop_settings = loop.LoopSettings(
-      steps=train.steps, batch_size=train.batch_size, rows=train.batch_size // shard[1],
-      eval_every=train.eval_every, seed=train.seed, peak_flops=_peak_flops(config, mesh),
-      num_parameters=source.config.num_parameters)
-  start = time.perf_counter()
-  state, history = loop.train_loop(
-      fns, state, frozen, train_data, eval_data, loop_settings,
-      learning_rate=opt.learning_rate_schedule(settings),
-      after_step=(lambda s: checkpointing.save(train, s)) if checkpointing is not None else None)
-  train_s = time.perf_counter() - start
-  if checkpointing is not None:
-    checkpointing.save(train, state, force=True)
+  state, frozen, history, train_s, merge = _train(config, partitioner, params, data)
+  del params
   tuned = merge(state.trainable, frozen)
-  say = distributed.printer()
   answer = sample(config, partitioner, tuned, tokenizer)
   last = history["train"][-1] if history["train"] else {}
   final_eval = history["eval"][-1]["eval_loss"] if history["eval"] else float("nan")
+  say = distributed.printer()
   say(f"\nFine-tuned {train.steps} steps on {partitioner.name}: train loss {last.get('loss', float('nan')):.4f}, "
       f"eval loss {final_eval:.4f}, {train_s:.1f} s")
   if answer:
@@ -163,7 +172,7 @@ def main(config: ConfigDict) -> dict[str, Any]:
   summary: dict[str, Any] = {
       "model": source.config.name, "mesh": config.mesh, "rules": table.name, "devices": int(mesh.devices.size),
       "backend": jax.default_backend(), "steps": int(jax.device_get(state.step)), "load_s": load_s,
-      "train_s": train_s, "train_examples": len(train_data), "eval_examples": len(eval_data),
+      "train_s": train_s, "train_examples": len(data[0]), "eval_examples": len(data[1]),
       "final_train_loss": last.get("loss"), "final_eval_loss": final_eval, "sample": answer,
       "lora_rank": train.lora_rank, "head_plan": partitioner.layout.describe()}
   if train.output:

@@ -96,7 +96,9 @@ def train_loop(fns: StepFns, state, frozen, train: Dataset, held_out: Dataset, s
   s = settings
   first = int(jax.device_get(state.step))
   history: dict[str, list] = {"train": [], "eval": []}
-  groups = train.epochs(s.rows, s.seed + first)
+  groups = train.epochs(s.rows, s.seed)
+  for _ in range(first):  # a restored run continues the same example order
+    next(groups)
   bar = TrainProgress(s.steps, first)
   for step in range(first + 1, s.steps + 1):
     examples = next(groups)

@@ -14,26 +14,23 @@ grad_accum micro-batches and divided by the trained-token count, tied through th
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_logical.model import axes as ax
 from qwen_logical.model.layers import constrain
 from qwen_logical.model.model import Qwen2ForCausalLM
-from qwen_logical.sharding import validation
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.training.heads import canonical_norm, tie_gradients
 from qwen_logical.training.loss import masked_cross_entropy
-from qwen_logical.training.state import TrainingError, TrainState, state_shardings
-
-BATCH_KEYS = ("tokens", "loss_mask", "attention_mask")
-_DTYPES = {"tokens": np.int32, "loss_mask": np.float32, "attention_mask": np.int32}
-Batch = dict  # {'tokens': int32[B, L], 'loss_mask': float32[B, L], 'attention_mask': int32[B, L]}
+from qwen_logical.training.placement import (BATCH_KEYS, Batch, check_batch_size, check_rows,  # noqa: F401
+                                             data_shard, global_rows, place_batch)
+from qwen_logical.training.state import TrainState, state_shardings
 
 
 class StepFns(NamedTuple):
@@ -45,55 +42,6 @@ class StepFns(NamedTuple):
   eval_step: Callable[..., dict]
   shardings: TrainState
   gradients: Callable[..., tuple[dict, Any]]  # (trainable, frozen, batch) -> (metrics, tied mean gradient)
-
-
-def check_batch_size(partitioner: Partitioner, batch_size: int, grad_accum: int = 1,
-                     flag: str = "--config.train.batch_size") -> None:
-  """TrainingError unless each micro-batch (batch_size / grad_accum rows) splits over the batch shards."""
-  shards = partitioner.batch_shards
-  if grad_accum < 1 or batch_size % (grad_accum * shards):
-    raise TrainingError(
-        f"{flag}={batch_size} does not split into --config.train.grad_accum={grad_accum} micro-batches "
-        f"over the {shards} batch shards of mesh {partitioner.name} (activation_batch -> "
-        f"{partitioner.table.mapping().get(ax.ACTIVATION_BATCH)}); use a batch size that is a multiple "
-        f"of {grad_accum * shards}, or change grad_accum, the mesh or the rule table.")
-
-
-def data_shard(partitioner: Partitioner) -> tuple[int, int]:
-  """(index, count): this process holds block `index` of `count` equal blocks of every batch's rows.
-
-  With one process (0, 1). Processes that share rows (the batch split over fewer devices than the
-  processes hold) get the same index and must read the same examples."""
-  shards = partitioner.batch_shards
-  indices = partitioner.sharding(ax.TOKENS).addressable_devices_indices_map((shards, 1)).values()
-  starts = sorted({index[0].indices(shards)[0] for index in indices})
-  block = len(starts)
-  return starts[0] // block, shards // block
-
-
-def global_rows(partitioner: Partitioner, local_rows: int) -> int:
-  """Rows of the global batch when this process holds `local_rows` of them."""
-  return local_rows * data_shard(partitioner)[1]
-
-
-def place_batch(partitioner: Partitioner, batch: Batch) -> Batch:
-  """Host rows -> global arrays split (activation_batch, activation_length). In a multi-process job each
-  process passes its own rows (`data_shard` says which)."""
-  sharding = partitioner.sharding(ax.TOKENS)
-  out = {}
-  for key in BATCH_KEYS:
-    if key not in batch:
-      raise TrainingError(f"a training batch needs {BATCH_KEYS}; {key!r} is missing.")
-    value = batch[key]
-    if isinstance(value, jax.Array):
-      out[key] = value
-    elif jax.process_count() == 1:
-      out[key] = jax.device_put(np.asarray(value, _DTYPES[key]), sharding)
-    else:
-      local = np.asarray(value, _DTYPES[key])
-      global_shape = (global_rows(partitioner, local.shape[0]), local.shape[1])
-      out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
-  return out
 
 
 def _model(partitioner: Partitioner, remat: str | None):
@@ -111,6 +59,79 @@ def _micro_batches(batch: Batch, grad_accum: int) -> Batch:
   return {k: split(batch[k]) for k in BATCH_KEYS}
 
 
+def _combine_whole(trainable, frozen):
+  del frozen
+  return trainable
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+  """The traced bodies of the steps (called inside jit, under the partitioner's rules)."""
+
+  partitioner: Partitioner
+  model: Qwen2ForCausalLM
+  optimizer: optax.GradientTransformation
+  combine: Callable[[Any, Any], Any]
+  axes: Any  # logical PartitionSpecs of the trainable tree
+  grad_accum: int
+  clip_norm: float | None
+
+  def loss_sums(self, trainable, frozen, batch):
+    tokens = constrain(batch["tokens"], ax.TOKENS)
+    logits = self.model.apply({"params": self.combine(trainable, frozen)}, tokens, batch["attention_mask"])
+    return masked_cross_entropy(logits, tokens, batch["loss_mask"])
+
+  def summed_grads(self, trainable, frozen, batch):
+    """(gradient of the summed loss, loss sum, trained-token count), over grad_accum micro-batches."""
+    grad_fn = jax.value_and_grad(lambda t, b: self.loss_sums(t, frozen, b), has_aux=True)
+    if self.grad_accum == 1:
+      (loss_sum, count), grads = grad_fn(trainable, batch)
+      return grads, loss_sum, count
+
+    def body(carry, micro):
+      grads, loss_sum, count = carry
+      (micro_loss, micro_count), micro_grads = grad_fn(trainable, micro)
+      grads = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), grads, micro_grads)
+      return (grads, loss_sum + micro_loss, count + micro_count), None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+    start = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, loss_sum, count), _ = jax.lax.scan(body, start, _micro_batches(batch, self.grad_accum))
+    return grads, loss_sum, count
+
+  def gradients(self, trainable, frozen, batch):
+    """(metrics, the mean gradient tied through the head layout, unclipped)."""
+    grads, loss_sum, count = self.summed_grads(trainable, frozen, batch)
+    denominator = jnp.maximum(count, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
+    layout = self.partitioner.layout
+    grads = tie_gradients(grads, self.axes, layout)
+    norm = canonical_norm(grads, self.axes, layout)
+    return {"loss": loss_sum / denominator, "tokens": count.astype(jnp.int32), "grad_norm": norm}, grads
+
+  def train(self, state: TrainState, frozen, batch):
+    metrics, grads = self.gradients(state.trainable, frozen, batch)
+    if self.clip_norm:
+      norm = metrics["grad_norm"]
+      factor = jnp.where(norm > self.clip_norm, self.clip_norm / jnp.maximum(norm, 1e-30), 1.0)
+      grads = jax.tree_util.tree_map(lambda g: g * factor, grads)
+    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+  def evaluate(self, trainable, frozen, batch):
+    loss_sum, count = self.loss_sums(trainable, frozen, batch)
+    return {"loss": loss_sum / jnp.maximum(count, 1.0), "loss_sum": loss_sum, "tokens": count.astype(jnp.int32)}
+
+  def bound(self, method):
+    """`method` with the rule table and abstract mesh entered inside the trace."""
+    def run(*args):
+      with self.partitioner.bound():
+        return method(*args)
+    return run
+
+
 def make_train_step(partitioner: Partitioner, optimizer: optax.GradientTransformation, *,
                     combine: Callable[[Any, Any], Any] | None = None, remat: str | None = None,
                     grad_accum: int = 1, clip_norm: float | None = None, trainable_axes=None,
@@ -119,92 +140,23 @@ def make_train_step(partitioner: Partitioner, optimizer: optax.GradientTransform
 
   combine(trainable, frozen) -> the model's params (default: trainable is the whole tree).
   remat: None keeps partitioner.config.remat; "none" | "full" | "dots" overrides it.
+  grad_accum: micro-batches per step; clip_norm: None or 0 = no clipping.
   trainable_axes / trainable_shapes: the trainable tree's logical PartitionSpecs and shapes when it
     is not the model's param tree (LoRA); default the partitioner's.
   """
-  combine = combine or (lambda trainable, frozen: trainable)
-  model = _model(partitioner, remat)
   axes = partitioner.logical_specs if trainable_axes is None else trainable_axes
+  program = _Program(partitioner, _model(partitioner, remat), optimizer, combine or _combine_whole, axes,
+                     grad_accum, clip_norm)
   shardings = state_shardings(partitioner, optimizer, trainable_axes, trainable_shapes=trainable_shapes)
   replicated = NamedSharding(partitioner.mesh, PartitionSpec())
+  train_jit = jax.jit(program.bound(program.train), donate_argnums=(0,), out_shardings=(shardings, replicated))
+  eval_jit = jax.jit(program.bound(program.evaluate), out_shardings=replicated)
+  grads_jit = jax.jit(program.bound(program.gradients), out_shardings=(replicated, shardings.trainable))
 
-  def loss_sums(trainable, frozen, batch):
-    tokens = constrain(batch["tokens"], ax.TOKENS)
-    logits = model.apply({"params": combine(trainable, frozen)}, tokens, batch["attention_mask"])
-    return masked_cross_entropy(logits, tokens, batch["loss_mask"])
+  def placed(jitted, accum):
+    def call(first, frozen, batch: Batch):
+      check_rows(partitioner, batch, accum)
+      return jitted(first, frozen, place_batch(partitioner, batch))
+    return call
 
-  def summed_grads(trainable, frozen, batch):
-    grad_fn = jax.value_and_grad(lambda t, b: loss_sums(t, frozen, b), has_aux=True)
-    if grad_accum == 1:
-      (loss_sum, count), grads = grad_fn(trainable, batch)
-      return grads, loss_sum, count
-
-    def body(carry, micro):
-      grads, loss_sum, count = carry
-      (l, c), g = grad_fn(trainable, micro)
-      grads = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-      return (grads, loss_sum + l, count + c), None
-
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-    start = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, loss_sum, count), _ = jax.lax.scan(body, start, _micro_batches(batch, grad_accum))
-    return grads, loss_sum, count
-
-  def gradients(trainable, frozen, batch):
-    """(metrics, the mean gradient tied through the head layout, unclipped); inside `bound()`."""
-    grads, loss_sum, count = summed_grads(trainable, frozen, batch)
-    denominator = jnp.maximum(count, 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
-    grads = tie_gradients(grads, axes, partitioner.layout)
-    norm = canonical_norm(grads, axes, partitioner.layout)
-    return {"loss": loss_sum / denominator, "tokens": count.astype(jnp.int32), "grad_norm": norm}, grads
-
-  def train(state: TrainState, frozen, batch):
-    with partitioner.bound():
-      metrics, grads = gradients(state.trainable, frozen, batch)
-      if clip_norm:
-        norm = metrics["grad_norm"]
-        factor = jnp.where(norm > clip_norm, clip_norm / jnp.maximum(norm, 1e-30), 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g * factor, grads)
-      grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-      trainable = optax.apply_updates(state.trainable, updates)
-    return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
-
-  def bound_gradients(trainable, frozen, batch):
-    with partitioner.bound():
-      return gradients(trainable, frozen, batch)
-
-  def evaluate(trainable, frozen, batch):
-    with partitioner.bound():
-      loss_sum, count = loss_sums(trainable, frozen, batch)
-    return {"loss": loss_sum / jnp.maximum(count, 1.0), "loss_sum": loss_sum, "tokens": count.astype(jnp.int32)}
-
-  train_jit = jax.jit(train, donate_argnums=(0,), out_shardings=(shardings, replicated))
-  eval_jit = jax.jit(evaluate, out_shardings=replicated)
-  grads_jit = jax.jit(bound_gradients, out_shardings=(replicated, shardings.trainable))
-
-  def train_step(state: TrainState, frozen, batch: Batch):
-    _check_rows(partitioner, batch, grad_accum)
-    return train_jit(state, frozen, place_batch(partitioner, batch))
-
-  def eval_step(trainable, frozen, batch: Batch):
-    _check_rows(partitioner, batch, 1)
-    return eval_jit(trainable, frozen, place_batch(partitioner, batch))
-
-  def gradients_step(trainable, frozen, batch: Batch):
-    _check_rows(partitioner, batch, grad_accum)
-    return grads_jit(trainable, frozen, place_batch(partitioner, batch))
-
-  return StepFns(train_step, eval_step, shardings, gradients_step)
-
-
-def _check_rows(partitioner: Partitioner, batch: Batch, grad_accum: int) -> None:
-  tokens = batch.get("tokens")
-  if tokens is None or np.ndim(tokens) != 2:
-    raise TrainingError(f"batch['tokens'] must be int32[B, L], got {None if tokens is None else np.shape(tokens)}.")
-  rows = tokens.shape[0] if isinstance(tokens, jax.Array) else global_rows(partitioner, tokens.shape[0])
-  check_batch_size(partitioner, rows, grad_accum)
-  problems = validation.check_array(f"token batch {tuple(tokens.shape)}", (rows, tokens.shape[1]), ax.TOKENS,
-                                    partitioner.table, partitioner.mesh_shape)
-  validation.raise_if(problems, partitioner.table, partitioner.mesh_shape)
+  return StepFns(placed(train_jit, grad_accum), placed(eval_jit, 1), shardings, placed(grads_jit, grad_accum))
