@@ -1,0 +1,298 @@
+"""The continuous-batching engine: a fixed number of slots over one preallocated, sharded KV cache.
+
+    engine = Engine(partitioner, params, slots=8, context=2048, queue_size=64)
+    rid = engine.submit(EngineRequest(tokens, max_new_tokens=64, sampling=SamplingParams(0.7)), callback)
+    engine.start()                        # the scheduler loop in a background thread
+    engine.cancel(rid); engine.stats(); engine.stop(deadline_s=10)
+
+Each round of the scheduler (one thread): cancelled requests leave (their slot is free at once);
+waiting requests take the free slots, first come first served, prefilled in one call per prompt
+bucket and inserted into their cache rows; then one decode step advances every running slot.
+Each new token goes to the request's callback as a TokenEvent (from the engine thread); a stop
+id or max_new_tokens ends the request and frees its slot. Requests beyond the free slots wait in
+a queue of `queue_size` (QueueFullError beyond it). The programs are in `slot_programs`, the
+host state in `scheduler`; nothing compiles once every bucket has been seen (or after `warmup`).
+
+Multi-process: process 0 builds the Engine and serves; every other process builds it the same
+way and calls `follow()`, which runs the calls process 0 sends (`protocol`) until it stops.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Callable
+
+from absl import logging
+
+from qwen_logical.common.host import is_main_process
+from qwen_logical.serving.protocol import DECODE, DECODE_FIELDS, NOOP, PREFILL, PREFILL_FIELDS, RESET, STOP
+from qwen_logical.serving.protocol import Call, Channel
+from qwen_logical.serving.requests import (EngineRequest, EngineStats, QueueFullError, ServingError, TokenEvent,
+                                           check_request, check_settings)
+from qwen_logical.serving.scheduler import Pending, Rows, plan_prefills
+from qwen_logical.serving.slot_programs import SlotPrograms
+from qwen_logical.sharding import distributed
+from qwen_logical.sharding.partitioner import Params, Partitioner
+
+__all__ = ["Engine", "EngineRequest", "EngineStats", "QueueFullError", "ServingError", "TokenEvent"]
+
+
+class Engine:
+  """Serves EngineRequests on `slots` cache rows of `context` tokens (prompt plus new tokens).
+
+  slots must be a multiple of what splits the cache rows over the mesh (programs.batch_multiple).
+  log_every_s: seconds between progress lines; keepalive_s: how often process 0 tells idle peers
+  it is alive (a dead peer is noticed within about that long).
+  """
+
+  def __init__(self, partitioner: Partitioner, params: Params, slots: int = 8, context: int = 2048,
+               queue_size: int = 64, *, log_every_s: float = 5.0, keepalive_s: float = 1.0):
+    check_settings(partitioner, slots, context, queue_size)
+    self.partitioner, self.params, self.context = partitioner, params, int(context)
+    self.slots, self.queue_size = int(slots), int(queue_size)
+    self.programs = SlotPrograms(partitioner, self.slots, self.context)
+    self.rows = Rows(self.slots)
+    largest = self.programs.max_prefill_batch
+    self.channel = Channel(max(self.slots, largest), (largest, self.programs.length))
+    self.log_every_s, self.keepalive_s = log_every_s, keepalive_s
+    self._cv = threading.Condition()
+    self._queue: collections.deque[Pending] = collections.deque()
+    self._cancels: set[int] = set()
+    self._next_rid = 0
+    self._active = 0
+    self._stopping, self._deadline, self._failed = False, 0.0, None
+    self._thread: threading.Thread | None = None
+    self._cache = None
+    self._counts = collections.Counter()
+    self._last_log = (time.monotonic(), 0)
+    self._rate = 0.0
+
+  # --- the contract -------------------------------------------------------------------------
+  @property
+  def compilations(self) -> int:
+    """Programs compiled so far (none in steady state once every bucket has been seen)."""
+    return self.programs.compilations
+
+  def check(self, request: EngineRequest) -> None:
+    """Raises ServingError naming the field if `request` cannot run here."""
+    check_request(request, self.context, self.partitioner.config.vocab_size)
+
+  def submit(self, request: EngineRequest, callback: Callable[[TokenEvent], None]) -> int:
+    """Queues `request`; returns its id. Thread-safe. callback(TokenEvent) runs on the engine thread."""
+    self.check(request)
+    with self._cv:
+      if self._stopping or self._failed:
+        raise ServingError("The engine is shutting down and takes no new requests"
+                           + (f" (it failed: {self._failed})." if self._failed else "."))
+      if len(self._queue) - (self.slots - self._active) >= self.queue_size:
+        raise QueueFullError(f"All {self.slots} slots are busy and {self.queue_size} requests are waiting "
+                             "(queue_size); try again later.")
+      rid, self._next_rid = self._next_rid, self._next_rid + 1
+      self._queue.append(Pending(rid, request, callback))
+      self._counts["requests"] += 1
+      self._cv.notify_all()
+    return rid
+
+  def cancel(self, rid: int) -> None:
+    """Ends request `rid` at the next step (final event "cancelled"); unknown or finished ids are ignored."""
+    with self._cv:
+      self._cancels.add(rid)
+      self._cv.notify_all()
+
+  def warmup(self) -> int:
+    """Compiles every program the engine can need (each prompt bucket and prefill batch, both
+    decode kinds); returns how many compiled now. Runs nothing."""
+    start, count = time.perf_counter(), self.programs.warmup(self.context)
+    logging.info("Engine warm-up: %d programs compiled in %.1f s", count, time.perf_counter() - start)
+    return count
+
+  def start(self) -> None:
+    """Runs the scheduler in a background thread (process 0)."""
+    if self._thread is not None:
+      raise ServingError("The engine has already been started.")
+    self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+    self._thread.start()
+
+  def stop(self, deadline_s: float = 0.0) -> None:
+    """Takes no new requests, lets accepted ones run for up to `deadline_s` seconds, cancels the
+    rest and ends the scheduler (and, with several processes, every follower)."""
+    with self._cv:
+      self._stopping, self._deadline = True, time.monotonic() + max(0.0, deadline_s)
+      self._cv.notify_all()
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+      self._thread.start()
+    self._thread.join()
+
+  def stats(self) -> EngineStats:
+    with self._cv:
+      c = self._counts
+      return EngineStats(queued=len(self._queue), active=self._active, slots=self.slots, context=self.context,
+                         tokens_total=c["tokens"], prompt_tokens_total=c["prompt_tokens"],
+                         requests_total=c["requests"], finished_total=c["finished"], prefills=c["prefills"],
+                         decode_steps=c["decode_steps"], compilations=self.compilations, tokens_per_s=self._rate)
+
+  def follow(self) -> None:
+    """On every process but 0: runs process 0's program calls until it stops."""
+    if is_main_process():
+      raise ServingError("engine.follow() runs on processes other than 0; process 0 serves (engine.start()).")
+    distributed.exit_on_peer_failure(self._follow)
+
+  # --- the scheduler ------------------------------------------------------------------------
+  def _follow(self) -> None:
+    self._cache = self.programs.new_cache()
+    while (call := self.channel.receive()).op != STOP:
+      self._execute(call)
+
+  def _run(self) -> None:
+    try:
+      distributed.exit_on_peer_failure(self._loop)
+    except Exception as e:  # noqa: BLE001 (a bug: every request learns of it, the engine stops)
+      logging.exception("The engine failed")
+      with self._cv:
+        self._failed = f"{type(e).__name__}: {e}"
+      self._end_all("error", self._failed)
+
+  def _loop(self) -> None:
+    self._cache = self.programs.new_cache()
+    while self._round():
+      self._log()
+    self._end_all("cancelled")
+    self.channel.send(Call(STOP))
+
+  def _round(self) -> bool:
+    """One scheduler round; False once stopping and nothing is left to run."""
+    with self._cv:
+      if not self._has_work():
+        self._cv.wait(self.keepalive_s if self.channel.needed else self.log_every_s)
+      if self._stopping and (time.monotonic() >= self._deadline or not self._has_work()):
+        return False
+      cancels, self._cancels = self._cancels, set()
+      gone = [p for p in self._queue if p.rid in cancels]
+      for p in gone:
+        self._queue.remove(p)
+      waiting = list(self._queue)
+    for p in gone:
+      self._finish(p, "cancelled")
+    for row in [r for r in self.rows.active() if self.rows.running[r].rid in cancels]:
+      self._finish(self._release(row), "cancelled")
+    if not waiting and not self.rows.active():
+      self.channel.send(Call(NOOP))
+      return True
+    for prefill in plan_prefills(waiting, self.rows.free(), self.programs.bucket, self.programs.prefill_batch):
+      self._admit(prefill)
+    if self.rows.active():
+      self._decode()
+    return True
+
+  def _has_work(self) -> bool:
+    return bool(self._queue or self._cancels or self._active)
+
+  def _admit(self, prefill) -> None:
+    with self._cv:
+      for p in prefill.requests:
+        self._queue.remove(p)
+      self._active += len(prefill.requests)
+      self._counts["prefills"] += 1
+      self._counts["prompt_tokens"] += sum(len(p.request.tokens) for p in prefill.requests)
+    for row, p in zip(prefill.rows, prefill.requests):
+      self.rows.start(row, p)
+    first = self._call(Call(PREFILL, arrays=prefill.arrays(padding_row=self.slots)))
+    for i, row in enumerate(prefill.rows if first is not None else ()):
+      self.rows.token[row] = first[i]
+      self._deliver(row, int(first[i]))
+
+  def _decode(self) -> None:
+    active = self.rows.active()
+    arrays = {k: v.copy() for k, v in self.rows.decode_arrays().items()}
+    new = self._call(Call(DECODE, self.rows.kind(), arrays))
+    with self._cv:
+      self._counts["decode_steps"] += 1
+    for row in active if new is not None else ():
+      self.rows.advance(row, int(new[row]))
+      self._deliver(row, int(new[row]))
+
+  def _call(self, call: Call):
+    """Sends `call` to the followers and runs it; its tokens on the host, or None if it failed
+    (every running request then ends with "error" and the cache starts again from zeros)."""
+    self.channel.send(call)
+    try:
+      return self._execute(call)
+    except Exception as e:  # noqa: BLE001 (a peer failure goes up; anything else fails the requests)
+      if distributed.peer_failure(e):
+        raise
+      logging.exception("A %s program failed", "prefill" if call.op == PREFILL else "decode")
+      for row in self.rows.active():
+        self._finish(self._release(row), "error", f"{type(e).__name__}: {e}")
+      self.channel.send(Call(RESET))
+      self._execute(Call(RESET))
+      return None
+
+  def _execute(self, call: Call):
+    a = call.arrays
+    if call.op == PREFILL:
+      self._cache, first = self.programs.run_prefill(self.params, self._cache, a["tokens"],
+                                                     *(a[n] for n in PREFILL_FIELDS))
+      return first
+    if call.op == DECODE:
+      self._cache, new = self.programs.run_decode(call.kind, self.params, self._cache,
+                                                  *(a[n] for n in DECODE_FIELDS))
+      return new
+    if call.op == RESET:
+      self._cache = None  # the old buffers may have been donated to the failed call
+      self._cache = self.programs.new_cache()
+    return None
+
+  # --- requests ---------------------------------------------------------------------------
+  def _deliver(self, row: int, token: int) -> None:
+    pending = self.rows.running[row]
+    reason = pending.add(token)
+    with self._cv:
+      self._counts["tokens"] += 1
+    self._notify(pending, TokenEvent(pending.rid, token, reason, len(pending.request.tokens), pending.produced))
+    if reason is not None:
+      self._release(row)
+      with self._cv:
+        self._counts["finished"] += 1
+
+  def _release(self, row: int) -> Pending:
+    with self._cv:
+      self._active -= 1
+    return self.rows.release(row)
+
+  def _finish(self, pending: Pending, reason: str, error: str | None = None) -> None:
+    """The final event of a request that ends without a token."""
+    with self._cv:
+      self._counts["finished"] += 1
+    self._notify(pending, TokenEvent(pending.rid, None, reason, len(pending.request.tokens), pending.produced,
+                                     error))
+
+  def _end_all(self, reason: str, error: str | None = None) -> None:
+    with self._cv:
+      waiting, self._queue = list(self._queue), collections.deque()
+    for p in waiting:
+      self._finish(p, reason, error)
+    for row in self.rows.active():
+      self._finish(self._release(row), reason, error)
+
+  @staticmethod
+  def _notify(pending: Pending, event: TokenEvent) -> None:
+    try:
+      pending.callback(event)
+    except Exception:  # noqa: BLE001 (one caller's broken callback must not stop the others)
+      logging.exception("The callback of request %d failed on %s", pending.rid, event)
+
+  def _log(self) -> None:
+    now, (last, tokens) = time.monotonic(), self._last_log
+    if now - last < self.log_every_s:
+      return
+    stats = self.stats()
+    self._rate = (stats.tokens_total - tokens) / (now - last)
+    self._last_log = (now, stats.tokens_total)
+    if stats.tokens_total > tokens or stats.active or stats.queued:
+      logging.info("Engine: %d queued, %d/%d slots active, %.1f tokens/s, %d tokens, %d requests done, "
+                   "%d compilations", stats.queued, stats.active, self.slots, self._rate, stats.tokens_total,
+                   stats.finished_total, stats.compilations)
+
