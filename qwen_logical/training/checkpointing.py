@@ -43,6 +43,10 @@ ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", 
                 "head_dim", "tie_word_embeddings", "rope_theta", "rms_norm_eps")
 
 
+# config.train fields that fix the order of the training batches (the step counts the batches drawn).
+DATA_ORDER = ("data", "seed", "batch_size", "eval_fraction", "max_length")
+
+
 class TrainCheckpointError(QwenLogicalError):
   """A training checkpoint that cannot continue this run (another model, shapes, settings)."""
 
@@ -73,6 +77,8 @@ def save(train_cfg, state, force: bool = False, *, partitioner=None, trainable_a
   directory, every, keep = _where(train_cfg)
   if not directory or (every <= 0 and not force):
     return False
+  if data_position is None:  # the loop's order is fixed by these: the step counts the batches drawn
+    data_position = {key: getattr(train_cfg, key, None) for key in DATA_ORDER}
   return save_state(directory, state, every=every, keep=keep, force=force, partitioner=partitioner,
                     trainable_axes=trainable_axes, data_position=data_position, lora=lora_settings(train_cfg))
 
@@ -86,6 +92,12 @@ def maybe_restore(train_cfg, state, *, partitioner=None, trainable_axes=None, wi
     state, meta = restore_state(directory, state, partitioner=partitioner, trainable_axes=trainable_axes,
                                 lora=lora_settings(train_cfg))
     position = meta.get("data_position")
+    changed = {key: (position[key], getattr(train_cfg, key, None)) for key in DATA_ORDER
+               if position and key in position and position[key] != getattr(train_cfg, key, None)}
+    if changed:
+      logging.warning("Resuming with other data settings than the checkpoint's (%s): the examples after "
+                      "step %d differ from those the saved run would have drawn.", ", ".join(
+                          f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), int(jax.device_get(state.step)))
   return (state, position) if with_data else state
 
 
