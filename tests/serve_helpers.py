@@ -1,61 +1,17 @@
-"""Helpers of the serving tests: a fake engine that keeps the engine contract, a server in a thread,
-and a tiny instruct checkpoint (a real-looking transformers model with a tokenizer directory).
-
-Until `qwen_logical/serving/engine.py` exists, a stand-in module with the contract's types
-(EngineRequest, TokenEvent, ServingError, QueueFullError) takes its import path, so the serving
-modules import as they will; `REAL_ENGINE` says which one the tests run against.
+"""Helpers of the serving tests: a fake engine that keeps the engine contract (deterministic timing for
+the HTTP layer's own tests: a slot held on purpose, a full queue, a cancel), a server in a thread,
+and a tiny instruct checkpoint (a transformers model saved with save_pretrained, plus a tokenizer
+directory). The end-to-end tests run the real `qwen_logical.serving.engine.Engine`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import socket
-import sys
 import threading
 import time
-import types
 
-from qwen_logical.common.errors import QwenLogicalError
-from qwen_logical.inference.sampling import SamplingParams
-
-try:
-  importlib.import_module("qwen_logical.serving.engine")
-  REAL_ENGINE = True
-except ModuleNotFoundError:
-  REAL_ENGINE = False
-
-  @dataclasses.dataclass(frozen=True)
-  class EngineRequest:
-    tokens: tuple
-    max_new_tokens: int
-    sampling: SamplingParams
-    seed: int = 0
-    stop_ids: tuple = ()
-
-  @dataclasses.dataclass(frozen=True)
-  class TokenEvent:
-    request_id: int
-    token: int | None
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-
-  class ServingError(QwenLogicalError):
-    def __init__(self, message, field=None):
-      super().__init__(message)
-      self.field = field
-
-  class QueueFullError(ServingError):
-    pass
-
-  _standin = types.ModuleType("qwen_logical.serving.engine")
-  _standin.__dict__.update(EngineRequest=EngineRequest, TokenEvent=TokenEvent, ServingError=ServingError,
-                           QueueFullError=QueueFullError)
-  sys.modules["qwen_logical.serving.engine"] = _standin
-
-from qwen_logical.serving.engine import EngineRequest, QueueFullError, ServingError, TokenEvent  # noqa: E402
+from qwen_logical.serving.engine import EngineRequest, QueueFullError, ServingError, TokenEvent
 
 
 @dataclasses.dataclass
@@ -67,18 +23,16 @@ class FakeStats:
 
 
 class FakeEngine:
-  """The engine contract on one worker thread, one request at a time.
+  """The engine contract without a model, on one worker thread and one slot (one request at a time).
 
-  Tokens come from qwen_logical's Generator when `partitioner` and `params` are given (real
-  tokens), else from `script` (a list of ids, the same for every request), else from a hash of
-  the prompt and step below `vocab_size` (no model; the default 256 keeps clear of the test
-  tokenizer's stop ids, so such requests run to max_new_tokens). `step_s` slows each step, so tests can
-  hold the slot, fill the queue, and see that a cancel frees the slot at once.
+  Tokens come from `script` (a list of ids, the same for every request), else from a hash of the
+  prompt and step below `vocab_size` (the default 256 keeps clear of the test tokenizer's stop ids,
+  so such requests run to max_new_tokens). `step_s` slows each step, so tests can hold the slot,
+  fill the queue, and see that a cancel frees the slot at once. `cancels` lists the cancelled ids.
   """
 
-  def __init__(self, partitioner=None, params=None, context=128, queue_size=4, step_s=0.0, vocab_size=256,
-               script=None):
-    self.partitioner, self.params, self.script = partitioner, params, script
+  def __init__(self, context=128, queue_size=4, step_s=0.0, vocab_size=256, script=None):
+    self.script = script
     self.context, self.queue_size, self.step_s, self.vocab_size = context, queue_size, step_s, vocab_size
     self.slots = 1
     self._cv = threading.Condition()
@@ -90,10 +44,6 @@ class FakeEngine:
     self._tokens_total = 0
     self.submitted: list[EngineRequest] = []
     self.cancels: list[int] = []
-    self._generator = None
-    if partitioner is not None:
-      from qwen_logical.inference.generate import Generator
-      self._generator = Generator(partitioner, context)
     self._thread = threading.Thread(target=self._loop, daemon=True)
 
   def check(self, request: EngineRequest) -> None:
@@ -163,22 +113,10 @@ class FakeEngine:
   def _tokens(self, request: EngineRequest):
     """(token, finish_reason or None) per step."""
     n = request.max_new_tokens
-    if self.partitioner is None:
-      for step in range(n):
-        token = self.script[step] if self.script else (sum(request.tokens) * 31 + 7 * step) % self.vocab_size
-        yield token, ("stop" if token in request.stop_ids else "length" if step == n - 1 else None)
-        if token in request.stop_ids:
-          return
-      return
-    s = request.sampling
-    stream = self._generator.stream(
-        self.params, [list(request.tokens)], max_new_tokens=n, temperature=s.temperature, top_k=s.top_k,
-        top_p=s.top_p, seed=request.seed, stop_ids=list(request.stop_ids) or [-1])
-    for step, event in enumerate(stream):
-      token = event.tokens[0]
-      stopped = token in request.stop_ids
-      yield token, ("stop" if stopped else "length" if step == n - 1 else None)
-      if stopped:
+    for step in range(n):
+      token = self.script[step] if self.script else (sum(request.tokens) * 31 + 7 * step) % self.vocab_size
+      yield token, ("stop" if token in request.stop_ids else "length" if step == n - 1 else None)
+      if token in request.stop_ids:
         return
 
 

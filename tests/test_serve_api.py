@@ -2,12 +2,12 @@
 completion driven from Python against qwen_logical's generate."""
 
 import pytest
-from serve_helpers import (REAL_ENGINE, CONTEXT, EngineRequest, FakeEngine, TokenEvent,  # noqa: F401  (first: the engine types)
-                           write_instruct_checkpoint)
+from serve_helpers import CONTEXT, FakeEngine, write_instruct_checkpoint
 
 from qwen_logical.inference.sampling import SamplingParams
 from qwen_logical.serving import openai_api
 from qwen_logical.serving.completions import Completion, RequestError, StopStrings
+from qwen_logical.serving.engine import Engine, EngineRequest
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_the_library_drives_a_completion_like_generate(tiny_model):
   served = openai_api.ServedModel("tiny", tokenizer, CONTEXT, 320)
   parsed = openai_api.parse_request("chat", {"model": "tiny", "max_tokens": 20, "temperature": 0, "messages": [
       {"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]}, served)
-  engine = _engine(part, params)
+  engine = Engine(part, params, slots=4, context=CONTEXT, queue_size=8)
   engine.start()
   try:
     whole = Completion(engine, parsed.request, tokenizer).result(timeout=120)
@@ -183,9 +183,3 @@ def test_the_library_drives_a_completion_like_generate(tiny_model):
   assert whole.token_ids == hf_greedy(model, ids, 20)[:len(whole.token_ids)]
   assert len(whole.token_ids) == 20  # (the real-looking model repeats its last token: no stop id comes)
 
-
-def _engine(part, params):
-  if REAL_ENGINE:
-    from qwen_logical.serving.engine import Engine
-    return Engine(part, params, slots=4, context=CONTEXT, queue_size=8)
-  return FakeEngine(part, params, context=CONTEXT)

@@ -10,14 +10,15 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
-from serve_helpers import (CONTEXT, REAL_ENGINE, FakeEngine, ServerThread, client, free_port, hf_greedy,
-                           write_instruct_checkpoint)
+from serve_helpers import CONTEXT, FakeEngine, ServerThread, client, free_port, hf_greedy, write_instruct_checkpoint
 
+from qwen_logical.serving.engine import Engine
 from qwen_logical.serving.http_app import create_app
 from qwen_logical.serving.openai_api import ServedModel
 
@@ -31,27 +32,21 @@ def checkpoint(tmp_path_factory):
   return directory, write_instruct_checkpoint(directory, real_looking=False)
 
 
-def _engine(part, params, slots=4, queue_size=32):
-  if REAL_ENGINE:
-    from qwen_logical.serving.engine import Engine
-    return Engine(part, params, slots=slots, context=CONTEXT, queue_size=queue_size)
-  return FakeEngine(part, params, context=CONTEXT, queue_size=queue_size)
-
-
 @pytest.fixture(scope="module")
 def served(checkpoint):
-  """(server, partitioner, params, tokenizer, transformers model) for the checkpoint on 1x8 tensor_parallel."""
+  """The checkpoint served on 1x8 tensor_parallel: .server, .engine, .part, .params, .tokenizer, .model (transformers)."""
   import qwen_logical as ql
   from conftest import mesh_of
   directory, model = checkpoint
   params, cfg, part = ql.load_checkpoint(str(directory), mesh_of("1x8"), ql.get_table("tensor_parallel"),
                                          progress=False)
   tokenizer = ql.Tokenizer.from_directory(directory)
-  engine = _engine(part, params)
+  engine = Engine(part, params, slots=4, context=CONTEXT, queue_size=32)
   engine.start()
   try:
     with ServerThread(create_app(engine, ServedModel("tiny", tokenizer, engine.context, cfg.vocab_size))) as server:
-      yield server, part, params, tokenizer, model
+      yield types.SimpleNamespace(server=server, engine=engine, part=part, params=params, tokenizer=tokenizer,
+                                  model=model)
   finally:
     engine.stop(5)
 
@@ -89,7 +84,7 @@ def _prompt(kind, text):
 @pytest.mark.parametrize("kind", ["chat", "completion"])
 def test_greedy_tokens_are_generate_s_and_transformers(served, kind, stream):
   from qwen_logical.inference.generate import generate
-  server, part, params, tokenizer, model = served
+  server, part, params, tokenizer, model = served.server, served.part, served.params, served.tokenizer, served.model
   text_in = "def add(a, b): return a + b  # 你好"
   ids = (tokenizer.encode_chat([SYSTEM, {"role": "user", "content": text_in}]) if kind == "chat"
          else tokenizer.encode(text_in))
@@ -104,7 +99,7 @@ def test_greedy_tokens_are_generate_s_and_transformers(served, kind, stream):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_a_stop_string_across_a_token_boundary(served, stream):
-  server, _, _, tokenizer, _ = served
+  server, tokenizer = served.server, served.tokenizer
   c = client(server.url)
   text, tokens, _, _ = _ask(c, "completion", False, 24, prompt="Hello world")
   pieces = [tokenizer.decode([t]) for t in tokens]
@@ -117,7 +112,7 @@ def test_a_stop_string_across_a_token_boundary(served, stream):
 
 
 def test_16_concurrent_streams_get_what_they_get_alone(served):
-  server, *_ = served
+  server = served.server
   c = client(server.url, timeout=300)
   words = "one two three four five six seven eight nine ten".split()
   asks = [dict(kind="chat" if i % 3 == 0 else "completion", max_tokens=3 + (7 * i) % 22,
@@ -141,6 +136,24 @@ def test_16_concurrent_streams_get_what_they_get_alone(served):
     assert t is not None and (t[0], t[1], t[2]) == (a[0], a[1], a[2]), i
     assert len(a[1]) == asks[i]["max_tokens"] or a[2] == "stop"
   assert len({tuple(a[1]) for a in alone}) > 8
+
+
+def test_a_disconnect_ends_the_request_in_the_engine(served):
+  c, engine = client(served.server.url), served.engine
+  before = engine.stats()
+  stream = c.completions.create(model="tiny", prompt="Hello", max_tokens=CONTEXT - 8, stream=True, temperature=0,
+                                extra_body={"return_token_ids": True})
+  chunks = iter(stream)
+  for _ in range(3):
+    next(chunks)
+  stream.close()
+  deadline = time.monotonic() + 30
+  while (engine.stats().finished_total == before.finished_total or engine.stats().active) and time.monotonic() < deadline:
+    time.sleep(0.01)
+  after = engine.stats()
+  assert after.active == 0 and after.finished_total == before.finished_total + 1
+  _, alone, _, _ = _ask(c, "completion", False, CONTEXT - 8, prompt="Hello")  # the same request, left to run
+  assert after.tokens_total - before.tokens_total < len(alone) // 2  # the disconnect ended it in the engine
 
 
 # ----------------------------------------------------------------------------- without a model: the HTTP layer
@@ -363,10 +376,6 @@ def _launch(*flags, port):
       time.sleep(0.2)
 
 
-needs_engine = pytest.mark.skipif(not REAL_ENGINE, reason="main.py serves with qwen_logical.serving.engine")
-
-
-@needs_engine
 def test_sigterm_drains_the_running_request_and_exits_0(checkpoint):
   directory, _ = checkpoint
   process, url = _launch(f"--config.checkpoint={directory}", "--config.serve.context=256",
@@ -390,7 +399,6 @@ def test_sigterm_drains_the_running_request_and_exits_0(checkpoint):
   assert "Draining: new requests get 503; 1 running" in output and "Traceback" not in output
 
 
-@needs_engine
 def test_the_command_serves_the_random_default_model_on_token_ids():
   import qwen_logical as ql
   from conftest import mesh_of
