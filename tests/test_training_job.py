@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 
 from qwen_logical.training import builtin_data
 

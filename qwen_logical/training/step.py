@@ -28,8 +28,8 @@ from qwen_logical.model.model import Qwen2ForCausalLM
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.training.heads import canonical_norm, tie_gradients
 from qwen_logical.training.loss import masked_cross_entropy
-from qwen_logical.training.placement import (BATCH_KEYS, Batch, check_batch_size, check_rows,  # noqa: F401
-                                             data_shard, global_rows, place_batch)
+from qwen_logical.training.placement import (BATCH_KEYS, Batch, check_batch_size, check_rows,  # noqa: F401 (re-exported)
+                                             data_shard, place_batch)
 from qwen_logical.training.state import TrainState, state_shardings
 
 
