@@ -26,7 +26,7 @@ _SAMPLING = ((0.0, 0, 1.0), (0.0, 0, 1.0), (1.5, 0, 1.0), (2.0, 20, 1.0),
              (0.0, 0, 1.0), (0.0, 0, 1.0), (1.5, 0, 1.0), (1.5, 0, 0.95))
 COMPARED_WITH_GENERATE = (2, 3)  # a SAMPLE and a FILTERED request, both in prompt bucket 16
 SHARDED = (0, 1, 2, 3, 5, 7)  # prompts of bucket 16: greedy, sampled and filtered
-HEARTBEAT_S = 5
+HEARTBEAT_S = 30  # the keepalive finds a dead peer first; a short heartbeat could race it on a loaded machine
 
 
 def _requests():

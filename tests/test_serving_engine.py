@@ -271,3 +271,27 @@ def test_two_processes_serve_the_1x1_tokens_and_a_dead_peer_ends_the_server(serv
   assert "another process of this job failed or was killed" in leader_err
   assert "WAVE1" in leader_out and "WITHOUT THE FOLLOWER" not in leader_out
   assert ended - os.path.getmtime(out + ".npz") < 30  # the follower died right after: an error, not a hang
+
+
+def test_a_call_survives_its_message():
+  from qwen_logical.serving import protocol
+  channel = protocol.Channel(rows=4, prompt_shape=(4, 64))
+  decode = protocol.Call(protocol.DECODE, "filtered", dict(
+      tokens=np.array([5, 0, 7, 255], np.int32), index=np.array([3, 0, 31, 9], np.int32),
+      seeds=np.array([0, 2 ** 32 - 1, 7, 2 ** 31], np.uint32), steps=np.array([1, 0, 4, 2], np.int32),
+      temperature=np.array([0.0, 0.7, 1.5, 2.0], np.float32), top_k=np.array([0, 0, 20, 1], np.int32),
+      top_p=np.array([1.0, 0.9, 0.95, 1e-6], np.float32)))
+  prefill = protocol.Call(protocol.PREFILL, "sample", dict(
+      tokens=np.arange(32, dtype=np.int32).reshape(2, 16), lengths=np.array([16, 3], np.int32),
+      rows=np.array([1, 4], np.int32), seeds=np.array([9, 2 ** 32 - 2], np.uint32),
+      temperature=np.array([0.5, 0.0], np.float32), top_k=np.array([3, 0], np.int32),
+      top_p=np.array([1.0, 0.5], np.float32)))
+  for call in (decode, prefill):
+    message = channel.encode(call)
+    assert message.shape == (channel.size,) and message.dtype == np.int32
+    back = channel.decode(message)
+    assert back.op == call.op and back.kind == call.kind and set(back.arrays) == set(call.arrays)
+    for name, values in call.arrays.items():
+      expected = values if values.ndim == 1 else np.zeros_like(values)  # the prompts follow in a second message
+      assert back.arrays[name].dtype == values.dtype and back.arrays[name].tolist() == expected.tolist(), name
+  assert channel.decode(channel.encode(protocol.Call(protocol.STOP))).op == protocol.STOP

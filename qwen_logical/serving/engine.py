@@ -60,14 +60,12 @@ class Engine:
     self._cv = threading.Condition()
     self._queue: collections.deque[Pending] = collections.deque()
     self._cancels: set[int] = set()
-    self._next_rid = 0
-    self._active = 0
+    self._next_rid = self._active = 0  # ids given so far; rows running a request
     self._stopping, self._deadline, self._failed = False, 0.0, None
     self._thread: threading.Thread | None = None
-    self._cache = None
+    self._cache = None  # the device cache, made when the scheduler (or follow) starts
     self._counts = collections.Counter()
-    self._last_log = (time.monotonic(), 0)
-    self._rate = 0.0
+    self._last_log, self._rate = (time.monotonic(), 0), 0.0  # (time, tokens_total) of the last log; tokens/s
 
   # --- the contract -------------------------------------------------------------------------
   @property
@@ -121,9 +119,10 @@ class Engine:
     with self._cv:
       self._stopping, self._deadline = True, time.monotonic() + max(0.0, deadline_s)
       self._cv.notify_all()
-    if self._thread is None:
-      self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-      self._thread.start()
+    if self._thread is None:  # never started: nothing ran, nothing will
+      self._end_all("cancelled")
+      self.channel.send(Call(STOP))
+      return
     self._thread.join()
 
   def stats(self) -> EngineStats:
@@ -154,6 +153,7 @@ class Engine:
       with self._cv:
         self._failed = f"{type(e).__name__}: {e}"
       self._end_all("error", self._failed)
+      self.channel.send(Call(STOP))
 
   def _loop(self) -> None:
     self._cache = self.programs.new_cache()

@@ -67,7 +67,7 @@ class Channel:
     """Every other process: the next call of process 0."""
     call = self.decode(_broadcast(np.zeros(self.size, np.int32)))
     if call.op == PREFILL:
-      batch, bucket = int(call.arrays.pop("_batch")), int(call.arrays.pop("_bucket"))
+      batch, bucket = call.arrays["tokens"].shape
       call.arrays["tokens"] = _broadcast(np.zeros(self.prompt_shape, np.int32))[:batch, :bucket]
     return call
 
@@ -87,6 +87,7 @@ class Channel:
     return message
 
   def decode(self, message: np.ndarray) -> Call:
+    """The call of a message; a PREFILL's tokens are zeros of their shape until its prompts come."""
     op, kind, batch, bucket = (int(v) for v in message[:_HEADER])
     names = PREFILL_FIELDS if op == PREFILL else DECODE_FIELDS if op == DECODE else ()
     arrays = {}
@@ -95,7 +96,7 @@ class Channel:
         start = _HEADER + i * self.rows
         arrays[name] = message[start:start + batch].copy().view(dtype)
     if op == PREFILL:
-      arrays.update(_batch=batch, _bucket=bucket)
+      arrays["tokens"] = np.zeros((batch, bucket), np.int32)
     return Call(op, KINDS[kind], arrays)
 
 

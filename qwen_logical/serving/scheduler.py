@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from qwen_logical.inference.sampling import SamplingParams, kind_of, row_values
+from qwen_logical.inference.sampling import FILTERED, SAMPLE, SamplingParams, row_values
 from qwen_logical.serving.requests import EngineRequest
 
 
@@ -106,7 +106,8 @@ class Rows:
 
   def kind(self) -> str:
     """The decode sampler kind the running rows need (SAMPLE, or FILTERED if any row filters)."""
-    return kind_of([p.request.sampling for p in self.running if p is not None] + [SamplingParams(1.0)])
+    filtered = any(p is not None and p.request.sampling.filtered for p in self.running)
+    return FILTERED if filtered else SAMPLE
 
   def decode_arrays(self) -> dict[str, np.ndarray]:
     return dict(tokens=self.token, index=self.index, seeds=self.seed, steps=self.step,
