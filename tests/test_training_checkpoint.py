@@ -124,7 +124,8 @@ def test_another_models_checkpoint_is_a_clear_error(saved):
     checkpointing.restore_state(directory, fresh, partitioner=other)
   # Without the partitioner (no config to compare) the shapes still name both.
   with pytest.raises(checkpointing.TrainCheckpointError,
-                     match=r"trainable/layers_0/mlp/down_kernel: checkpoint \(112, 224\) float32, this run \(112, 448\)"):
+                     match=r"trainable/layers_0/mlp/down_kernel: checkpoint \(112, 224\) float32, "
+                           r"this run \(112, 448\)"):
     checkpointing.restore_state(directory, fresh)
   # A LoRA run cannot continue a full fine-tuning checkpoint.
   with pytest.raises(checkpointing.TrainCheckpointError, match="LoRA: checkpoint None"):

@@ -70,8 +70,7 @@ def torch_lora(hf, base, trainable, axes, layout, batch):
         kernel = name[:-len(lora.A_SUFFIX)]
         tensors = []
         for suffix, reshape in ((lora.A_SUFFIX, (RANK, -1)), (lora.B_SUFFIX, (-1, RANK))):
-          path = (layer, "attention" if "proj" in HF_MODULES[kernel] and "attn" in HF_MODULES[kernel] else "mlp",
-                  kernel + suffix)
+          path = (layer, "attention" if HF_MODULES[kernel].startswith("self_attn") else "mlp", kernel + suffix)
           names = tuple(axes[path[0]][path[1]][path[2]])
           value = canonical(group[kernel + suffix], names, layout)
           leaves[path] = (torch.tensor(value.reshape(reshape), requires_grad=True), value.shape)

@@ -81,7 +81,8 @@ def adapter_table(partitioner, rank: int, kernels: tuple[str, ...]) -> dict[tupl
   """path of each adapter -> (shape, logical names), for every target kernel of the partitioner's params."""
   table = {}
   shapes = jax.tree_util.tree_leaves_with_path(partitioner.param_shapes)
-  specs = jax.tree_util.tree_leaves(partitioner.logical_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  specs = jax.tree_util.tree_leaves(partitioner.logical_specs,
+                                    is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   for (path, shape), spec in zip(shapes, specs):
     keys = path_keys(path)
     if keys[-1] not in kernels:
