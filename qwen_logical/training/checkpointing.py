@@ -20,7 +20,9 @@ dtypes) is a TrainCheckpointError naming both, never a silent change.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging as std_logging
 import os
 import time
 from typing import Any, Mapping
@@ -102,7 +104,24 @@ def maybe_restore(train_cfg, state, *, partitioner=None, trainable_axes=None, wi
 
 
 # --- saving ---------------------------------------------------------------------------------------
-def _manager(directory: str, keep: int | None = None) -> ocp.CheckpointManager:
+def _quiet_orbax_info(record) -> bool:
+  return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def _manager(directory: str, keep: int | None = None):
+  """An orbax CheckpointManager for `directory`, closed on exit; orbax's INFO lines (a dozen per save)
+  stay out of the job's log while it is open, its warnings do not."""
+  logger = logging.get_absl_logger()
+  logger.addFilter(_quiet_orbax_info)
+  try:
+    with _open_manager(directory, keep) as manager:
+      yield manager
+  finally:
+    logger.removeFilter(_quiet_orbax_info)
+
+
+def _open_manager(directory: str, keep: int | None) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   for item, handler in (("state", ocp.StandardCheckpointHandler), ("meta", ocp.JsonCheckpointHandler)):
