@@ -15,36 +15,30 @@ A restore reads the newest step into the shardings of the `state` it is given (t
 state_shardings): arrays are resharded on load. When the target lays the model out differently
 (another head layout, scanned instead of unrolled layers) the arrays are converted
 (`checkpoint_layout`). A checkpoint of another model (architecture, LoRA settings, shapes or
-dtypes) is a TrainCheckpointError naming both, never a silent change.
+dtypes; `checkpoint_meta`) is a TrainCheckpointError naming both, never a silent change.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging as std_logging
 import os
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
-from jax.sharding import PartitionSpec
 
 from qwen_logical.common.errors import QwenLogicalError
 from qwen_logical.model.head_layout import HeadLayout
 from qwen_logical.sharding.tree_paths import path_keys
 from qwen_logical.training import checkpoint_layout
+from qwen_logical.training.checkpoint_meta import describe_model, flat, logical_axes, model_problems, shape_problems
 
 FORMAT = 1
-# What makes two models the same model (storage dtypes and the layer form may differ).
-ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                "head_dim", "tie_word_embeddings", "rope_theta", "rms_norm_eps")
-
-
 # config.train fields that fix the order of the training batches (the step counts the batches drawn).
 DATA_ORDER = ("data", "seed", "batch_size", "eval_fraction", "max_length")
 
@@ -139,35 +133,6 @@ def latest_step(directory: str) -> int | None:
     return manager.latest_step()
 
 
-def _flat(tree) -> dict[str, Any]:
-  return {"/".join(path_keys(p)): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def logical_axes(state_dict: Mapping, trainable_axes) -> dict[str, list | None]:
-  """'/'-joined path -> logical names of every array of a state dict: trainable leaves from
-  `trainable_axes`; optimizer leaves from the trainable leaf whose path ends theirs (Adam's mu, nu)
-  with the same rank; scalars (); anything else None (replicated on restore)."""
-  by_path = {path_keys(p): tuple(spec) for p, spec in jax.tree_util.tree_leaves_with_path(
-      trainable_axes, is_leaf=lambda x: isinstance(x, PartitionSpec))}
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state_dict):
-    keys, ndim = path_keys(path), np.ndim(leaf)
-    names = () if ndim == 0 else next((by_path[keys[k:]] for k in range(1, len(keys))
-                                       if len(by_path.get(keys[k:], ())) == ndim), None)
-    out["/".join(keys)] = None if names is None else [n if n is None else str(n) for n in names]
-  return out
-
-
-def describe_model(partitioner) -> dict:
-  """The JSON facts of the saving run's model and layout."""
-  cfg = partitioner.config
-  return {"architecture": {k: getattr(cfg, k) for k in ARCHITECTURE}, "name": cfg.name,
-          "param_dtype": cfg.param_dtype.name, "quantization": cfg.quantization, "scan_layers": cfg.scan_layers,
-          "mesh": dict(partitioner.mesh_shape), "table": partitioner.table.name,
-          "rules": [[name, value] for name, value in partitioner.table.rules],
-          "layout": dataclasses.asdict(partitioner.layout)}
-
-
 def save_state(directory: str, state, *, every: int = 1, keep: int | None = None, force: bool = False,
                partitioner=None, trainable_axes=None, data_position: Mapping | None = None,
                lora: Mapping | None = None) -> bool:
@@ -203,18 +168,7 @@ def _saved_tree(manager: ocp.CheckpointManager, step: int):
 
 
 def _saved_arrays(tree) -> dict[str, tuple[tuple, np.dtype]]:
-  return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in _flat(tree).items()}
-
-
-def _model_problems(meta: Mapping, partitioner, lora: Mapping | None) -> list[str]:
-  problems = []
-  if meta.get("model") is not None and partitioner is not None:
-    saved, cfg = meta["model"]["architecture"], partitioner.config
-    problems += [f"{k}: checkpoint {saved.get(k)!r}, this run {getattr(cfg, k)!r}"
-                 for k in ARCHITECTURE if saved.get(k) != getattr(cfg, k)]
-  if (meta.get("lora") or None) != (dict(lora) if lora else None):
-    problems.append(f"LoRA: checkpoint {meta.get('lora')}, this run {dict(lora) if lora else None}")
-  return problems
+  return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in flat(tree).items()}
 
 
 def _raise(where: str, meta: Mapping, partitioner, problems: list[str]) -> None:
@@ -242,21 +196,21 @@ def restore_state(directory: str, state, *, step: int | None = None, partitioner
       raise TrainCheckpointError(f"no complete checkpoint in {directory}.")
     where = os.path.join(directory, str(step))
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    problems = _model_problems(meta, partitioner, lora)
+    problems = model_problems(meta, partitioner, lora)
     if problems:
       _raise(where, meta, partitioner, problems)
     target = serialization.to_state_dict(state)
-    flat_target = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for p, x in _flat(target).items()}
+    flat_target = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for p, x in flat(target).items()}
     saved_tree = _saved_tree(manager, step)
     saved = _saved_arrays(saved_tree)
     same = saved == {p: (tuple(s.shape), np.dtype(s.dtype)) for p, s in flat_target.items()}
     if same:
-      restored = _flat(manager.restore(step, args=ocp.args.Composite(
+      restored = flat(manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(_abstract(target))))["state"])
     elif partitioner is not None and meta.get("axes") and meta.get("model"):
       restored = _restore_converted(manager, step, meta, saved_tree, flat_target, partitioner, where)
     else:
-      _raise(where, meta, partitioner, _shape_problems(saved, flat_target))
+      _raise(where, meta, partitioner, shape_problems(saved, flat_target))
   values = jax.tree_util.tree_map_with_path(lambda p, _: restored["/".join(path_keys(p))], target)
   logging.info("Restored checkpoint step %d from %s in %.2f s", step, directory, time.perf_counter() - start)
   return serialization.from_state_dict(state, values), meta
@@ -264,15 +218,6 @@ def restore_state(directory: str, state, *, step: int | None = None, partitioner
 
 def _abstract(state_dict):
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_dict)
-
-
-def _shape_problems(saved: Mapping[str, tuple], target: Mapping[str, jax.ShapeDtypeStruct]) -> list[str]:
-  problems = [f"{p}: not in the checkpoint" for p in target if p not in saved]
-  problems += [f"{p}: checkpoint {saved[p][0]} {saved[p][1]}, this run {tuple(s.shape)} {np.dtype(s.dtype)}"
-               for p, s in target.items() if p in saved and saved[p] != (tuple(s.shape), np.dtype(s.dtype))]
-  problems += [f"{p}: in the checkpoint, not in this run" for p in saved if p not in target]
-  problems.sort(key=lambda text: not text.startswith("trainable/"))  # parameters before optimizer moments
-  return problems or ["the arrays differ"]
 
 
 def _restore_converted(manager, step, meta, saved_tree, flat_target, partitioner, where) -> dict[str, jax.Array]:
@@ -286,7 +231,7 @@ def _restore_converted(manager, step, meta, saved_tree, flat_target, partitioner
     return jax.ShapeDtypeStruct(shape, m.dtype, sharding=sharding)
 
   abstract = jax.tree_util.tree_map_with_path(fitting, saved_tree)
-  arrays = _flat(manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"])
+  arrays = flat(manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"])
   saved_layout = HeadLayout(**meta["model"]["layout"])
   converted, problems = checkpoint_layout.convert(
       arrays, {p: axes.get(p) or () for p in arrays}, saved_layout, flat_target, partitioner.layout,
