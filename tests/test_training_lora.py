@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from jax.sharding import PartitionSpec
 from transformers import Qwen2ForCausalLM as HFQwen2
 
 from conftest import mesh_of
@@ -40,10 +41,11 @@ def make_batch(vocab, seed=0):
           "loss_mask": (attention * (np.arange(12)[None] >= 3)).astype(np.float32)}
 
 
-def build(hf, mesh, storage, b_std=0.05):
-  """(partitioner, base params, trainable with a non-zero B, frozen, combine, axes, shapes)."""
-  config = model_config(hf, **STORAGE[storage])
-  part = Partitioner(config, mesh_of(mesh), get_table("tensor_parallel"))
+def build(hf, mesh, storage, b_std=0.05, table="tensor_parallel"):
+  """(partitioner, base params, trainable with a non-zero B, frozen, combine, axes, shapes); fsdp runs
+  scanned layers (stacked adapters), as the jobs pick on CPU."""
+  config = model_config(hf, scan_layers=table == "fsdp", **STORAGE[storage])
+  part = Partitioner(config, mesh_of(mesh), get_table(table))
   params = part.place(flax_from_hf(hf_tensors(hf), config, part.layout))
   _, frozen, combine, axes, shapes = lora.setup(part, params, TRAIN)
   trainable = lora.init_adapters(part, lora.adapter_table(part, RANK, tuple(HF_MODULES)), TRAIN.seed, b_std)
@@ -57,6 +59,17 @@ def canonical(value, names, layout):
     if name in ("heads", "kv_heads"):
       value = layout.to_canonical(QUERY if name == "heads" else KV, value, dim)
   return value
+
+
+def per_layer(tree, axes):
+  """A scanned tree ({'layers': stacked [N, ...]}) and its axes as unrolled ones ({'layers_<i>': ...})."""
+  if "layers" not in tree:
+    return tree, axes
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  count = jax.tree_util.tree_leaves(tree["layers"])[0].shape[0]
+  layer_axes = jax.tree_util.tree_map(lambda spec: PartitionSpec(*tuple(spec)[1:]), axes["layers"], is_leaf=is_spec)
+  return ({f"layers_{i}": jax.tree_util.tree_map(lambda x: np.asarray(x)[i], tree["layers"]) for i in range(count)},
+          {f"layers_{i}": layer_axes for i in range(count)})
 
 
 def torch_lora(hf, base, trainable, axes, layout, batch):
@@ -101,14 +114,17 @@ def ours(part, trainable, frozen, combine, axes, batch):
   return float(value), tie_gradients(grads, axes, part.layout)
 
 
-@pytest.mark.parametrize("model,mesh,storage", [
-    ("tiny", "1x1", "float32"), ("real_looking", "1x8", "float32"),
-    ("real_looking", "1x8", "bfloat16"), ("real_looking", "1x8", "int8")])
-def test_loss_and_adapter_gradients_match_a_torch_lora(model, mesh, storage):
+@pytest.mark.parametrize("model,mesh,table,storage", [
+    ("tiny", "1x1", "tensor_parallel", "float32"), ("real_looking", "1x8", "tensor_parallel", "float32"),
+    ("real_looking", "1x8", "tensor_parallel", "bfloat16"), ("real_looking", "1x8", "tensor_parallel", "int8"),
+    ("real_looking", "2x4", "fsdp", "float32")])
+def test_loss_and_adapter_gradients_match_a_torch_lora(model, mesh, table, storage):
   hf = tiny_hf_model() if model == "tiny" else real_looking_model()
-  part, params, trainable, frozen, combine, axes, _ = build(hf, mesh, storage)
+  part, params, trainable, frozen, combine, axes, _ = build(hf, mesh, storage, table=table)
   batch = make_batch(part.config.vocab_size)
   loss, grads = ours(part, trainable, frozen, combine, axes, batch)
+  grads, _ = per_layer(grads, axes)
+  trainable, axes = per_layer(trainable, axes)
   # The torch model runs on the base exactly as stored (bf16 rounded, int8 dequantised), in float32.
   ref_loss, ref_grads = torch_lora(hf, hf_from_flax(params, part.config, part.layout), trainable, axes,
                                    part.layout, batch)
