@@ -53,7 +53,7 @@ def start_server(mesh: str, port: int, args) -> subprocess.Popen:
   command = [sys.executable, "main.py", "--config=configs/serve.py", f"--config.model.preset={SHAPE}",
              "--config.model.param_dtype=float32", f"--config.mesh={mesh}", "--config.rules=tensor_parallel",
              f"--config.serve.port={port}", f"--config.serve.slots={args.slots}", "--config.serve.warmup=True",
-             f"--config.serve.context={args.prompt + args.new + 64}", f"--config.serve.queue_size={4 * args.slots}"]
+             f"--config.serve.context={args.prompt + 4 * args.new + 16}", f"--config.serve.queue_size={4 * args.slots}"]
   if args.layers:
     command.append(f"--config.model.num_layers={args.layers}")
   log = open(os.path.join(args.log_dir, f"serve_{mesh}.log"), "w")
@@ -137,10 +137,14 @@ def interference(port: int, prompt: int, new: int, probes: int) -> dict:
   alone = [stream_one(port, p, 2)["ttft_s"] for p in probe_prompts[:probes]]
   stop = threading.Event()
   busy = prompts_for(7, prompt, seed=7)
+  failures: list[BaseException] = []
 
   def background(p):
-    while not stop.is_set():
-      stream_one(port, p, new)
+    try:
+      while not stop.is_set():
+        stream_one(port, p, new)
+    except BaseException as error:  # noqa: BLE001 - re-raised below, in the main thread
+      failures.append(error)
 
   threads = [threading.Thread(target=background, args=(p,), daemon=True) for p in busy]
   for t in threads:
@@ -150,6 +154,8 @@ def interference(port: int, prompt: int, new: int, probes: int) -> dict:
   stop.set()
   for t in threads:
     t.join()
+  if failures:
+    raise RuntimeError(f"a background stream failed: {failures[0]}")
   return {"alone_p50_s": statistics.median(alone), "with_7_decoding_p50_s": statistics.median(loaded),
           "ratio": statistics.median(loaded) / statistics.median(alone)}
 
