@@ -48,6 +48,7 @@ def get_config() -> ConfigDict:
   train.lora_targets = "q,k,v,o,gate,up,down"
   train.checkpoint_dir = ""  # train-state checkpoints (training/checkpointing.py); "" = none
   train.checkpoint_every = 0
+  train.checkpoint_keep = 3  # newest train-state checkpoints kept (0 = all)
   train.output = ""  # export the tuned model as an HF directory here
   train.peak_tflops = 0.0  # per device, for the MFU estimate; 0 = measure a matrix product on this mesh
   train.sample_prompt = "What is the capital of France?"  # generated after training ("" = none)

@@ -49,3 +49,24 @@ def test_finetune_job_reports_a_bad_line_as_a_user_error(tmp_path):
   result = _main(f"--config.train.data={data}", "--config.mesh=1x1")
   assert result.returncode == 2, result.stderr[-2000:]
   assert f"error: {data}:2: not a JSON object" in result.stderr
+
+
+def test_finetune_job_trains_lora_on_an_int8_base_and_keeps_the_newest_checkpoints(tmp_path):
+  runs, report = tmp_path / "run", tmp_path / "report.json"
+  result = _main("--config.mesh=1x1", "--config.model.quantization=int8", "--config.train.lora_rank=4",
+                 "--config.train.steps=4", "--config.train.eval_every=0", "--config.train.length_buckets=1",
+                 "--config.train.learning_rate=1e-2", "--config.train.warmup_steps=0", "--config.train.sample_prompt=",
+                 f"--config.train.checkpoint_dir={runs}", "--config.train.checkpoint_every=1",
+                 "--config.train.checkpoint_keep=2", f"--config.report={report}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  history, summary = (json.loads(report.read_text())[k] for k in ("history", "summary"))
+  losses = [r["loss"] for r in history["train"]]
+  assert summary["lora_rank"] == 4 and len(losses) == 4 and losses[-1] < losses[0]
+  assert sorted(name for name in os.listdir(runs) if name.isdigit()) == ["3", "4"]
+  meta = json.loads((runs / "4" / "meta" / "metadata").read_text())
+  assert meta["model"]["quantization"] == "int8" and meta["lora"]["rank"] == 4
+  # int8 weights without LoRA get no gradients: a user error that names the fix.
+  result = _main("--config.mesh=1x1", "--config.model.quantization=int8")
+  assert result.returncode == 2 and "--config.train.lora_rank=8" in result.stderr, result.stderr[-2000:]
+  result = _main("--config.mesh=1x1", "--config.train.checkpoint_keep=-1")
+  assert result.returncode == 2 and "--config.train.checkpoint_keep=-1 must be >= 0" in result.stderr

@@ -55,9 +55,10 @@ def model_source(config: ConfigDict, tokenizer, gathers: bool) -> build.Source:
   if builtin and config.model.vocab_size is None:
     config.model.vocab_size = max(_BUILTIN_VOCAB, preset(config.model.preset).vocab_size)
   source = build.model_source(config, gathers)
-  if source.config.quantization:
-    raise build.JobError("--config.model.quantization=int8 cannot be fine-tuned (int8 weights get no "
-                         "gradients); drop it, or train LoRA adapters on a float base (--config.train.lora_rank).")
+  if source.config.quantization and config.train.lora_rank <= 0:
+    raise build.JobError(f"--config.model.quantization={source.config.quantization} weights get no gradients, "
+                         "so they cannot be fine-tuned in full; train LoRA adapters on the frozen int8 base "
+                         "(--config.train.lora_rank=8), or drop the quantization.")
   if source.config.vocab_size < len(tokenizer):
     raise build.JobError(f"the model has {source.config.vocab_size} vocabulary rows but the tokenizer "
                          f"({tokenizer.source}) has {len(tokenizer)} tokens; set --config.model.vocab_size="
@@ -148,6 +149,9 @@ def main(config: ConfigDict) -> dict[str, Any]:
 
   train = config.train
   opt.OptimizerSettings.from_config(train)  # a bad setting fails before anything is built
+  if train.get("checkpoint_keep", 3) < 0:
+    raise build.JobError(f"--config.train.checkpoint_keep={train.checkpoint_keep} must be >= 0 (the newest "
+                         "train-state checkpoints kept; 0 keeps all).")
   table = get_table(config.rules, config.rule_overrides)
   mesh = make_mesh(config.mesh)
   tokenizer = open_tokenizer(config)
