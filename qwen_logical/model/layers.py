@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from qwen_logical.model import axes as ax
 from qwen_logical.model import quantization as quant
+from qwen_logical.model.cached_attention import decode_attention, rows_of, write_slots
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import KV, QUERY, HeadLayout
 from qwen_logical.model.projections import Kernel, dense
@@ -147,22 +148,6 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Ar
   return x * cos + rotated * sin
 
 
-def _decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, bias: jax.Array,
-                      scale: float) -> jax.Array:
-  """One query per row over the cache. q [B, K, G, D] (G query heads per KV head), keys/values
-  [B, K, S, D] (ax.KV_CACHE), bias f32[B, 1, S] -> [B, K, G, D].
-
-  Written as broadcast multiplies and reductions rather than dot_generals: with a single query
-  XLA:CPU then fuses each product into one loop over the cache, where batched dots would go to
-  a library call that wants the cache transposed (a copy of every layer's cache every step).
-  """
-  dtype = q.dtype
-  scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None, :, :], axis=-1, dtype=jnp.float32)
-  scores = scores * scale + bias[:, :, None, :]  # [B, K, G, S]
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  return jnp.sum(probs[..., None] * values[:, :, None, :, :], axis=3)
-
-
 class Attention(nn.Module):
   """Grouped-query self-attention in the head layout.
 
@@ -188,9 +173,10 @@ class Attention(nn.Module):
     """x [B, L, E], positions int[B, L], bias f32[B, 1, L, S] (0 or -inf-like) -> y [B, L, E].
 
     FORWARD: S == L, the keys are this call's tokens; returns y. PREFILL / DECODE: `cache`
-    ({'k', 'v'}: [B, K, S_cache, D], logical ax.KV_CACHE) gets this call's keys/values at
-    slots [cache_index, cache_index + L) (PREFILL: 0; DECODE: a scalar, or int[B]: a slot per row);
-    PREFILL attends over the L new keys (S == L), DECODE over all S_cache slots; returns (y, new cache).
+    ({'k', 'v'}: [R, K, S_cache, D], logical ax.KV_CACHE; R == B, or in DECODE R >= B: the call
+    uses rows [0, B)) gets this call's keys/values at slots [cache_index, cache_index + L)
+    (PREFILL: 0; DECODE: a scalar, or int[B]: a slot per row); PREFILL attends over the L new keys
+    (S == L), DECODE over all S_cache slots; returns (y, new cache).
     """
     cfg, layout = self.config, self.layout
     dtype, pdtype = cfg.dtype, cfg.param_dtype
@@ -221,19 +207,16 @@ class Attention(nn.Module):
     keys = "bskd"  # this call's keys [B, L, K, D]
     if self.mode is not Mode.FORWARD:
       index = 0 if self.mode is Mode.PREFILL else cache_index
-
-      def write(slots, new):  # new [B, L, K, D] into slots [B, K, S, D] at `index`: a scalar or int[B]
-        at = lambda s, n, i: jax.lax.dynamic_update_slice(s, n, (0,) * (s.ndim - 2) + (i, 0))  # [.., S, D] at i
-        at = at if jnp.ndim(index) == 0 else jax.vmap(at)  # int[B]: each row at its own slot
-        return constrain(at(slots, jnp.swapaxes(new, 1, 2).astype(slots.dtype), index), ax.KV_CACHE)
+      write = lambda slots, new: constrain(write_slots(slots, new, index), ax.KV_CACHE)
       cache = {"k": write(cache["k"], key), "v": write(cache["v"], value)}
-      if self.mode is Mode.DECODE:
-        key, value, keys = cache["k"].astype(dtype), cache["v"].astype(dtype), "bksd"
+      if self.mode is Mode.DECODE:  # this call's rows are the cache's first rows
+        rows = x.shape[0]
+        (key, value), keys = (rows_of(cache[n], rows).astype(dtype) for n in ("k", "v")), "bksd"
 
     b, l = q.shape[:2]
     grouped = q.reshape(b, l, k, h // k, d)  # layout head j uses KV head j // (h // k)
     if l == 1 and keys == "bksd":
-      out = _decode_attention(grouped[:, 0], key, value, bias[:, :, 0], d ** -0.5).reshape(b, 1, h, d)
+      out = decode_attention(grouped[:, 0], key, value, bias[:, :, 0], d ** -0.5).reshape(b, 1, h, d)
     else:
       scores = jnp.einsum(f"blkgd,{keys}->bkgls", grouped, key).astype(jnp.float32)
       scores = scores * (d ** -0.5) + bias[:, :, None]

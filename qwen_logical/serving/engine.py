@@ -6,8 +6,9 @@
     engine.cancel(rid); engine.stats(); engine.stop(deadline_s=10)
 
 Each round of the scheduler (one thread): cancelled requests leave (their slot is free at once);
-waiting requests take the free slots, first come first served, prefilled in one call per prompt
-bucket and inserted into their cache rows; then one decode step advances every running slot.
+waiting requests take the free slots (lowest first), first come first served, prefilled in one
+call per prompt bucket and inserted into their cache rows; then one decode step advances every
+running slot, over rows [0, n) only (n: the decode size covering the highest running row).
 Each new token goes to the request's callback as a TokenEvent (from the engine thread); a stop
 id or max_new_tokens ends the request and frees its slot. Requests beyond the free slots wait in
 a queue of `queue_size` (QueueFullError beyond it). The programs are in `slot_programs`, the
@@ -100,8 +101,8 @@ class Engine:
       self._cv.notify_all()
 
   def warmup(self) -> int:
-    """Compiles every program the engine can need (each prompt bucket and prefill batch, both
-    decode kinds); returns how many compiled now. Runs nothing."""
+    """Compiles every program the engine can need (each prompt bucket and prefill batch, each
+    decode kind and row count); returns how many compiled now. Runs nothing."""
     start, count = time.perf_counter(), self.programs.warmup(self.context)
     logging.info("Engine warm-up: %d programs compiled in %.1f s", count, time.perf_counter() - start)
     return count
@@ -206,7 +207,7 @@ class Engine:
 
   def _decode(self) -> None:
     active = self.rows.active()
-    arrays = {k: v.copy() for k, v in self.rows.decode_arrays().items()}
+    arrays = self.rows.decode_arrays(self.programs.decode_rows(self.rows.highest()))
     new = self._call(Call(DECODE, self.rows.kind(), arrays))
     with self._cv:
       self._counts["decode_steps"] += 1

@@ -16,10 +16,10 @@ import dataclasses
 import jax
 import numpy as np
 
-from qwen_logical.inference.sampling import FILTERED, SAMPLE
+from qwen_logical.inference.sampling import FILTERED, GREEDY, SAMPLE
 
 NOOP, PREFILL, DECODE, RESET, STOP = range(5)
-KINDS = (SAMPLE, FILTERED)
+KINDS = (SAMPLE, FILTERED, GREEDY)
 FIELDS = {"tokens": np.int32, "index": np.int32, "seeds": np.uint32, "steps": np.int32, "lengths": np.int32,
           "rows": np.int32, "temperature": np.float32, "top_k": np.int32, "top_p": np.float32}
 PREFILL_FIELDS = ("lengths", "rows", "seeds", "temperature", "top_k", "top_p")  # + tokens int[b, P]
@@ -30,7 +30,7 @@ _HEADER = 4
 @dataclasses.dataclass
 class Call:
   """One program call: `op`, the decode sampler `kind`, and the host arrays of its arguments
-  (PREFILL: tokens int[b, P] and PREFILL_FIELDS [b]; DECODE: DECODE_FIELDS [N])."""
+  (PREFILL: tokens int[b, P] and PREFILL_FIELDS [b]; DECODE: DECODE_FIELDS [n], cache rows [0, n))."""
 
   op: int
   kind: str = SAMPLE

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from qwen_logical.inference.sampling import FILTERED, SAMPLE, SamplingParams, row_values
+from qwen_logical.inference.sampling import SamplingParams, kind_of, row_values
 from qwen_logical.serving.requests import EngineRequest
 
 
@@ -105,13 +105,19 @@ class Rows:
     return pending
 
   def kind(self) -> str:
-    """The decode sampler kind the running rows need (SAMPLE, or FILTERED if any row filters)."""
-    filtered = any(p is not None and p.request.sampling.filtered for p in self.running)
-    return FILTERED if filtered else SAMPLE
+    """The cheapest decode sampler kind the running rows need: GREEDY if none samples, FILTERED
+    if one filters, else SAMPLE (each row draws the same token under every kind that serves it)."""
+    return kind_of(p.request.sampling for p in self.running if p is not None)
 
-  def decode_arrays(self) -> dict[str, np.ndarray]:
-    return dict(tokens=self.token, index=self.index, seeds=self.seed, steps=self.step,
-                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+  def highest(self) -> int:
+    """1 + the highest running row (0 if none): decode steps cover rows [0, highest) at least."""
+    return max((r + 1 for r, p in enumerate(self.running) if p is not None), default=0)
+
+  def decode_arrays(self, rows: int) -> dict[str, np.ndarray]:
+    """Copies of the per-row arrays of cache rows [0, rows)."""
+    return dict(tokens=self.token[:rows].copy(), index=self.index[:rows].copy(), seeds=self.seed[:rows].copy(),
+                steps=self.step[:rows].copy(), temperature=self.temperature[:rows].copy(),
+                top_k=self.top_k[:rows].copy(), top_p=self.top_p[:rows].copy())
 
 
 def plan_prefills(waiting: list[Pending], free: list[int], bucket: Callable[[int], int],

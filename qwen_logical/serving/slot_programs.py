@@ -11,16 +11,20 @@ only the cache stays on the device, donated to every program that writes it.
     runs b left-padded prompts of bucket P through the model (Mode.PREFILL, a cache of P slots
     made inside), samples each one's first token (step 0, the FILTERED kind) and writes its
     keys/values into cache row rows[i] at slots [0, lengths[i]); a row >= N (padding) writes nothing.
-* decode[kind](params, cache, tokens int[N], index int[N], seeds u32[N], steps int[N],
-    temperature f32[N], top_k i32[N], top_p f32[N]) -> (cache, next int[N]):
-    feeds each row's token at its own slot `index` (Mode.DECODE, cache_index int[N]) and samples
-    its next token with key (seed, step) (`sampling.request_keys`); kind SAMPLE or FILTERED.
+* decode[kind, n](params, cache, tokens int[n], index int[n], seeds u32[n], steps int[n],
+    temperature f32[n], top_k i32[n], top_p f32[n]) -> (cache, next int[n]):
+    feeds the token of each of cache rows [0, n) at its own slot `index` (Mode.DECODE,
+    cache_index int[n], the model reading and writing those rows of the whole cache in place) and
+    samples its next token with key (seed, step) (`sampling.request_keys`); kind GREEDY, SAMPLE
+    or FILTERED; n a power of two, a multiple of batch_multiple (or N), covering the running rows.
 
-Programs compile on first use (or in `warmup`), once per prefill (b, P) and decode kind;
+Programs compile on first use (or in `warmup`), once per prefill (b, P) and decode (kind, n);
 `compilations` counts them. Tokens come back replicated, so every process reads them locally.
 """
 
 from __future__ import annotations
+
+import collections
 
 import flax.linen as nn
 import jax
@@ -31,13 +35,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qwen_logical.inference import kv_cache
 from qwen_logical.inference.batch_plan import prompt_bucket, round_up
 from qwen_logical.inference.programs import batch_multiple, slot_multiple
-from qwen_logical.inference.sampling import FILTERED, SAMPLE, request_keys, sample_rows
+from qwen_logical.inference.sampling import FILTERED, GREEDY, SAMPLE, request_keys, sample_rows
 from qwen_logical.model import axes as ax
 from qwen_logical.model.model import Mode
 from qwen_logical.sharding import distributed
 from qwen_logical.sharding.partitioner import Partitioner
 
-DECODE_KINDS = (SAMPLE, FILTERED)
+DECODE_KINDS = (GREEDY, SAMPLE, FILTERED)
 
 
 class SlotPrograms:
@@ -52,6 +56,7 @@ class SlotPrograms:
     self.cache_shardings = kv_cache.cache_shardings(partitioner, rows, self.length)
     self._compiled: dict[tuple, object] = {}
     self.compilations = 0
+    self.decode_runs = collections.Counter()  # decode steps run per (kind, n)
 
   # --- shapes ------------------------------------------------------------------------------
   def bucket(self, prompt_length: int) -> int:
@@ -73,6 +78,14 @@ class SlotPrograms:
   def prefill_batches(self) -> list[int]:
     return sorted({self.prefill_batch(n) for n in range(1, self.rows + 1)})
 
+  def decode_rows(self, count: int) -> int:
+    """Rows n of the decode step whose highest running row is count - 1: the prefill batch rule
+    (a power of two, a multiple of batch_multiple), at most N."""
+    return min(self.prefill_batch(count), self.rows)
+
+  def decode_sizes(self) -> list[int]:
+    return sorted({self.decode_rows(n) for n in range(1, self.rows + 1)})
+
   @property
   def max_prefill_batch(self) -> int:
     return self.prefill_batch(self.rows)
@@ -91,14 +104,15 @@ class SlotPrograms:
   def prefill(self, batch: int, bucket: int):
     return self._get(("prefill", batch, bucket), lambda: self._lower_prefill(batch, bucket))
 
-  def decode(self, kind: str):
-    return self._get(("decode", kind), lambda: self._lower_decode(kind))
+  def decode(self, kind: str, rows: int):
+    return self._get(("decode", kind, rows), lambda: self._lower_decode(kind, rows))
 
   def warmup(self, context: int) -> int:
     """Compiles every program the engine can need; returns how many compiled now."""
     before = self.compilations
     for kind in DECODE_KINDS:
-      self.decode(kind)
+      for rows in self.decode_sizes():
+        self.decode(kind, rows)
     for bucket in self.buckets(context):
       for batch in self.prefill_batches():
         self.prefill(batch, bucket)
@@ -139,8 +153,8 @@ class SlotPrograms:
     return fn.lower(part.param_shapes, self._cache_specs(), _spec((batch, bucket), jnp.int32),
                     *_row_specs(batch, (jnp.int32, jnp.int32, jnp.uint32, jnp.float32, jnp.int32, jnp.float32)))
 
-  def _lower_decode(self, kind: str):
-    part, rows, length = self.partitioner, self.rows, self.length
+  def _lower_decode(self, kind: str, rows: int):
+    part, length = self.partitioner, self.length
 
     def decode(params, cache, tokens, index, seeds, steps, temperature, top_k, top_p):
       with part.bound():
@@ -171,8 +185,11 @@ class SlotPrograms:
     return cache, _local(first)
 
   def run_decode(self, kind: str, params, cache, *row_arrays):
-    """Runs decode[kind] on host arrays int/u32/int/f32/i32/f32[N]; (new cache, next tokens int[N])."""
-    cache, new = self.decode(kind)(params, cache, *(self._host_row(a) for a in row_arrays))
+    """Runs decode[kind, n] on host arrays int/int/u32/int/f32/i32/f32[n] (cache rows [0, n));
+    (new cache, next tokens int[n])."""
+    program = self.decode(kind, len(row_arrays[0]))
+    self.decode_runs[kind, len(row_arrays[0])] += 1
+    cache, new = program(params, cache, *(self._host_row(a) for a in row_arrays))
     return cache, _local(new)
 
   def _host_row(self, array: np.ndarray):
