@@ -7,7 +7,8 @@ the static sampler `kind`:
 
 * GREEDY: every row takes its most likely token (no noise is drawn);
 * SAMPLE: rows with temperature 0 take their most likely token, the others draw by Gumbel-max
-  over the whole vocabulary: argmax(logits / temperature + Gumbel noise);
+  over the whole vocabulary: argmax(logits / temperature + Gumbel noise), the noise of token v
+  hashed from (the row's key, v) (`gumbel_noise`: ~6x faster than threefry on XLA:CPU);
 * FILTERED: as SAMPLE, but rows with top_k or top_p first mask every logit below their
   threshold (found by sorting the row). A row without filtering draws exactly what it draws
   under SAMPLE: the noise always covers the full vocabulary, so the draw depends only on the
@@ -113,9 +114,32 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     scaled = jnp.where(scaled >= _threshold(scaled, top_k, top_p)[:, None], scaled, -jnp.inf)
   elif kind != SAMPLE:
     raise ValueError(f"unknown sampler kind {kind!r}; use {GREEDY!r}, {SAMPLE!r} or {FILTERED!r}")
-  noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys)
+  noise = gumbel_noise(keys, logits.shape[-1])
   drawn = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
   return jnp.where(hot, drawn, best)
+
+
+def gumbel_noise(keys: jax.Array, vocab: int) -> jax.Array:
+  """f32[B, V] standard Gumbel noise: element (b, v) depends on keys[b] and v only.
+
+  A counter hash rather than jax.random: for 16 rows of a 151,936-token vocabulary threefry's
+  noise takes 41 ms on XLA:CPU, this 7 ms (2 cores, 2026-11-25; mean 0.578, variance 1.648 as
+  Gumbel's 0.577, 1.645). Uniform bits are the 32-bit finaliser below applied to v and each word
+  of the key; 24 of them give u in (0, 1), and -log(-log(u)) the noise.
+  """
+  words = jax.random.key_data(keys).reshape(keys.shape[0], -1)  # uint32[B, W]
+  bits = jnp.arange(vocab, dtype=jnp.uint32)[None, :] * np.uint32(0x9E3779B9)
+  for w in range(words.shape[1]):
+    bits = _mix(bits ^ words[:, w:w + 1])
+  unit = ((bits >> 8).astype(jnp.float32) + 0.5) * np.float32(1.0 / 2**24)
+  return -jnp.log(-jnp.log(unit))
+
+
+def _mix(x: jax.Array) -> jax.Array:
+  """A 32-bit finaliser (xorshift-multiply, as sharding/init's): every input bit affects every output bit."""
+  x = (x ^ (x >> 16)) * np.uint32(0x7FEB352D)
+  x = (x ^ (x >> 15)) * np.uint32(0x846CA68B)
+  return x ^ (x >> 16)
 
 
 def _threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

@@ -3,8 +3,9 @@ per row attending over the cache.
 
 A call may run fewer rows than the cache holds: B token rows use cache rows [0, B) of a cache of
 R >= B rows (the serving engine decodes only the prefix of rows that run requests). The cache is
-then written by a scatter into those rows and read through a static slice, so no cache row is
-copied (XLA fuses the slice into attention's reduction and updates the donated cache in place).
+then written by a scatter into those rows, in place in a donated cache, and read through a static
+slice: rows [B, R) are never touched (XLA:CPU copies the B rows' slice once before attention's
+reduction, as much data as attention reads anyway).
 """
 
 from __future__ import annotations
