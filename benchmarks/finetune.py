@@ -22,6 +22,9 @@ cores give together; `--peak-tflops` for a data-sheet figure instead), the same 
 On an accelerator (one device) run `--configs '1x1 tensor_parallel,transformers + torch'`; torch then
 runs on CUDA with TF32 products, as JAX's float32 products are by default on NVIDIA GPUs.
 
+Each row also gives the CPU seconds (all threads of its process) per step and their ratio to torch's:
+on a shared host they move less with the other work than the wall time does.
+
 Prints a table and writes benchmarks/results/finetune.json.
 """
 
@@ -56,12 +59,16 @@ def timed(step, count: int) -> dict:
   first_start = time.perf_counter()
   step()
   first = time.perf_counter() - first_start
-  times = []
+  times, cpu = [], []
   for _ in range(count):
-    start = time.perf_counter()
+    start, before = time.perf_counter(), os.times()
     loss = step()
     times.append(time.perf_counter() - start)
-  return {"first_step_s": first, "step_s": statistics.median(times), "steps_s": times, "loss": loss}
+    after = os.times()
+    cpu.append(after.user + after.system - before.user - before.system)
+  # CPU seconds (all threads) per step: on a shared host less disturbed by other work than the wall time.
+  return {"first_step_s": first, "step_s": statistics.median(times), "steps_s": times, "loss": loss,
+          "step_cpu_s": statistics.median(cpu)}
 
 
 def run_ours(spec: dict) -> dict:
@@ -230,11 +237,12 @@ def report(args, results: dict, load: list[float]) -> None:
   peak = args.peak_tflops * 1e12 if args.peak_tflops else (max(peaks) if peaks else float("nan"))
   tokens = args.batch * args.length
   hf = results.get("transformers + torch", {}).get("step_s")
+  hf_cpu = results.get("transformers + torch", {}).get("step_cpu_s")
   print(f"\n0.5B shape, {args.layers} layers, batch {args.batch} x {args.length} tokens, float32, AdamW; "
         f"peak {peak / 1e9:.0f} GFLOP/s; host load average (1 min) {min(load):.1f} to {max(load):.1f} "
         f"on {os.cpu_count()} cores\n")
   print(f"{'configuration':<32} {'first step s':>12} {'step s':>8} {'tokens/s':>9} {'MFU':>7} "
-        f"{'peak host GiB':>13} {'vs torch':>8}")
+        f"{'peak host GiB':>13} {'vs torch':>8} {'step CPU s':>10} {'vs torch':>8}")
   for name, r in results.items():
     if "error" in r:
       print(f"{name:<32} {r['error']}")
@@ -242,9 +250,11 @@ def report(args, results: dict, load: list[float]) -> None:
     r["tokens_per_s"] = tokens / r["step_s"]
     r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / peak
     r["speed_vs_transformers"] = hf / r["step_s"] if hf else None
+    r["cpu_vs_transformers"] = hf_cpu / r["step_cpu_s"] if hf_cpu else None
+    ratio = lambda x: f"{x:>7.2f}x" if x else f"{'-':>8}"
     print(f"{name:<32} {r['first_step_s']:>12.1f} {r['step_s']:>8.2f} {r['tokens_per_s']:>9.0f} "
-          f"{100 * r['mfu']:>6.1f}% {r['peak_host_GiB']:>13.2f} "
-          + (f"{r['speed_vs_transformers']:>7.2f}x" if r["speed_vs_transformers"] else f"{'-':>8}"))
+          f"{100 * r['mfu']:>6.1f}% {r['peak_host_GiB']:>13.2f} {ratio(r['speed_vs_transformers'])} "
+          f"{r['step_cpu_s']:>10.2f} {ratio(r['cpu_vs_transformers'])}")
   write_results(args.out, {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
                            "layers": args.layers, "batch": args.batch, "length": args.length,
                            "peak_flops": peak, "load_average": load, "cpu_count": os.cpu_count(),

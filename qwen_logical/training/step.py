@@ -99,23 +99,30 @@ class _Program:
     (grads, loss_sum, count), _ = jax.lax.scan(body, start, _micro_batches(batch, self.grad_accum))
     return grads, loss_sum, count
 
+  def reduced(self, trainable, frozen, batch):
+    """(metrics, the summed gradient tied through the head layout, 1 / trained-token count).
+
+    The gradient stays a sum: the train step folds the mean's 1/count and the clipping factor into
+    one scalar that the optimizer's elementwise passes multiply in, rather than writing a divided
+    copy of every gradient (XLA does not duplicate a division into several consumers)."""
+    grads, loss_sum, count = self.summed_grads(trainable, frozen, batch)
+    inverse = 1.0 / jnp.maximum(count, 1.0)
+    layout = self.partitioner.layout
+    grads = tie_gradients(grads, self.axes, layout)  # linear: tying the sum ties the mean
+    norm = canonical_norm(grads, self.axes, layout) * inverse
+    return {"loss": loss_sum * inverse, "tokens": count.astype(jnp.int32), "grad_norm": norm}, grads, inverse
+
   def gradients(self, trainable, frozen, batch):
     """(metrics, the mean gradient tied through the head layout, unclipped)."""
-    grads, loss_sum, count = self.summed_grads(trainable, frozen, batch)
-    denominator = jnp.maximum(count, 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
-    layout = self.partitioner.layout
-    grads = tie_gradients(grads, self.axes, layout)
-    norm = canonical_norm(grads, self.axes, layout)
-    return {"loss": loss_sum / denominator, "tokens": count.astype(jnp.int32), "grad_norm": norm}, grads
+    metrics, grads, inverse = self.reduced(trainable, frozen, batch)
+    return metrics, jax.tree_util.tree_map(lambda g: g * inverse, grads)
 
   def train(self, state: TrainState, frozen, batch):
-    metrics, grads = self.gradients(state.trainable, frozen, batch)
+    metrics, grads, scale = self.reduced(state.trainable, frozen, batch)
     if self.clip_norm:
       norm = metrics["grad_norm"]
-      factor = jnp.where(norm > self.clip_norm, self.clip_norm / jnp.maximum(norm, 1e-30), 1.0)
-      grads = jax.tree_util.tree_map(lambda g: g * factor, grads)
-    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
+      scale = scale * jnp.where(norm > self.clip_norm, self.clip_norm / jnp.maximum(norm, 1e-30), 1.0)
+    grads = jax.tree_util.tree_map(lambda g, p: (g * scale).astype(p.dtype), grads, state.trainable)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
