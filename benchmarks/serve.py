@@ -14,8 +14,8 @@ aggregate tokens/s = completion tokens of the level / its wall time; time to fir
 Then the interference figure: a 128-token prompt alone (p50 TTFT over --probes requests), and
 again while 7 other streams decode (long requests started first).
 
-transformers' generate (float32, sdpa) on batches of the same prompts runs in this process with
-the server idle: tokens/s = batch x new tokens / wall time, prefill included as for the server.
+transformers' generate (float32, sdpa; on the GPU where there is one) on batches of the same
+prompts runs in this process after the servers have stopped: tokens/s = batch x new tokens / wall time, prefill included as for the server.
 Everything is bounded: requests per level, and --time-limit seconds per server.
 
 Prints a table and writes benchmarks/results/serve.json.
@@ -172,14 +172,17 @@ def time_transformers(batches: list[int], prompt: int, new: int, layers: int) ->
   config = Qwen2Config(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")},
                        attn_implementation="sdpa")
   torch.manual_seed(0)
-  model = Qwen2ForCausalLM(config).eval()
+  device = "cuda" if torch.cuda.is_available() else "cpu"  # the server's JAX uses the GPU where there is one
+  model = Qwen2ForCausalLM(config).to(device).eval()
   out = {}
   with torch.no_grad():
     for batch in batches:
-      ids = torch.tensor(prompts_for(batch, prompt, seed=batch))
+      ids = torch.tensor(prompts_for(batch, prompt, seed=batch), device=device)
       model.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm up
       start = time.perf_counter()
       model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+      if device == "cuda":
+        torch.cuda.synchronize()
       out[batch] = batch * new / (time.perf_counter() - start)
       print(f"  transformers batch {batch}: {out[batch]:.1f} tok/s", flush=True)
   return out
