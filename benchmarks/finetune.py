@@ -250,7 +250,8 @@ def report(args, results: dict, load: list[float]) -> None:
     r["tokens_per_s"] = tokens / r["step_s"]
     r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / peak
     r["speed_vs_transformers"] = hf / r["step_s"] if hf else None
-    r["cpu_vs_transformers"] = hf_cpu / r["step_cpu_s"] if hf_cpu else None
+    on_cpu = r.get("backend") == "cpu"  # on an accelerator the host's CPU time says nothing
+    r["cpu_vs_transformers"] = hf_cpu / r["step_cpu_s"] if hf_cpu and on_cpu else None
     ratio = lambda x: f"{x:>7.2f}x" if x else f"{'-':>8}"
     print(f"{name:<32} {r['first_step_s']:>12.1f} {r['step_s']:>8.2f} {r['tokens_per_s']:>9.0f} "
           f"{100 * r['mfu']:>6.1f}% {r['peak_host_GiB']:>13.2f} {ratio(r['speed_vs_transformers'])} "
