@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import collections
 
+import time
+
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,13 +113,14 @@ class SlotPrograms:
   def warmup(self, context: int) -> int:
     """Compiles every program the engine can need; returns how many compiled now."""
     before = self.compilations
-    for kind in DECODE_KINDS:
-      for rows in self.decode_sizes():
-        self.decode(kind, rows)
-    for bucket in self.buckets(context):
-      for batch in self.prefill_batches():
-        self.prefill(batch, bucket)
-    self._get(("cache",), self._lower_cache)
+    builds = [lambda k=kind, n=rows: self.decode(k, n) for kind in DECODE_KINDS for rows in self.decode_sizes()]
+    builds += [lambda b=batch, p=bucket: self.prefill(b, p) for bucket in self.buckets(context)
+               for batch in self.prefill_batches()]
+    builds.append(lambda: self._get(("cache",), self._lower_cache))
+    start = time.perf_counter()
+    for done, build in enumerate(builds, 1):  # a line per program: each can take many seconds
+      build()
+      logging.info("Serving programs compiled: %d/%d, %.0f s", done, len(builds), time.perf_counter() - start)
     return self.compilations - before
 
   def _replicated(self) -> NamedSharding:
