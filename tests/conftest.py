@@ -22,3 +22,15 @@ def mesh_of(shape: str):
 def eight_devices():
   assert len(jax.devices()) == 8, "tests expect 8 simulated CPU devices"
   return jax.devices()
+
+
+def compile_events():
+  """(a list that gets one entry per XLA compilation from now on, a function that stops counting)."""
+  events = []
+
+  def listener(name, *_args, **_kwargs):
+    if name == "/jax/core/compile/backend_compile_duration":
+      events.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  return events, lambda: jax.monitoring.unregister_event_duration_listener(listener)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from jax.sharding import PartitionSpec
 
-from conftest import mesh_of
+from conftest import compile_events, mesh_of
 from hf_reference import hf_tensors, model_config, tiny_hf_model
 from qwen_logical.model import axes as ax
 from qwen_logical.inference import kv_cache
@@ -104,21 +104,10 @@ def test_all_rows_stopping_ends_the_loop_early():
   assert result.timings.decode_steps <= 2
 
 
-def _count_compiles():
-  events = []
-
-  def listener(name, *_args, **_kwargs):
-    if name == "/jax/core/compile/backend_compile_duration":
-      events.append(name)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  return events, lambda: jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_decode_compiles_once_per_bucket_not_per_step():
   part, params = setup("1x8", "tensor_parallel")
   gen = Generator(part)
-  events, stop = _count_compiles()
+  events, stop = compile_events()
   try:
     first = gen.generate(params, PROMPTS, max_new_tokens=NEW)
     assert first.timings.decode_steps == NEW - 1

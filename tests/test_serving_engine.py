@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import mesh_of
+from conftest import compile_events, mesh_of
 from hf_reference import hf_tensors, model_config, real_looking_model
 from qwen_logical.checkpoints.hf_names import flax_from_hf
 from qwen_logical.inference import kv_cache
@@ -79,17 +79,6 @@ class Collector:
 def submit_all(engine, requests):
   collector = Collector()
   return collector, [engine.submit(r, collector) for r in requests]
-
-
-def compile_events():
-  events = []
-
-  def listener(name, *_args, **_kwargs):
-    if name == "/jax/core/compile/backend_compile_duration":
-      events.append(name)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  return events, lambda: jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.fixture(scope="module")
