@@ -1,6 +1,7 @@
 """Every test process sees 8 simulated CPU devices (set before JAX initialises)."""
 
 import os
+import socket
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -34,3 +35,10 @@ def compile_events():
 
   jax.monitoring.register_event_duration_secs_listener(listener)
   return events, lambda: jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on right now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

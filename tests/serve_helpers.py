@@ -156,12 +156,6 @@ def client(url: str, **kwargs):
                        **kwargs)
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 VOCAB = 320  # the model's rows; the tokenizer's 300 learnt tokens and 3 special ones fit below
 CONTEXT = 256
 

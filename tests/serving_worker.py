@@ -11,7 +11,6 @@ The constants below are the test's requests (importing this module starts nothin
 
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -39,12 +38,6 @@ def _requests():
 
 
 REQUESTS = _requests()
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _serve(engine, requests):

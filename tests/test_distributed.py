@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import mesh_of
+from conftest import free_port, mesh_of
 from hf_reference import hf_logits, tiny_hf_model
 from qwen_logical.checkpoints.loader import load_checkpoint
 from qwen_logical.inference.generate import generate
@@ -23,12 +22,6 @@ sys.path.insert(0, HERE)
 import distributed_worker as worker  # noqa: E402
 
 TIMEOUT_S = 240
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _env():

@@ -16,7 +16,8 @@ import urllib.request
 
 import openai
 import pytest
-from serve_helpers import CONTEXT, FakeEngine, ServerThread, client, free_port, hf_greedy, write_instruct_checkpoint
+from conftest import free_port
+from serve_helpers import CONTEXT, FakeEngine, ServerThread, client, hf_greedy, write_instruct_checkpoint
 
 from qwen_logical.serving.engine import Engine
 from qwen_logical.serving.http_app import create_app

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compile_events, mesh_of
+from conftest import compile_events, free_port, mesh_of
 from hf_reference import hf_tensors, model_config, real_looking_model
 from qwen_logical.checkpoints.hf_names import flax_from_hf
 from qwen_logical.inference import kv_cache
@@ -244,7 +244,7 @@ def test_two_processes_serve_the_1x1_tokens_and_a_dead_peer_ends_the_server(serv
   _, _, first, _, _ = served
   directory = tmp_path / "checkpoint"
   hf_model().save_pretrained(str(directory))
-  port = worker.free_port()
+  port = free_port()
   out = str(tmp_path / "out")
   command = lambda pid: [sys.executable, "-u", os.path.join(HERE, "serving_worker.py"), str(port), str(pid),
                          str(directory), out]
