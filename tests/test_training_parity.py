@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from hf_reference import real_looking_model, tiny_hf_model
-from training_helpers import canonical, partitioner_for, random_batch, relative_error, torch_grads
+from training_helpers import (canonical, gradient_tolerance, loss_tolerance, partitioner_for, random_batch,
+                              relative_error, torch_grads)
 from qwen_logical.model.model import Qwen2ForCausalLM
 from qwen_logical.training.optimizer import OptimizerSettings, decays, learning_rate_schedule, make_optimizer
 from qwen_logical.training.state import init_state
 from qwen_logical.training.step import make_train_step
 
-TOLERANCE = 1e-4  # relative (norm of the difference / norm of torch's), float32
 
 
 @pytest.mark.parametrize("make_model,scan", [(tiny_hf_model, False), (real_looking_model, True)])
@@ -25,14 +25,16 @@ def test_loss_and_every_gradient_equal_torch_autograd(make_model, scan):
   expected_loss, expected = torch_grads(hf, batch)
   metrics, grads = make_train_step(part, optax.sgd(1.0)).gradients(params, None, batch)
   got = canonical(part, grads)
-  assert abs(float(metrics["loss"]) - expected_loss) <= TOLERANCE * abs(expected_loss)
+  # torch and XLA sum in other orders: within the worst-case float32 bound of the computation's sums.
+  tolerance = gradient_tolerance(part.config, batch)
+  assert abs(float(metrics["loss"]) - expected_loss) <= loss_tolerance(part.config, batch) * abs(expected_loss)
   assert int(metrics["tokens"]) == int(batch["loss_mask"][:, :-1].sum())
   assert sorted(got) == sorted(expected)
   for name in expected:
     assert np.abs(expected[name]).max() > 0, name
-    assert relative_error(got[name], expected[name]) <= TOLERANCE, name
+    assert relative_error(got[name], expected[name]) <= tolerance, name
   norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in expected.values()))
-  assert abs(float(metrics["grad_norm"]) - norm) <= TOLERANCE * norm
+  assert abs(float(metrics["grad_norm"]) - norm) <= tolerance * norm
 
 
 def test_adamw_steps_equal_torch_adamw():
