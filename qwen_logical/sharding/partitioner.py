@@ -3,8 +3,9 @@
 It computes the head layout for the mesh, builds the Flax module, validates the
 rule table against every parameter and activation, resolves shardings through
 `flax.linen.logical_to_mesh_sharding`, and builds jitted functions with the
-rules and mesh bound inside them (the jit cache does not see an ambient rules
-context, so each Partitioner owns its own jitted callables).
+rules and mesh bound inside them through the one program builder
+(`sharding.programs.build`; the jit cache does not see an ambient rules context, so
+each Partitioner owns its own programs).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from qwen_logical.model import layers
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import HeadLayout, plan_heads
 from qwen_logical.model.model import Qwen2ForCausalLM
-from qwen_logical.sharding import distributed, validation
+from qwen_logical.sharding import distributed, programs, validation
 from qwen_logical.sharding.init import init_params
 from qwen_logical.sharding.mesh import mesh_name
 from qwen_logical.sharding.rules import RuleTable
@@ -104,6 +105,15 @@ class Partitioner:
     with nn.logical_axis_rules(self.table.rules), jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
       yield
 
+  def program(self, fn, *, in_axes=None, out_axes=None, donate=(), name=None) -> programs.Program:
+    """`fn` compiled on this mesh under this table; see `qwen_logical.sharding.programs.build`.
+    `programs.PARAMS` in the axes stands for the parameter tree's logical names."""
+    swap = lambda axes: self.logical_specs if axes is programs.PARAMS else axes
+    in_axes = None if in_axes is None else tuple(swap(a) for a in in_axes)
+    if isinstance(out_axes, tuple) and not programs.is_names(out_axes):
+      out_axes = tuple(swap(a) for a in out_axes)
+    return programs.build(self, fn, in_axes=in_axes, out_axes=swap(out_axes), donate=donate, name=name)
+
   # --- init -----------------------------------------------------------------------
   def _init_variables(self, key):
     tokens = jnp.zeros((self.batch_shards, 1), jnp.int32)
@@ -142,18 +152,13 @@ class Partitioner:
 
   # --- forward --------------------------------------------------------------------
   def forward_fn(self):
-    """jit(params, tokens, attention_mask) -> logits, shardings pinned to this mesh and table."""
+    """program(params, tokens, attention_mask) -> logits, shardings pinned to this mesh and table."""
     if self._forward_jit is None:
-      token_sharding = self.sharding(ax.TOKENS)
-
       def forward(params, tokens, attention_mask):
-        with self.bound():
-          return self.model.apply({"params": params}, tokens, attention_mask)
+        return self.model.apply({"params": params}, tokens, attention_mask)
 
-      self._forward_jit = jax.jit(
-          forward,
-          in_shardings=(self.param_shardings, token_sharding, token_sharding),
-          out_shardings=self.sharding(ax.LOGITS_ACTIVATION))
+      self._forward_jit = self.program(forward, in_axes=(programs.PARAMS, ax.TOKENS, ax.TOKENS),
+                                       out_axes=ax.LOGITS_ACTIVATION, name="forward")
     return self._forward_jit
 
   def forward(self, params: Params, tokens, attention_mask=None) -> jax.Array:

@@ -1,0 +1,139 @@
+"""The one program builder: a function plus the logical axis names of its inputs and outputs
+becomes a compiled, sharded program (in the spirit of T5X's `Partitioner.partition`).
+
+    program = build(partitioner, step, in_axes=(PARAMS, CACHE, ("activation_batch",), REPLICATED),
+                    out_axes=(CACHE, REPLICATED), donate=(1,), name="decode")
+    program(params, cache, tokens, seed)            # traced and compiled on first call
+    program.compile(*abstract_args)                 # ahead of time (warm-up)
+
+Axes are pytrees like the arguments, whose leaves are logical-name tuples (or PartitionSpecs of
+logical names: the partitioner's `logical_specs`); `()` (REPLICATED) replicates, None leaves the
+choice to XLA. The rule table resolves them to shardings (`Partitioner.sharding`), and the rule
+table and abstract mesh are entered inside the traced function, so the program never depends on an
+ambient context. Nothing outside this module calls `jax.jit`.
+
+Every compilation is counted process-wide (`COUNTS`): compiled from scratch, or loaded from JAX's
+persistent compilation cache (`enable_compilation_cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+REPLICATED: tuple = ()  # a replicated array (scalars, per-row host state)
+PARAMS = "<the parameter tree's logical names>"  # Partitioner.program puts its logical_specs here
+
+
+def is_names(node) -> bool:
+  """Whether `node` is one array's logical names: a PartitionSpec, or a tuple of str/None."""
+  return isinstance(node, PartitionSpec) or (
+      isinstance(node, tuple) and all(isinstance(n, str) or n is None for n in node))
+
+
+def resolve(partitioner, axes) -> Any:
+  """A tree of logical-name leaves -> the same tree of NamedSharding under the partitioner's table
+  (None leaves stay None: unspecified)."""
+  return jax.tree_util.tree_map(lambda names: partitioner.sharding(tuple(names)), axes, is_leaf=is_names)
+
+
+@dataclasses.dataclass
+class CompileCounts:
+  """Process-wide XLA compilations: `compiled` from scratch, `loaded` from the persistent cache."""
+
+  compiled: int = 0
+  loaded: int = 0
+
+  def snapshot(self) -> tuple[int, int]:
+    return self.compiled, self.loaded
+
+
+COUNTS = CompileCounts()
+_LOCK = threading.Lock()
+
+
+def _on_event(name: str, *_args, **_kwargs) -> None:
+  with _LOCK:
+    if name == "/jax/compilation_cache/cache_hits":
+      COUNTS.loaded += 1
+    elif name == "/jax/compilation_cache/cache_misses":
+      COUNTS.compiled += 1
+
+
+def _on_duration(name: str, *_args, **_kwargs) -> None:
+  # Without a persistent cache there are no hit/miss events: every backend compile is from scratch.
+  if name == "/jax/core/compile/backend_compile_duration" and not _cache_enabled():
+    with _LOCK:
+      COUNTS.compiled += 1
+
+
+jax.monitoring.register_event_listener(_on_event)
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def _cache_enabled() -> bool:
+  return bool(jax.config.jax_compilation_cache_dir)
+
+
+def enable_compilation_cache(directory: str) -> bool:
+  """Turns JAX's persistent compilation cache on in `directory` ("" leaves it off): a later run on
+  this machine loads its programs instead of compiling them. Returns whether it is on."""
+  if not directory:
+    return False
+  directory = os.path.expanduser(directory)
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # small programs count too
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return True
+
+
+class Program:
+  """One function compiled for one mesh and rule table: call it like the function."""
+
+  def __init__(self, name: str, jitted):
+    self.name = name
+    self._jitted = jitted
+
+  def __call__(self, *args):
+    return self._jitted(*args)
+
+  def lower(self, *args):
+    """Lowered for these (abstract or concrete) arguments: HLO, cost analysis."""
+    return self._jitted.lower(*args)
+
+  def compile(self, *args):
+    """Compiled for these (abstract) arguments; call the result with concrete ones."""
+    return self._jitted.lower(*args).compile()
+
+
+def build(partitioner, fn: Callable, *, in_axes: Sequence | None = None, out_axes=None,
+          donate: Sequence[int] = (), name: str | None = None) -> Program:
+  """`fn` as a Program whose inputs and outputs are sharded by their logical names.
+
+  in_axes: one axes tree per positional argument (None: XLA chooses); out_axes: one for the
+  result; donate: positions of arguments whose buffers the result may reuse (the KV cache, the
+  training state). The rule table and abstract mesh are entered inside the trace.
+  """
+  def bound(*args):
+    with partitioner.bound():
+      return fn(*args)
+
+  kwargs = {"donate_argnums": tuple(donate)}
+  if in_axes is not None:
+    kwargs["in_shardings"] = tuple(resolve(partitioner, a) if a is not None else None for a in in_axes)
+  if out_axes is not None:
+    kwargs["out_shardings"] = resolve(partitioner, out_axes)
+  bound.__name__ = name or getattr(fn, "__name__", "program")
+  return Program(bound.__name__, jax.jit(bound, **kwargs))
+
+
+def build_on_mesh(mesh: jax.sharding.Mesh, fn: Callable, *, out_spec: PartitionSpec, name: str) -> Program:
+  """`fn` on a mesh without a model (calibration), its output sharded by mesh axes `out_spec`."""
+  fn.__name__ = name
+  return Program(name, jax.jit(fn, out_shardings=NamedSharding(mesh, out_spec)))
