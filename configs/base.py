@@ -17,6 +17,7 @@ def get_config() -> ConfigDict:
   config.fit_to_host_memory = True  # on CPU, run fewer layers (and say so) if the model would not fit
   config.host_memory_fraction = 0.9  # of available memory, for parameters and the forward's temporaries
   config.report = ""  # path of a JSON report
+  config.show_sharding = True  # after the sharding table: the mesh, each layout as a grid of devices, memory bars
   config.checkpoint = ""  # an HF Qwen2 directory (config.json + safetensors); the architecture comes from it
   # Generation (with a prompt the job generates text instead of running the sample forward pass).
   config.prompt = ""

@@ -116,8 +116,11 @@ def export(config: ConfigDict, partitioner, params, timings: dict[str, float]) -
 
 
 def main(config: ConfigDict) -> dict[str, Any]:
-  """Runs the job; returns the JSON report: {'ok', 'summary', 'sharding'}."""
+  """Runs the job; returns the JSON report: {'ok', 'summary', 'sharding', 'layouts'}."""
   import jax
+  from qwen_logical.inference.kv_cache import cache_shape
+  from qwen_logical.sharding.layout_draw import draw
+  from qwen_logical.sharding.layout_view import sharding_view
   from qwen_logical.sharding.mesh import make_mesh
   from qwen_logical.sharding.report import sharding_report
   from qwen_logical.sharding.rules import get_table
@@ -133,6 +136,10 @@ def main(config: ConfigDict) -> dict[str, Any]:
   report = sharding_report(partitioner, params)
   say = distributed.printer()
   say(report.format())
+  layouts = sharding_view(partitioner, config.batch_size, config.seq_len, cache_shape(
+      partitioner.config, partitioner.layout, config.batch_size, config.seq_len)).to_dict()
+  if config.show_sharding:
+    say("\n" + draw(layouts))
 
   cfg = partitioner.config
   summary: dict[str, Any] = {
@@ -150,4 +157,4 @@ def main(config: ConfigDict) -> dict[str, Any]:
   say("Timings: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items()))
   if source.note:
     say(f"NOTE: {source.note}")
-  return {"ok": True, "summary": summary, "sharding": report.to_dict()}
+  return {"ok": True, "summary": summary, "sharding": report.to_dict(), "layouts": layouts}

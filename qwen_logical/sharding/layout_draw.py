@@ -1,0 +1,147 @@
+"""Draws a sharding view (the JSON form of `layout_view.ShardingView`) for a terminal, with `rich`.
+
+    draw(view) -> str     # the mesh, one box grid per layout, a memory bar per device
+
+Each grid's rows and columns are the blocks of the array's split dimensions (their spans and head
+marks in the headers); each cell names the devices that hold its block (`CPU 0,4`: two replicas).
+On a terminal the cells are coloured by their first device and the boxes are drawn with lines; with
+NO_COLOR set, TERM=dumb or stdout not a terminal (a log, a pipe) the output is plain ASCII text.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sys
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+# Cell backgrounds by first device id (bold white text on each).
+PALETTE = ("dark_blue", "dark_green", "dark_red", "purple4", "dark_cyan", "orange4", "deep_pink4", "grey35")
+BAR_WIDTH = 40
+# Memory bar segments: (field, plain character, terminal character, terminal style, legend name).
+SEGMENTS = (("params", "#", "█", "blue", "parameters"), ("kv_cache", "=", "█", "magenta", "KV cache"),
+            ("activation", ".", "█", "yellow", "largest activation"))
+
+
+def use_color(stream=None) -> bool:
+  """Colours and line boxes only on a terminal, and not when NO_COLOR is set or TERM is dumb."""
+  stream = stream or sys.stdout
+  if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+    return False
+  return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def size_text(nbytes: float) -> str:
+  return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
+
+
+def device_label(platform: str, devices) -> str:
+  """'CPU 0,1,2,3' / 'GPU 4'."""
+  return f"{platform} {','.join(str(d) for d in devices)}"
+
+
+def _header(axis: dict, index: int) -> str:
+  """'heads 0:2\\nq 0-1': the block's span along each of the axis's dims, then its head marks."""
+  spans = axis["spans"][index]
+  text = " ".join(f"{name} {a}:{b}" for name, (a, b) in zip(axis["names"], spans))
+  mark = axis["marks"][index]
+  return text + ("\n" + mark if mark else "")
+
+
+def _table(color: bool, corner: str) -> Table:
+  table = Table(box=box.SQUARE if color else box.ASCII, show_header=True, show_lines=True,
+                header_style="bold" if color else "", pad_edge=True)
+  table.add_column(corner, style="bold" if color else "")
+  return table
+
+
+def _cell(platform: str, devices, color: bool) -> Text:
+  text = device_label(platform, devices) if devices else "-"
+  if not color or not devices:
+    return Text(text)
+  return Text(text, style=f"bold white on {PALETTE[min(devices) % len(PALETTE)]}")
+
+
+def mesh_table(view: dict, color: bool) -> Table:
+  """Rows: the first mesh axis's positions, columns: the second's; each cell the device there."""
+  mesh, platform = view["mesh"], view["platform"]
+  axes = mesh["axes"]
+  table = _table(color, f"{axes[0]} \\ {axes[1]}" if len(axes) > 1 else axes[0])
+  for j in range(len(mesh["devices"][0])):
+    table.add_column(f"{axes[1]} {j}" if len(axes) > 1 else str(j), justify="center")
+  for i, row in enumerate(mesh["devices"]):
+    table.add_row(f"{axes[0]} {i}", *(_cell(platform, [d], color) for d in row))
+  return table
+
+
+def grid_title(layout: dict) -> str:
+  """'q kernel: layers_*/attention/q_kernel (2 layers) [16, 64, 896] float32 (heads, ...) -> (model, ...)'."""
+  return (f"{layout['name']}: {layout['members']}  {layout['shape']} {layout['dtype']} "
+          f"({', '.join(layout['logical'])}) -> ({', '.join(layout['mesh_axes'])})")
+
+
+def grid_table(layout: dict, platform: str, color: bool) -> Table:
+  rows, cols = layout["rows"], layout["cols"]
+  corner = " \\ ".join(" ".join(axis["names"]) for axis in (rows, cols) if axis["names"])
+  table = _table(color, corner)
+  for j in range(len(cols["spans"])):
+    table.add_column(_header(cols, j) or "whole array", justify="center")
+  for i, cells in enumerate(layout["cells"]):
+    table.add_row(_header(rows, i) or "devices", *(_cell(platform, devices, color) for devices in cells))
+  return table
+
+
+def memory_lines(view: dict, color: bool) -> list[Text]:
+  """A bar per device: parameters, KV cache and the largest activation, to one scale."""
+  platform, memory = view["platform"], view["memory"]
+  devices = memory["devices"]
+  top = max((m["total"] for m in devices), default=0) or 1
+  names = [device_label(platform, [m["device"]]) for m in devices]
+  width = max(map(len, names), default=0)
+  legend = ", ".join(f"{(c if color else p)} {name}" for _, p, c, _, name in SEGMENTS)
+  lines = [Text(f"Memory per device ({legend}; largest activation: {memory['activation']}):")]
+  for name, m in zip(names, devices):
+    line = Text(f"  {name.ljust(width)} |")
+    used = cumulative = 0
+    for field, plain, char, style, _ in SEGMENTS:
+      cumulative += m[field]
+      n = round(BAR_WIDTH * cumulative / top) - used
+      line.append((char if color else plain) * n, style=style if color else "")
+      used += n
+    line.append(" " * (BAR_WIDTH - used) + f"| {size_text(m['total'])} = params {size_text(m['params'])} + KV "
+                f"{size_text(m['kv_cache'])} + activation {size_text(m['activation'])}")
+    lines.append(line)
+  if devices:
+    low = min(devices, key=lambda m: m["total"])
+    high = max(devices, key=lambda m: m["total"])
+    spread = high["total"] / low["total"] if low["total"] else 1.0
+    lines.append(Text(f"  max {size_text(high['total'])} on {device_label(platform, [high['device']])}, min "
+                      f"{size_text(low['total'])} on {device_label(platform, [low['device']])}"
+                      + (f": uneven, x{spread:.2f}" if spread > 1.005 else ": even")))
+  return lines
+
+
+def draw(view: dict, color: bool | None = None, width: int | None = None) -> str:
+  """The picture of `view` as text: colour and line boxes when `color` (default: `use_color()`)."""
+  color = use_color() if color is None else color
+  if width is None:
+    width = shutil.get_terminal_size((160, 24)).columns if color else 240
+  out = io.StringIO()
+  console = Console(file=out, width=width, color_system="256" if color else None, force_terminal=color,
+                    no_color=not color, highlight=False, emoji=False, markup=False, legacy_windows=False)
+  console.print(Text(f"Sharding pictures of {view['name']}: cells name the devices holding each block"))
+  console.print(Text(f"mesh {' x '.join(map(str, view['mesh']['shape']))} ({', '.join(view['mesh']['axes'])})"))
+  console.print(mesh_table(view, color))
+  for layout in view["layouts"]:
+    console.print(Text(grid_title(layout)), soft_wrap=True)
+    console.print(grid_table(layout, view["platform"], color))
+  for note in view["notes"]:
+    console.print(Text(f"note: {note}"), soft_wrap=True)
+  for line in memory_lines(view, color):
+    console.print(line, soft_wrap=True)
+  return out.getvalue().rstrip("\n")
