@@ -32,6 +32,7 @@ from qwen_logical.jobs.build import JobError
 from qwen_logical.jobs.verify_report import LEGEND, format_combination, summary_table
 from qwen_logical.jobs.verify_suite import Settings, Suite
 from qwen_logical.sharding import distributed
+from qwen_logical.sharding.layout_draw import draw
 from qwen_logical.sharding.mesh import parse_mesh_shape
 
 
@@ -78,6 +79,8 @@ def verify(config: ConfigDict, suite: Suite | None = None) -> dict[str, Any]:
       for table_name in settings.tables:
         entries.append(suite.run_combination(mesh_shape, table_name))
         say(format_combination(entries[-1], settings.tolerances))
+        if config.show_sharding and "layouts" in entries[-1]:
+          say(draw(entries[-1]["layouts"]))
   finally:
     suite.close()
   failed = [e for e in entries if e["status"] == "fail"]

@@ -26,6 +26,8 @@ from qwen_logical.jobs.verify_verdict import (Tolerances, compare_logits, greedy
                                               unclaimed_replication)
 from qwen_logical.model.head_layout import HeadLayoutError
 from qwen_logical.sharding.mesh import MeshError, make_mesh, parse_mesh_shape
+from qwen_logical.inference.kv_cache import cache_shape
+from qwen_logical.sharding.layout_view import sharding_view
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.report import sharding_report
 from qwen_logical.sharding.rules import RuleError, get_table
@@ -182,5 +184,7 @@ class Suite:
     entry.update(
         status="fail" if failures else "ok", failures=failures, greedy_tokens_agree=tokens == self.reference.tokens,
         devices=int(partitioner.mesh.devices.size), bytes_by_device=report.bytes_by_device,
-        replicated=report.replicated, pictures=pictures(partitioner, self.settings.key_params))
+        replicated=report.replicated, pictures=pictures(partitioner, self.settings.key_params),
+        layouts=sharding_view(partitioner, self.settings.batch_size, self.settings.seq_len, cache_shape(
+            partitioner.config, partitioner.layout, self.settings.batch_size, self.settings.seq_len)).to_dict())
     return entry
