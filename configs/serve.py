@@ -19,6 +19,8 @@ def get_config():
   config.serve.slots = 8  # requests decoded together
   config.serve.queue_size = 64  # requests waiting for a slot; one more gets HTTP 429
   config.serve.context = 2048  # prompt + new tokens per request (at most the model's max_position_embeddings)
+  config.serve.max_body_bytes = 4 << 20  # a larger request body gets HTTP 413 (checked while it is read)
+  config.serve.read_timeout_s = 30.0  # a request body must arrive whole within this of its headers, else HTTP 408
   config.serve.drain_seconds = 30.0  # on SIGTERM: time running requests get to finish
   config.serve.warmup = False  # compile every program (each prompt bucket) before listening, not on first use
   return config

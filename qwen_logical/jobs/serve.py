@@ -110,11 +110,12 @@ def main(config: ConfigDict) -> dict[str, Any]:
 
 
 def _serve(config: ConfigDict, engine, model_config, tokenizer) -> dict[str, Any]:
+  from qwen_logical.serving.guard import RequestLimits
   from qwen_logical.serving.http_app import create_app
   from qwen_logical.serving.openai_api import ServedModel
   s = config.serve
   served = ServedModel(model_name(config, model_config), tokenizer, engine.context, model_config.vocab_size)
-  app = create_app(engine, served)
+  app = create_app(engine, served, limits=RequestLimits(int(s.max_body_bytes), float(s.read_timeout_s)))
   server = DrainingServer(uvicorn.Config(app, host=s.host, port=s.port, log_level="info", access_log=False,
                                          timeout_graceful_shutdown=5), app.state.serving, s.drain_seconds)
   logging.info("Serving %s on http://%s:%d/v1 (%d slots, context %d, queue %d%s)", served.name, s.host, s.port,

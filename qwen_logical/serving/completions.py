@@ -33,6 +33,8 @@ class RequestError(QwenLogicalError):
     self.param = param
 
 
+# What a tokenizer or a chat template raises on input it cannot take (e.g. a lone surrogate: TypeError).
+_UNTAKEN = (TypeError, ValueError, LookupError, AttributeError, RecursionError)
 NO_TOKENIZER = ("this server has no tokenizer, so it takes token ids only: send `prompt` as a list of "
                 "ints to /v1/completions, or restart it with --config.checkpoint=DIR or --config.tokenizer=DIR "
                 "(a directory with tokenizer.json)")
@@ -46,13 +48,18 @@ def chat_prompt(tokenizer, messages: Sequence[dict[str, Any]]) -> list[int]:
     return tokenizer.encode_chat(messages)
   except TokenizerError as e:
     raise RequestError(str(e), "messages") from e
+  except _UNTAKEN as e:  # the template or the tokenizer choked on what the client sent
+    raise RequestError(f"The messages cannot be rendered and tokenized: {type(e).__name__}: {e}", "messages") from e
 
 
 def text_prompt(tokenizer, text: str) -> list[int]:
   """Token ids of a plain-text prompt (as transformers' tokenizer(text) gives them)."""
   if tokenizer is None:
     raise RequestError(f"A text prompt needs a tokenizer: {NO_TOKENIZER}.", "prompt")
-  return tokenizer.encode(text)
+  try:
+    return tokenizer.encode(text)
+  except (TokenizerError, *_UNTAKEN) as e:
+    raise RequestError(f"The prompt cannot be tokenized: {type(e).__name__}: {e}", "prompt") from e
 
 
 class StopStrings:

@@ -5,7 +5,9 @@
     app.state.serving.drain(30.0)                      # from another thread: 503 for new requests, finish the rest
 
 Routes: POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with
-"stream": true), GET /v1/models, GET /health, GET /metrics. The engine calls back from its own
+"stream": true), GET /v1/models, GET /health, GET /metrics, GET /openapi.json (the request bodies'
+schemas). serving.guard bounds each request's body (size, read time) and turns whatever escapes
+the handlers into a logged, counted 500; every error is an OpenAI-shaped body. The engine calls back from its own
 thread; each request's events cross into the event loop with `call_soon_threadsafe` onto an
 asyncio queue, and one coroutine per request turns them into text (serving.completions) and
 responses (serving.openai_api). A client that goes away cancels its request in the engine.
@@ -20,12 +22,16 @@ import time
 from absl import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from qwen_logical.serving import openai_api
 from qwen_logical.serving.completions import Completion, Output, RequestError
 from qwen_logical.serving.engine import QueueFullError, ServingError
+from qwen_logical.serving.guard import OTHER_ENDPOINT, RequestGuard, RequestLimits
 from qwen_logical.serving.metrics import Metrics
 from qwen_logical.serving.openai_api import ParsedRequest, ServedModel
+from qwen_logical.serving.openai_schema import request_body, request_schemas
+from qwen_logical.serving.request_body import decode_json
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 CLIENT_CLOSED = 499  # the status metrics count a request under when its client went away
@@ -73,8 +79,9 @@ class _Run:
         self.timer.token(len(output.token_ids), at)
     return output
 
-  def close(self, status: int) -> None:
-    """Ends the request (cancelled in the engine unless it finished) and counts it; idempotent."""
+  def close(self, status: int, count: bool = True) -> None:
+    """Ends the request (cancelled in the engine unless it finished) and counts it (unless `count` is
+    False: the guard counts the 500 of an exception); idempotent."""
     if self._closed:
       return
     self._closed = True
@@ -83,7 +90,8 @@ class _Run:
       status = CLIENT_CLOSED
     self.serving.inflight -= 1
     usage = (self.last.prompt_tokens, self.last.completion_tokens) if self.last else (0, 0)
-    self.serving.metrics.finished(self.endpoint, status, *usage)
+    if count:
+      self.serving.metrics.finished(self.endpoint, status, *usage)
 
 
 class _EventStream(StreamingResponse):
@@ -133,11 +141,9 @@ class Serving:
                         error_type="server_error")
     parsed = None
     try:
-      body = json.loads(await request.body())
+      body = decode_json(await request.body())
       parsed = openai_api.parse_request(kind, body, self.served)
       self.engine.check(parsed.request)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      return self.error(endpoint, 400, f"The request body is not valid JSON: {e}.")
     except RequestError as e:
       return self.error(endpoint, 400, str(e), e.param)
     except ServingError as e:
@@ -157,8 +163,8 @@ class Serving:
       return _EventStream(self._events(run), run)
     try:
       return await self._whole(request, run)
-    except BaseException:
-      run.close(500)
+    except BaseException as e:  # an Exception becomes the guard's 500 (counted there); a cancel, a 499
+      run.close(500, count=not isinstance(e, Exception))
       raise
 
   async def _events(self, run: _Run):
@@ -167,7 +173,14 @@ class Serving:
     if parsed.kind == "chat":
       yield _sse(openai_api.chunk_body(parsed, run.id, run.created, first=True))
     while not run.completion.done:
-      output = await run.next()
+      try:
+        output = await run.next()
+      except Exception as e:  # noqa: BLE001 -- the stream has started: its last event says what happened
+        logging.exception("Stream %s failed; ending it with an error event", run.id)
+        run.status, body = 500, openai_api.error_body(f"The server failed on this request ({run.id}): {e}",
+                                                      error_type="server_error")
+        yield _sse(body)
+        break
       if output is None:
         continue
       if output.finish_reason in ("cancelled", "error"):
@@ -222,17 +235,32 @@ async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
       return
 
 
-def create_app(engine, served: ServedModel, metrics: Metrics | None = None) -> FastAPI:
-  """The app for `engine` (an Engine, or anything with check/submit/cancel/stop/stats)."""
+ROUTES = (*ENDPOINTS.values(), "/v1/models", "/health", "/metrics", "/openapi.json")
+
+
+def create_app(engine, served: ServedModel, metrics: Metrics | None = None,
+               limits: RequestLimits | None = None) -> FastAPI:
+  """The app for `engine` (an Engine, or anything with check/submit/cancel/stop/stats); `limits` bound
+  each request's body (default: RequestLimits(), 4 MiB within 30 s)."""
   serving = Serving(engine, served, metrics)
   app = FastAPI(title="qwen_logical", docs_url=None, redoc_url=None)
   app.state.serving = serving
+  app.add_middleware(RequestGuard, limits=limits or RequestLimits(), count=serving.metrics.finished, endpoints=ROUTES)
+  schemas = request_schemas(served)
 
-  @app.post("/v1/chat/completions")
+  @app.exception_handler(HTTPException)
+  async def http_error(request: Request, error: HTTPException):
+    """Starlette's own refusals (404 no such route, 405 wrong method) in the OpenAI error shape."""
+    path = request.url.path
+    serving.metrics.finished(path if path in ROUTES else OTHER_ENDPOINT, error.status_code)
+    body = openai_api.error_body(f"{error.detail}: {request.method} {path} (the routes: {', '.join(ROUTES)}).")
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+  @app.post("/v1/chat/completions", openapi_extra=request_body(schemas["chat"]))
   async def chat_completions(request: Request):
     return await serving.complete(request, "chat")
 
-  @app.post("/v1/completions")
+  @app.post("/v1/completions", openapi_extra=request_body(schemas["completion"]))
   async def text_completions(request: Request):
     return await serving.complete(request, "completion")
 

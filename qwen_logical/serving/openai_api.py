@@ -18,16 +18,17 @@ import secrets
 import time
 from typing import Any
 
-from qwen_logical.inference.sampling import SamplingParams
 from qwen_logical.serving import completions
 from qwen_logical.serving.completions import RequestError
 from qwen_logical.serving.engine import EngineRequest
-from qwen_logical.serving.openai_fields import IGNORED_AT_DEFAULT, expect, optional_int, optional_number
+from qwen_logical.serving.openai_fields import IGNORED_AT_DEFAULT, expect, optional_int, sampling_params
+from qwen_logical.serving.request_body import printable
 
 ROLES = ("system", "user", "assistant", "tool")
 _SHARED = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
            "stream", "stream_options", "n", "return_token_ids")
 FIELDS = {"chat": frozenset(_SHARED + ("messages",)), "completion": frozenset(_SHARED + ("prompt",))}
+MAX_STOP = 16  # stop strings per request (each is searched for in the text after every token)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 # EngineRequest / ServingError field names -> the OpenAI parameter a client sent.
 _ENGINE_PARAMS = {"max_new_tokens": "max_tokens", "sampling": "temperature", "stop_ids": "stop"}
@@ -87,7 +88,7 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
   stream = expect(body, "stream", bool, default=False)
   include_usage = _stream_options(body, stream)
   stop = _stop(body, served)
-  sampling = _sampling(body)
+  sampling = sampling_params(body)
   seed = optional_int(body, "seed")
   if seed is None:
     seed = secrets.randbits(31) if not sampling.greedy else 0
@@ -188,24 +189,11 @@ def _stop(body: dict, served: ServedModel) -> tuple[str, ...]:
   stops = [stop] if isinstance(stop, str) else stop
   if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
     raise RequestError("`stop` must be a non-empty string or a list of non-empty strings.", "stop")
+  if len(stops) > MAX_STOP:
+    raise RequestError(f"`stop` has {len(stops)} strings: at most {MAX_STOP} are taken.", "stop")
   if served.tokenizer is None:
     raise RequestError(f"Stop strings need text: {completions.NO_TOKENIZER}.", "stop")
   return tuple(stops)
-
-
-def _sampling(body: dict) -> SamplingParams:
-  temperature = optional_number(body, "temperature", 1.0)
-  if temperature < 0:
-    raise RequestError(f"temperature={temperature} is invalid: use 0 for greedy decoding or a positive number.",
-                       "temperature")
-  top_p = optional_number(body, "top_p", 1.0)
-  if not 0 < top_p <= 1:
-    raise RequestError(f"top_p={top_p} is invalid: it must be in (0, 1] (1 turns it off).", "top_p")
-  top_k = optional_int(body, "top_k")
-  top_k = 0 if top_k in (None, -1) else top_k
-  if top_k < 0:
-    raise RequestError(f"top_k={top_k} is invalid: use a positive integer, or 0 / -1 to turn it off.", "top_k")
-  return SamplingParams(temperature, top_k, top_p)
 
 
 def _asked_max_tokens(body: dict) -> tuple[str, int | None]:
@@ -290,7 +278,9 @@ def usage_chunk(parsed: ParsedRequest, request_id: str, created: int, output: co
 
 def error_body(message: str, param: str | None = None, error_type: str = "invalid_request_error",
                code: str | None = None) -> dict:
-  return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+  """The OpenAI error shape; text that came from the client is escaped where UTF-8 could not carry it."""
+  return {"error": {"message": printable(message), "type": error_type,
+                    "param": None if param is None else printable(param), "code": code}}
 
 
 def models_body(served: ServedModel) -> dict:

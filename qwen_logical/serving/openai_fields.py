@@ -1,7 +1,7 @@
 """Typed access to the fields of an OpenAI request body, with the 400 a wrong type deserves.
 
     expect(body, "stream", bool, default=False)     # RequestError(param="stream") unless a bool
-    optional_int(body, "seed"), optional_number(body, "temperature", 1.0)
+    optional_int(body, "seed"), optional_number(body, "temperature", 1.0), sampling_params(body)
 
 JSON numbers arrive as int or float and JSON true/false as bool (a Python int): ints exclude bools
 here, numbers accept ints, and NaN / infinity are refused. IGNORED_AT_DEFAULT lists the OpenAI
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from qwen_logical.inference.sampling import SamplingParams
 from qwen_logical.serving.completions import RequestError
 
 _NAMES = {str: "a string", bool: "a boolean", int: "an integer", list: "an array", dict: "an object"}
@@ -42,6 +43,22 @@ def optional_number(body: dict, name: str, default: float) -> float:
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
     raise RequestError(f"`{name}` must be a finite number, got {_json_type(value)}.", name)
   return float(value)
+
+
+def sampling_params(body: dict) -> SamplingParams:
+  """temperature, top_p and top_k (0 or -1: off), each checked, as SamplingParams."""
+  temperature = optional_number(body, "temperature", 1.0)
+  if temperature < 0:
+    raise RequestError(f"temperature={temperature} is invalid: use 0 for greedy decoding or a positive number.",
+                       "temperature")
+  top_p = optional_number(body, "top_p", 1.0)
+  if not 0 < top_p <= 1:
+    raise RequestError(f"top_p={top_p} is invalid: it must be in (0, 1] (1 turns it off).", "top_p")
+  top_k = optional_int(body, "top_k")
+  top_k = 0 if top_k in (None, -1) else top_k
+  if top_k < 0:
+    raise RequestError(f"top_k={top_k} is invalid: use a positive integer, or 0 / -1 to turn it off.", "top_k")
+  return SamplingParams(temperature, top_k, top_p)
 
 
 def _json_type(value: Any) -> str:
