@@ -7,11 +7,12 @@
       print(event.texts)                                # text deltas, as tokens arrive
 
 A call is three parts: the batch planner (`batch_plan`: prompts to left-padded, bucketed host
-arrays and masks; pure), the compiled programs (`programs`: prefill and decode per bucket), and
-the loop here: prefill picks token 0, then each decode step picks the next token. The host
-dispatches step t + 1 before it reads token t, so the device never waits for Python; rows that
-hit a stop id emit `pad_id` afterwards and the loop ends when every real row has stopped. Text
-deltas come from an incremental detokeniser (`detokenize`), linear in the output length.
+arrays; pure), the compiled programs (`programs`, shared with the serving engine: prefill into
+cache rows, and decode loops of up to `decode_steps` tokens per dispatch, stop checks on the
+device), and the loop here: prefill draws token 0, then each dispatch draws up to K more per row.
+The next dispatch is queued before this one's tokens are read, so the device never waits for
+Python; rows that hit a stop id stop on the device, and the call ends when every real row has
+stopped. Text deltas come from an incremental detokeniser (`detokenize`), linear in the output.
 """
 
 from __future__ import annotations
@@ -22,18 +23,15 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen_logical.inference import kv_cache
 from qwen_logical.inference.batch_plan import (STOP_SLOTS, BatchPlan, BatchPlanner, prompt_bucket, prompt_ids,
                                                stop_and_pad_ids)
 from qwen_logical.inference.detokenize import IncrementalDetokenizer, decode
-from qwen_logical.inference.programs import ProgramKey, Programs, batch_multiple, slot_multiple
+from qwen_logical.inference.programs import (CachePrograms, RowState, batch_multiple, default_decode_steps, local,
+                                             slot_multiple)
 from qwen_logical.inference.results import (GenerationError, GenerationResult, GenerationStream, StreamEvent,
                                             Timings)
-from qwen_logical.inference.sampling import SamplingParams
-from qwen_logical.model import axes as ax
-from qwen_logical.sharding import distributed
+from qwen_logical.inference.sampling import SamplingParams, kind_index
 from qwen_logical.sharding.partitioner import Params, Partitioner
 
 __all__ = ["GenerationError", "GenerationResult", "GenerationStream", "Generator", "StreamEvent", "Timings",
@@ -82,26 +80,33 @@ class Generator:
     partitioner: the model, mesh and rule table; params passed to `generate` must be its.
     max_length: the context, prompt plus new tokens (default: the config's
       max_position_embeddings).
+    decode_steps: tokens each decode dispatch may draw per row (K; default per platform,
+      `programs.default_decode_steps`); greedy output is the same for every K.
   """
 
-  def __init__(self, partitioner: Partitioner, max_length: int | None = None):
+  def __init__(self, partitioner: Partitioner, max_length: int | None = None, decode_steps: int | None = None):
     self.partitioner = partitioner
     self.config = partitioner.config
     self.max_length = int(max_length or self.config.max_position_embeddings)
     if self.max_length <= 0:
       raise GenerationError(f"max_length={max_length} must be positive.")
+    self.decode_steps = int(decode_steps or default_decode_steps())
+    if self.decode_steps < 1:
+      raise GenerationError(f"decode_steps={decode_steps} must be a positive integer (tokens per dispatch).")
     self.planner = BatchPlanner(self.max_length, self.config.vocab_size, batch_multiple(partitioner),
                                 slot_multiple(partitioner))
-    self.programs = Programs(partitioner)
+    self._programs: dict[tuple[int, int], CachePrograms] = {}  # per (rows, slots) of a plan
 
   @property
   def compilations(self) -> int:
-    """Programs compiled so far (prefill and decode, every bucket)."""
-    return self.programs.compilations
+    """Programs compiled so far (cache, prefill and decode, every bucket)."""
+    return sum(p.compilations for p in self._programs.values())
 
-  def lower_decode(self, batch: int, prompt: int, slots: int, sampling: SamplingParams = SamplingParams()):
-    """The lowered decode step (for HLO inspection and collective counts)."""
-    return self.programs.lower_decode(ProgramKey(batch, prompt, slots, sampling, STOP_SLOTS))
+  def programs(self, rows: int, slots: int) -> CachePrograms:
+    """The programs for a cache of `rows` x `slots` (a plan's batch and slots)."""
+    if (rows, slots) not in self._programs:
+      self._programs[rows, slots] = CachePrograms(self.partitioner, rows, slots, self.decode_steps)
+    return self._programs[rows, slots]
 
   def generate(self, params: Params, prompts, **kwargs) -> GenerationResult:
     """Generates for every prompt; see `stream` for the arguments. `callback(StreamEvent)`, when
@@ -144,11 +149,11 @@ class Generator:
                              *stop_and_pad_ids(tokenizer, stop_ids, pad_id))
     timings = Timings(tokenize_s=time.perf_counter() - start, batch_shape=plan.shape,
                       prompt_tokens=plan.prompt_tokens)
-    programs = self._compile(plan, sampling, timings)
+    programs = self._compile(plan, timings)
     rows = _Rows(plan, tokenizer if stream_text else None)
-    for step, host_tokens in enumerate(self._steps(programs, params, plan, seed, timings)):
+    for step, host_tokens in enumerate(self._steps(programs, params, plan, sampling, seed, timings)):
       yield rows.add(step, host_tokens)
-      if rows.all_finished:
+      if rows.all_finished or step == plan.max_new_tokens - 1:
         break
     timings.new_tokens = sum(len(t) for t in rows.tokens)
     timings.decode_tokens = timings.new_tokens - plan.real
@@ -160,46 +165,68 @@ class Generator:
     timings.total_s = time.perf_counter() - start
     return GenerationResult(rows.tokens, rows.reasons, plan.ids, timings, texts)
 
-  def _compile(self, plan: BatchPlan, sampling: SamplingParams, timings: Timings):
-    """(prefill, decode or None) for the plan's bucket, compiled on first use; timings get the cost."""
+  def _compile(self, plan: BatchPlan, timings: Timings) -> CachePrograms:
+    """The plan's programs, compiled on first use; timings get the cost."""
     self.partitioner.check_batch(plan.batch, plan.prompt)
-    kv_cache.check_cache(self.partitioner, plan.batch, plan.slots)
-    key = ProgramKey(plan.batch, plan.prompt, plan.slots, sampling, plan.stops.size)
-    before = self.programs.compilations
-    prefill, prefill_s = self.programs.get("prefill", key)
-    decode_, decode_s = self.programs.get("decode", key) if plan.max_new_tokens > 1 else (None, 0.0)
-    timings.compile_s = prefill_s + decode_s
-    timings.compilations = self.programs.compilations - before
-    return prefill, decode_
+    programs = self.programs(plan.batch, plan.slots)
+    before, start = programs.compilations, time.perf_counter()
+    programs.cache_program()
+    programs.prefill(plan.batch, plan.prompt)
+    if plan.max_new_tokens > 1:
+      programs.decode(plan.batch)
+    timings.compilations = programs.compilations - before
+    timings.compile_s = time.perf_counter() - start if timings.compilations else 0.0
+    return programs
 
-  def _steps(self, programs, params: Params, plan: BatchPlan, seed: int, timings: Timings) -> Iterator[np.ndarray]:
-    """Each step's tokens int32[B] on the host: step 0 from prefill, then one per decode step,
-    the next step dispatched before this one is read. Stops when the consumer stops asking."""
-    prefill, decode_ = programs
-    token_sharding = self.partitioner.sharding(ax.TOKENS)
-    replicated = NamedSharding(self.partitioner.mesh, PartitionSpec())
-    slot_mask = distributed.global_array(plan.slot_mask, token_sharding)
-    seed_arr, pad_arr = np.uint32(seed % 2**32), np.int32(plan.pad_id)
+  def _steps(self, programs: CachePrograms, params: Params, plan: BatchPlan, sampling: SamplingParams, seed: int,
+             timings: Timings) -> Iterator[np.ndarray]:
+    """Each step's tokens int32[B] on the host (-1 for rows that stopped on the device): step 0
+    from prefill, then K per decode dispatch, the next dispatch queued before this one is read."""
+    batch, kind = plan.batch, int(kind_index(sampling.kind))
+    lengths = np.array([len(p) for p in plan.ids] + [1] * (batch - plan.real), np.int32)
+    state = RowState.empty(batch)
+    state.index, state.streams, state.steps = lengths, np.arange(batch, dtype=np.int32), np.ones(batch, np.int32)
+    state.seeds[:] = seed % 2**32
+    state.temperature[:], state.top_k[:], state.top_p[:] = sampling.temperature, sampling.top_k, sampling.top_p
+    state.stops[:] = _device_stops(plan.stop_ids)
     start = time.perf_counter()
-    cache, token, done = prefill(params, distributed.global_array(plan.tokens, token_sharding), slot_mask,
-                                 seed_arr, plan.stops)
-    index = jax.device_put(np.int32(plan.prompt), replicated)
-    host = distributed.to_host(token)
+    cache = programs.new_cache()
+    cache, first = programs.run_prefill(params, cache, plan.tokens, lengths, np.arange(batch, dtype=np.int32),
+                                        state.seeds, state.streams, state.temperature, state.top_k, state.top_p,
+                                        kind)
+    state.tokens = local(first)
     timings.prefill_s = time.perf_counter() - start
     decode_start = time.perf_counter()
-    yield host
-    if decode_ is None:
+    yield state.tokens
+    if plan.max_new_tokens == 1:
       return
-    step_args = lambda: (params, cache, token, done, index, slot_mask, seed_arr, plan.stops, pad_arr)
-    ahead = decode_(*step_args())
-    for step in range(1, plan.max_new_tokens):
-      cache, token, done, index = ahead
-      if step + 1 < plan.max_new_tokens:  # dispatch the next step before waiting for this one
-        ahead = decode_(*step_args())
-      host = distributed.to_host(token)
-      timings.decode_steps = step
-      timings.decode_s = time.perf_counter() - decode_start
-      yield host
+    real = np.arange(batch) < plan.real
+    state.budget = np.where(real & ~np.isin(state.tokens, plan.stop_ids), plan.max_new_tokens - 1, 0).astype(np.int32)
+    last = plan.max_new_tokens - 1  # decode steps the longest row can need
+    ahead, queued, steps = programs.run_decode(params, cache, state, kind), programs.steps, 0
+    while ahead is not None:
+      cache, state, tokens, produced = ahead
+      ahead = None
+      if queued < last:  # queue the next dispatch before reading this one
+        ahead, queued = programs.run_decode(params, cache, state, kind), queued + programs.steps
+      tokens, produced = local(tokens), local(produced)
+      timings.dispatches += 1
+      for j in range(int(produced.max(initial=0))):
+        steps += 1
+        timings.decode_steps = steps
+        timings.decode_s = time.perf_counter() - decode_start
+        yield tokens[:, j]
+      if produced.max(initial=0) < programs.steps:  # every row stopped on the device
+        return
+
+
+def _device_stops(stop_ids: Sequence[int]) -> np.ndarray:
+  """The first STOP_SLOTS stop ids (-1 pads) that the device checks; the host checks them all, so
+  more stop ids cost extra steps past a later one, never a wrong result."""
+  stops = np.full(STOP_SLOTS, -1, np.int32)
+  head = list(stop_ids)[:STOP_SLOTS]
+  stops[:len(head)] = head
+  return stops
 
 
 _GENERATORS: "weakref.WeakKeyDictionary[Partitioner, Generator]" = weakref.WeakKeyDictionary()

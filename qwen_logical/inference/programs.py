@@ -1,18 +1,24 @@
-"""The compiled programs of generation for one Partitioner: prefill and decode per bucket.
+"""The compiled programs of inference, one set for `generate` and the serving engine: a KV cache of
+R rows x S slots, prompts prefilled into rows, and decode loops that run on the device.
 
-A program is keyed by `ProgramKey` (batch B, prompt bucket P, cache slots S, sampling, stop
-slots) and compiled once, on first use; `compilations` counts them. Settings of one sampler kind
-(`sampling.GREEDY`, `SAMPLE`, `FILTERED`) share a program: the temperature, top_k and top_p are
-runtime values (the last three arguments, which `get`'s callable passes itself).
+Each running sequence owns one cache row: its prompt fills slots [0, n) (moved there from its
+left-padded prefill), and its next token goes to slot `index` at position `index`, so attention
+needs no mask beyond the causal rule. Per-row state (`RowState`) comes in with each call.
 
-* prefill(params, tokens int[B, P], slot_mask int[B, S], seed u32, stops int[T])
-    -> (cache, token int[B], done bool[B]): builds the empty cache inside the program, runs the
-    prompt through the model in Mode.PREFILL (last token's logits only) and picks token 0.
-* decode(params, cache, token int[B], done bool[B], index i32, slot_mask, seed, stops, pad i32)
-    -> (cache, token, done, index + 1): feeds `token` at slot `index` in Mode.DECODE and picks the
-    next one; rows already done emit `pad`. The cache is donated (updated in place).
-Every array is sharded by the partitioner's rule table: the cache by `cache_*` names
-(`qwen_logical.inference.kv_cache`), tokens and flags by `activation_batch`.
+* new_cache() -> cache: zeros, sharded by the rule table's cache_* names (`kv_cache`).
+* prefill[b, P](params, cache, tokens int[b, P] left-padded, lengths, rows, seeds, streams,
+    temperature, top_k, top_p [b], kind i32[]) -> (cache, first int[b]): runs the prompts
+    (Mode.PREFILL), draws each one's first token (step 0) and writes its keys/values into cache
+    row rows[i] at slots [0, lengths[i]); a row >= R (padding) writes nothing.
+* decode[n](params, cache, RowState of n rows, kind i32[]) -> (cache, RowState, tokens int[n, K],
+    produced int[n]): up to K = `steps` decode steps in one dispatch (`lax.while_loop`) over cache
+    rows [0, n): each step feeds every live row's token at its slot, draws the next one with key
+    (seed, stream, step) (`sampling.stream_keys`) and ends a row on one of its stop ids or when its
+    budget runs out; the loop ends after K steps or when no row is live. tokens[r, :produced[r]]
+    are row r's new tokens (-1 after). The returned state continues where this one stopped, so the
+    next dispatch can be queued before this one's tokens are read.
+The sampler kind (`sampling.KINDS`: greedy, sample, filtered) is a runtime value, so one program
+serves every mix of settings. Programs compile on first use or in `warmup`; the cache is donated.
 """
 
 from __future__ import annotations
@@ -20,30 +26,58 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable
 
+from absl import logging
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_logical.inference import kv_cache
-from qwen_logical.inference.batch_plan import CACHE_GRANULE
-from qwen_logical.inference.sampling import SamplingParams, row_keys, sample_rows
+from qwen_logical.inference.batch_plan import CACHE_GRANULE, STOP_SLOTS, round_up
+from qwen_logical.inference.sampling import sample_by_kind, stream_keys
 from qwen_logical.model import axes as ax
 from qwen_logical.model.model import Mode
+from qwen_logical.sharding import distributed
 from qwen_logical.sharding.partitioner import Partitioner
+from qwen_logical.sharding.programs import PARAMS, REPLICATED
+
+ROW = REPLICATED  # per-row host state is small: every device holds all of it
 
 
-@dataclasses.dataclass(frozen=True)
-class ProgramKey:
-  """What one compiled program is specialised to."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RowState:
+  """What each of n rows decodes next (host numpy or device arrays, all [n] but stops [n, T])."""
 
-  batch: int
-  prompt: int
-  slots: int
-  sampling: SamplingParams
-  stop_slots: int
+  tokens: np.ndarray  # i32: the token to feed next
+  index: np.ndarray  # i32: its slot and position (the row holds tokens at slots [0, index))
+  seeds: np.ndarray  # u32
+  streams: np.ndarray  # i32: the key stream within the seed (generate: the batch row; serving: 0)
+  steps: np.ndarray  # i32: tokens drawn so far (the next draw's step)
+  budget: np.ndarray  # i32: tokens the row may still draw (0: not running)
+  temperature: np.ndarray  # f32
+  top_k: np.ndarray  # i32
+  top_p: np.ndarray  # f32
+  stops: np.ndarray  # i32[n, T]: ids that end the row (-1 pads)
+
+  @classmethod
+  def empty(cls, rows: int, stop_slots: int = STOP_SLOTS) -> "RowState":
+    zeros = lambda dtype: np.zeros(rows, dtype)
+    return cls(zeros(np.int32), zeros(np.int32), zeros(np.uint32), zeros(np.int32), zeros(np.int32),
+               zeros(np.int32), zeros(np.float32), zeros(np.int32), np.ones(rows, np.float32),
+               np.full((rows, stop_slots), -1, np.int32))
+
+  def head(self, rows: int) -> "RowState":
+    """Copies of rows [0, rows)."""
+    return jax.tree_util.tree_map(lambda a: np.array(a[:rows]), self)
+
+
+def default_decode_steps(platform: str | None = None) -> int:
+  """Decode steps per dispatch (K) for a platform: on an accelerator the host's per-dispatch work
+  would leave a small model's device idle, so K is large; on CPU a step takes milliseconds and K
+  only sets how often tokens stream out."""
+  return 8 if (platform or jax.default_backend()) == "cpu" else 32
 
 
 def _shards(partitioner: Partitioner, name: str) -> int:
@@ -51,7 +85,7 @@ def _shards(partitioner: Partitioner, name: str) -> int:
 
 
 def batch_multiple(partitioner: Partitioner) -> int:
-  """Padded batches are a multiple of this: what splits the token rows and the cache rows."""
+  """Row counts of a call are a multiple of this: what splits the token rows and the cache rows."""
   return math.lcm(*(_shards(partitioner, n) for n in (ax.ACTIVATION_BATCH, ax.CACHE_BATCH)))
 
 
@@ -60,90 +94,162 @@ def slot_multiple(partitioner: Partitioner) -> int:
   return math.lcm(CACHE_GRANULE, *(_shards(partitioner, n) for n in (ax.CACHE_SEQUENCE, ax.ACTIVATION_LENGTH)))
 
 
-class Programs:
-  """Prefill and decode programs of one Partitioner, compiled per ProgramKey on first use."""
+def row_count(count: int, multiple: int, limit: int | None = None) -> int:
+  """Rows of a call that covers `count` rows: a power of two, a multiple of `multiple`, at most `limit`."""
+  rows = round_up(1 << max(count - 1, 0).bit_length(), multiple)
+  return rows if limit is None else min(rows, limit)
 
-  def __init__(self, partitioner: Partitioner):
-    self.partitioner = partitioner
-    self._compiled: dict[tuple[str, ProgramKey], Any] = {}
-    self.compilations = 0  # programs compiled so far (prefill and decode, every key)
 
-  def get(self, kind: str, key: ProgramKey) -> tuple[Callable, float]:
-    """(the 'prefill' or 'decode' program for `key` with key.sampling's values bound, seconds
-    spent compiling it now)."""
-    shared = dataclasses.replace(key, sampling=_KIND_SETTINGS[key.sampling.kind])
-    seconds = 0.0
-    if (kind, shared) not in self._compiled:
-      start = time.perf_counter()
-      lower = self.lower_prefill if kind == "prefill" else self.lower_decode
-      self._compiled[(kind, shared)] = lower(shared).compile()
+class CachePrograms:
+  """The programs of one Partitioner for a cache of `rows` rows and `length` slots.
+
+  length: rounded up to `slot_multiple`; steps: decode steps per dispatch (K).
+  """
+
+  def __init__(self, partitioner: Partitioner, rows: int, length: int, steps: int):
+    if steps < 1:
+      raise ValueError(f"decode steps per dispatch must be >= 1, got {steps}")
+    self.partitioner, self.rows, self.steps = partitioner, rows, int(steps)
+    self.length = round_up(length, slot_multiple(partitioner))
+    self.batch_multiple = batch_multiple(partitioner)
+    kv_cache.check_cache(partitioner, rows, self.length)
+    self.cache_axes = kv_cache.cache_logical_axes(partitioner.config)
+    self._programs: dict[tuple, object] = {}
+    self.compilations = 0  # programs compiled (or loaded from the persistent cache) by this object
+    self.dispatches = 0  # decode dispatches run
+
+  # --- programs ----------------------------------------------------------------------------
+  def _get(self, key: tuple, make, specs):
+    if key not in self._programs:
+      self._programs[key] = make().compile(*specs)
       self.compilations += 1
-      seconds = time.perf_counter() - start
-    compiled, s = self._compiled[(kind, shared)], key.sampling
-    values = (np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p))
-    return (lambda *args: compiled(*args, *values)), seconds
+    return self._programs[key]
 
-  # --- shardings -----------------------------------------------------------------------
-  def _replicated(self) -> NamedSharding:
-    return NamedSharding(self.partitioner.mesh, PartitionSpec())
+  def cache_program(self):
+    return self._get(("cache",), self._cache_program, ())
 
-  def _rows(self) -> NamedSharding:
-    return self.partitioner.sharding((ax.ACTIVATION_BATCH,))
+  def new_cache(self):
+    """A zero cache on the mesh (every process calls this together)."""
+    return self.cache_program()()
 
-  # --- programs ------------------------------------------------------------------------
-  def lower_prefill(self, key: ProgramKey):
-    part, batch = self.partitioner, key.batch
+  def prefill(self, batch: int, bucket: int):
+    self.partitioner.check_batch(batch, bucket, flag="the prefill rows")
+    specs = (self.partitioner.param_shapes, self._cache_specs(), _spec((batch, bucket), jnp.int32),
+             *(_spec((batch,), d) for d in _PREFILL_DTYPES), _spec((), jnp.int32))
+    return self._get(("prefill", batch, bucket), lambda: self._prefill_program(batch, bucket), specs)
 
-    def prefill(params, tokens, slot_mask, seed, stop_ids, *settings):
-      with part.bound():
-        cache = kv_cache.zeros_in_jit(part, batch, key.slots)
-        logits, cache = part.model.apply({"params": params}, tokens, slot_mask, mode=Mode.PREFILL,
-                                         cache=cache, last_token_only=True)
-        keys = row_keys(jax.random.key(seed), jnp.arange(batch), 0)
-        token = _sample(logits[:, -1], keys, settings, key.sampling.kind)
-        return cache, token, jnp.isin(token, stop_ids)
+  def decode(self, rows: int):
+    state = jax.tree_util.tree_map(lambda a: _spec(a.shape, a.dtype), RowState.empty(rows))
+    specs = (self.partitioner.param_shapes, self._cache_specs(), state, _spec((), jnp.int32))
+    return self._get(("decode", rows), lambda: self._decode_program(rows), specs)
 
-    rows, rep, tokens = self._rows(), self._replicated(), part.sharding(ax.TOKENS)
-    fn = jax.jit(prefill, in_shardings=(part.param_shardings, tokens, tokens, rep, rep) + (rep,) * 3,
-                 out_shardings=(kv_cache.cache_shardings(part, batch, key.slots), rows, rows))
-    return fn.lower(part.param_shapes, _spec((batch, key.prompt), jnp.int32), _spec((batch, key.slots), jnp.int32),
-                    _spec((), jnp.uint32), _spec((key.stop_slots,), jnp.int32), *_SETTING_SPECS)
+  def _cache_specs(self):
+    return kv_cache.cache_shapes(self.partitioner.config, self.partitioner.layout, self.rows, self.length)
 
-  def lower_decode(self, key: ProgramKey):
-    part, batch = self.partitioner, key.batch
+  def _cache_program(self):
+    part = self.partitioner
+    return part.program(lambda: kv_cache.zeros_in_jit(part, self.rows, self.length), in_axes=(),
+                        out_axes=self.cache_axes, name="new_cache")
 
-    def decode(params, cache, token, done, index, slot_mask, seed, stop_ids, pad_id, *settings):
-      with part.bound():
-        logits, cache = part.model.apply({"params": params}, token[:, None], slot_mask, mode=Mode.DECODE,
-                                         cache=cache, cache_index=index)
-        keys = row_keys(jax.random.key(seed), jnp.arange(batch), index - key.prompt + 1)
-        new = _sample(logits[:, 0], keys, settings, key.sampling.kind)
-        new = jnp.where(done, pad_id, new)
-        return cache, new, done | jnp.isin(new, stop_ids), index + 1
+  def _prefill_program(self, batch: int, bucket: int):
+    part = self.partitioner
 
-    rows, rep = self._rows(), self._replicated()
-    cache_sh = kv_cache.cache_shardings(part, batch, key.slots)
-    fn = jax.jit(decode,
-                 in_shardings=(part.param_shardings, cache_sh, rows, rows, rep, part.sharding(ax.TOKENS),
-                               rep, rep, rep) + (rep,) * 3,
-                 out_shardings=(cache_sh, rows, rows, rep),
-                 donate_argnums=(1,))
-    cache = kv_cache.cache_shapes(part.config, part.layout, batch, key.slots)
-    return fn.lower(part.param_shapes, cache, _spec((batch,), jnp.int32), _spec((batch,), jnp.bool_),
-                    _spec((), jnp.int32), _spec((batch, key.slots), jnp.int32), _spec((), jnp.uint32),
-                    _spec((key.stop_slots,), jnp.int32), _spec((), jnp.int32), *_SETTING_SPECS)
+    def prefill(params, cache, tokens, lengths, rows, seeds, streams, temperature, top_k, top_p, kind):
+      mask = (jnp.arange(bucket)[None, :] >= bucket - lengths[:, None]).astype(jnp.int32)
+      small = kv_cache.zeros_in_jit(part, batch, bucket)
+      logits, small = part.model.apply({"params": params}, tokens, mask, mode=Mode.PREFILL, cache=small,
+                                       last_token_only=True)
+      keys = stream_keys(seeds, streams, jnp.zeros_like(lengths))
+      first = sample_by_kind(logits[:, -1], keys, temperature, top_k, top_p, kind)
+      cache = jax.tree_util.tree_map(lambda big, new, names: _insert(big, new, lengths, rows, names), cache, small,
+                                     self.cache_axes)
+      return cache, first
+
+    return part.program(prefill, in_axes=(PARAMS, self.cache_axes, ax.TOKENS) + (ROW,) * 8,
+                        out_axes=(self.cache_axes, ROW), donate=(1,), name=f"prefill_{batch}x{bucket}")
+
+  def _decode_program(self, rows: int):
+    part, length, steps = self.partitioner, self.length, self.steps
+
+    def step(params, carry, kind):
+      t, cache, st, out = carry
+      live = st.budget > 0
+      mask = jnp.ones((rows, length), jnp.int32)  # the causal rule alone: rows fill slots [0, index]
+      logits, cache = part.model.apply({"params": params}, st.tokens[:, None], mask, st.index[:, None],
+                                       mode=Mode.DECODE, cache=cache, cache_index=st.index)
+      new = sample_by_kind(logits[:, 0], stream_keys(st.seeds, st.streams, st.steps), st.temperature, st.top_k,
+                           st.top_p, kind)
+      out = out.at[:, t].set(jnp.where(live, new, -1))
+      stopped = jnp.any(new[:, None] == st.stops, axis=1)
+      advance = live.astype(jnp.int32)
+      st = dataclasses.replace(st, tokens=jnp.where(live, new, st.tokens), index=st.index + advance,
+                               steps=st.steps + advance, budget=jnp.where(live & ~stopped, st.budget - 1, 0))
+      return t + 1, cache, st, out
+
+    def decode(params, cache, state, kind):
+      out = jnp.full((rows, steps), -1, jnp.int32)
+      going = lambda carry: (carry[0] < steps) & jnp.any(carry[2].budget > 0)
+      _, cache, state, out = jax.lax.while_loop(going, lambda c: step(params, c, kind), (jnp.int32(0), cache, state, out))
+      return cache, state, out, jnp.sum(out >= 0, axis=1, dtype=jnp.int32)
+
+    return part.program(decode, in_axes=(PARAMS, self.cache_axes, ROW, ROW),
+                        out_axes=(self.cache_axes, ROW, ROW, ROW), donate=(1,), name=f"decode_{rows}x{steps}")
+
+  # --- running -------------------------------------------------------------------------------
+  def run_prefill(self, params, cache, tokens: np.ndarray, lengths, rows, seeds, streams, temperature, top_k,
+                  top_p, kind: int):
+    """prefill[b, P] on host arrays; (new cache, first tokens on the device)."""
+    part = self.partitioner
+    program = self.prefill(*tokens.shape)
+    args = [distributed.global_array(np.asarray(tokens, np.int32), part.sharding(ax.TOKENS))]
+    args += [self.host(a) for a in (lengths, rows, seeds, streams, temperature, top_k, top_p)]
+    return program(params, cache, *args, self.host(np.int32(kind)))
+
+  def run_decode(self, params, cache, state: RowState, kind: int):
+    """decode[n] on a RowState of n rows (host or device arrays): (cache, state, tokens, produced)."""
+    program = self.decode(len(state.budget))
+    self.dispatches += 1
+    state = jax.tree_util.tree_map(lambda a: a if isinstance(a, jax.Array) else self.host(a), state)
+    return program(params, cache, state, self.host(np.int32(kind)))
+
+  def host(self, array) -> jax.Array:
+    """A host array replicated on the mesh (every process passes the same values)."""
+    return distributed.global_array(np.asarray(array), self.partitioner.sharding(REPLICATED))
+
+  def warmup(self, builds) -> int:
+    """Compiles the programs `builds` (callables) name, logging each; returns how many compiled now."""
+    before, start = self.compilations, time.perf_counter()
+    for done, build in enumerate(builds, 1):  # a line per program: each can take many seconds
+      build()
+      logging.info("Programs ready: %d/%d, %.0f s", done, len(builds), time.perf_counter() - start)
+    return self.compilations - before
+
+
+_PREFILL_DTYPES = (jnp.int32, jnp.int32, jnp.uint32, jnp.int32, jnp.float32, jnp.int32, jnp.float32)
 
 
 def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
-# One setting per kind stands for all of that kind in the program cache; the values are runtime scalars.
-_KIND_SETTINGS = {s.kind: s for s in (SamplingParams(), SamplingParams(1.0), SamplingParams(1.0, top_k=1))}
-_SETTING_SPECS = (_spec((), jnp.float32), _spec((), jnp.int32), _spec((), jnp.float32))
+def local(array: jax.Array) -> np.ndarray:
+  """A replicated global array's value, read from this process's own copy (no collective)."""
+  return np.asarray(array.addressable_data(0))
 
 
-def _sample(logits, keys, settings, kind: str):
-  """Every row with the call's (temperature, top_k, top_p) runtime scalars."""
-  rows = logits.shape[0]
-  return sample_rows(logits, keys, *(jnp.broadcast_to(v, (rows,)) for v in settings), kind)
+def _insert(big: jax.Array, small: jax.Array, lengths: jax.Array, rows: jax.Array, names) -> jax.Array:
+  """Writes prefill row i's keys/values (small [.., b, K, P, D], its prompt at [P - lengths[i], P))
+  into big [.., R, K, S, D] row rows[i] at slots [0, lengths[i]); other rows keep theirs."""
+  batch_axis, slot_axis = big.ndim - 4, big.ndim - 2
+  n, bucket = big.shape[batch_axis], small.shape[slot_axis]
+  match = rows[None, :] == jnp.arange(n)[:, None]  # [R, b]
+  source = jnp.argmax(match, axis=1)  # the prefill row each cache row takes (if any)
+  shape = lambda *sizes: (1,) * batch_axis + sizes  # broadcast over the leading layers axis, if any
+  moved = jnp.take(small, source, axis=batch_axis)  # [.., R, K, P, D]
+  start = bucket - jnp.take(lengths, source)  # each row's left padding
+  slots = jnp.minimum(jnp.arange(bucket)[None, :] + start[:, None], bucket - 1)  # [R, P]
+  moved = jnp.take_along_axis(moved, slots.reshape(shape(n, 1, bucket, 1)), axis=slot_axis)
+  head = jax.lax.slice_in_dim(big, 0, bucket, axis=slot_axis)
+  head = jnp.where(match.any(axis=1).reshape(shape(n, 1, 1, 1)), moved.astype(big.dtype), head)
+  big = jax.lax.dynamic_update_slice_in_dim(big, head, 0, axis=slot_axis)
+  return nn.with_logical_constraint(big, names)

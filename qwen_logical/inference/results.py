@@ -34,6 +34,7 @@ class Timings:
   new_tokens: int = 0
   decode_tokens: int = 0  # new tokens from decode steps (all rows; the first token comes from prefill)
   decode_steps: int = 0
+  dispatches: int = 0  # decode programs run (each draws up to K tokens per row)
   compilations: int = 0
   batch_shape: tuple[int, int, int] = (0, 0, 0)  # (padded batch B, prompt bucket P, cache slots S)
 
@@ -51,10 +52,15 @@ class Timings:
     """Tokens per second of the whole batch during decode (every row's tokens after its first)."""
     return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
+  @property
+  def dispatches_per_token(self) -> float:
+    """Decode dispatches per token a row generated (prefill's first token included): about 1/K."""
+    return self.dispatches / (self.decode_steps + 1) if self.decode_steps else 0.0
+
   def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     out.update(prefill_tokens_per_s=self.prefill_tokens_per_s, decode_steps_per_s=self.decode_steps_per_s,
-               decode_tokens_per_s=self.decode_tokens_per_s)
+               decode_tokens_per_s=self.decode_tokens_per_s, dispatches_per_token=self.dispatches_per_token)
     return out
 
 

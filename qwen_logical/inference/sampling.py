@@ -174,11 +174,32 @@ def row_keys(seed_key: jax.Array, rows: jax.Array, step: jax.Array) -> jax.Array
   return jax.vmap(lambda k: jax.random.fold_in(k, step))(per_row)
 
 
-def request_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
-  """Keys for rows that are each their own request: seeds u32[B], steps i32[B] -> keys [B].
+def stream_keys(seeds: jax.Array, streams: jax.Array, steps: jax.Array) -> jax.Array:
+  """Keys of rows that each carry their own (seed u32[B], stream i32[B], step i32[B]) -> keys [B].
 
-  Row b's key is row 0's key of a call with seed seeds[b] at step steps[b] (`row_keys`), so a
-  request draws what `generate` draws for it alone, whatever its slot or neighbours.
+  Row b's key is `row_keys(key(seeds[b]), streams[b], steps[b])`: `generate` gives row r of a call
+  stream r of the call's seed; a served request is stream 0 of its own seed, so it draws what
+  `generate` draws for it alone, whatever its slot or neighbours.
   """
-  return jax.vmap(lambda seed, step: row_keys(jax.random.key(seed), jnp.zeros((1,), jnp.int32), step)[0])(
-      seeds, steps)
+  return jax.vmap(lambda seed, stream, step: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream),
+                                                               step))(seeds, streams, steps)
+
+
+KINDS = (GREEDY, SAMPLE, FILTERED)  # index = the runtime kind of `sample_by_kind`
+
+
+def kind_index(kind: str) -> np.int32:
+  return np.int32(KINDS.index(kind))
+
+
+def sample_by_kind(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                   top_p: jax.Array, kind: jax.Array) -> jax.Array:
+  """`sample_rows` with the kind a runtime i32[] (an index into KINDS): one compiled program runs
+  only the branch the call needs (no noise for GREEDY, no sort unless FILTERED)."""
+  branches = [lambda *a, k=k: sample_rows(*a, kind=k) for k in KINDS]
+  return jax.lax.switch(kind, branches, logits, keys, temperature, top_k, top_p)
+
+
+def request_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
+  """Keys of rows that are each their own request (stream 0 of its seed): seeds u32[B], steps i32[B]."""
+  return stream_keys(seeds, jnp.zeros_like(steps), steps)
