@@ -7,9 +7,12 @@ directory). The end-to-end tests run the real `qwen_logical.serving.engine.Engin
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
 from qwen_logical.serving.engine import EngineRequest, QueueFullError, ServingError, TokenEvent
 
@@ -190,3 +193,59 @@ def hf_greedy(model, ids, new_tokens):
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
   return out[0, len(ids):].tolist()
+
+
+# ----------------------------------------------------------------------------- HTTP without a model
+
+CHAT, DONE = "/v1/chat/completions", "/v1/completions"
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def test_tokenizer(directory):
+  """The tests' Qwen-style tokenizer (300 learnt tokens), written to `directory` and loaded."""
+  from tokenizer_files import train_tokenizer, write_tokenizer_dir
+  from qwen_logical.checkpoints.tokenizer import Tokenizer
+  write_tokenizer_dir(directory, train_tokenizer(vocab_size=300))
+  return Tokenizer.from_directory(directory)
+
+
+test_tokenizer.__test__ = False  # a helper, not a test
+
+
+def fake_server(tokenizer, context=128, limits=None, **engine_kwargs):
+  """(a started FakeEngine, a ServerThread of the app around it, serving model "tiny" of vocabulary 320)."""
+  from qwen_logical.serving.http_app import create_app
+  from qwen_logical.serving.openai_api import ServedModel
+  engine = FakeEngine(context=context, **engine_kwargs)
+  engine.start()
+  return engine, ServerThread(create_app(engine, ServedModel("tiny", tokenizer, context, 320), limits=limits))
+
+
+def post(url, path, body, timeout=30):
+  """(status, decoded JSON) of a POST of `body` (a dict, or raw bytes)."""
+  data = body if isinstance(body, bytes) else json.dumps(body).encode()
+  request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+      return response.status, json.loads(response.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def get(url, path):
+  """(status, text) of a GET."""
+  try:
+    with urllib.request.urlopen(url + path, timeout=30) as response:
+      return response.status, response.read().decode()
+  except urllib.error.HTTPError as e:
+    return e.code, e.read().decode()
+
+
+def metric_samples(url):
+  """{(sample name, sorted labels): value} of the server's GET /metrics."""
+  from prometheus_client.parser import text_string_to_metric_families
+  samples = {}
+  for family in text_string_to_metric_families(get(url, "/metrics")[1]):
+    for s in family.samples:
+      samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+  return samples
