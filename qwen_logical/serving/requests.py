@@ -78,7 +78,8 @@ class EngineStats:
   requests_total: int  # requests accepted
   finished_total: int  # requests ended (any reason)
   prefills: int  # prefill programs run
-  decode_steps: int  # decode programs run
+  decode_steps: int  # decode steps run (up to K per dispatch)
+  dispatches: int  # decode programs run
   compilations: int  # programs compiled (none in steady state after warm-up)
   tokens_per_s: float  # new tokens per second over the last log interval
 
