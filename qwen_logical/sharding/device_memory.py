@@ -11,6 +11,11 @@ figures and a split that loads some devices more than others shows at once:
   dtype: an estimate of the biggest buffer a forward pass holds at once beside the weights, not
   XLA's buffer assignment (jobs/memory_estimate.py reads that from a compiled program, for the
   host-memory bound of a whole run).
+
+Beside them, the *even share* of each: the HF model's parameter bytes (`storage_bytes`: no head
+padding or repetition) and the cache with the canonical KV heads, divided by the device count.
+A device holding twice its even share holds replicas (data parallelism over `batch`) or repeated
+KV heads; the ratio says how much.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import jax
 import numpy as np
 
 from qwen_logical.model import axes as ax
+from qwen_logical.model.quantization import storage_bytes
 from qwen_logical.sharding import validation
 
 
@@ -61,6 +67,19 @@ def activation_shapes(partitioner, batch: int, length: int) -> dict[str, tuple[t
       "MLP hidden": ((batch, length, cfg.intermediate_size), ax.MLP_ACTIVATION),
       "logits": ((batch, length, cfg.vocab_size), ax.LOGITS_ACTIVATION),
   }
+
+
+def even_share(partitioner, cache_shape: Sequence[int] | None = None) -> dict[str, int]:
+  """Per device, the HF model's parameter bytes and (with `cache_shape`) the KV cache's bytes with the
+  canonical KV heads, each divided evenly over the mesh's devices."""
+  p = partitioner
+  devices = p.mesh.devices.size
+  share = {"params": storage_bytes(p.config) // devices, "kv_cache": 0}
+  if cache_shape is not None:
+    canonical = [p.config.num_kv_heads if name == ax.CACHE_KV_HEADS else size
+                 for name, size in zip(ax.KV_CACHE, cache_shape)]
+    share["kv_cache"] = 2 * p.config.num_layers * math.prod(canonical) * np.dtype(p.config.dtype).itemsize // devices
+  return share
 
 
 def device_memory(partitioner, batch: int, length: int, cache_shape: Sequence[int] | None = None

@@ -37,7 +37,10 @@ def use_color(stream=None) -> bool:
 
 
 def size_text(nbytes: float) -> str:
-  return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
+  """'1.25 GiB', '159.16 MiB', '3.5 KiB'."""
+  if nbytes >= 2**30:
+    return f"{nbytes / 2**30:.2f} GiB"
+  return f"{nbytes / 2**20:.2f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
 def device_label(platform: str, devices) -> str:
@@ -96,15 +99,22 @@ def grid_table(layout: dict, platform: str, color: bool) -> Table:
   return table
 
 
+def _times(held: int, share: int) -> str:
+  return f" (x{held / share:.2f})" if share else ""
+
+
 def memory_lines(view: dict, color: bool) -> list[Text]:
-  """A bar per device: parameters, KV cache and the largest activation, to one scale."""
+  """A bar per device (parameters, KV cache, the largest activation, to one scale), each part's bytes and
+  how many times its even share it is (above 1: replicas or repeated KV heads)."""
   platform, memory = view["platform"], view["memory"]
-  devices = memory["devices"]
+  devices, share = memory["devices"], memory["even_share"]
   top = max((m["total"] for m in devices), default=0) or 1
   names = [device_label(platform, [m["device"]]) for m in devices]
   width = max(map(len, names), default=0)
   legend = ", ".join(f"{(c if color else p)} {name}" for _, p, c, _, name in SEGMENTS)
-  lines = [Text(f"Memory per device ({legend}; largest activation: {memory['activation']}):")]
+  lines = [Text(f"Memory per device ({legend}: {memory['activation']}); (xN): N times the even share, "
+                f"{size_text(share['params'])} of the HF model's parameters and {size_text(share['kv_cache'])} "
+                "of its KV cache per device")]
   for name, m in zip(names, devices):
     line = Text(f"  {name.ljust(width)} |")
     used = cumulative = 0
@@ -113,16 +123,18 @@ def memory_lines(view: dict, color: bool) -> list[Text]:
       n = round(BAR_WIDTH * cumulative / top) - used
       line.append((char if color else plain) * n, style=style if color else "")
       used += n
-    line.append(" " * (BAR_WIDTH - used) + f"| {size_text(m['total'])} = params {size_text(m['params'])} + KV "
-                f"{size_text(m['kv_cache'])} + activation {size_text(m['activation'])}")
+    line.append(" " * (BAR_WIDTH - used) + f"| {size_text(m['total'])}: params {size_text(m['params'])}"
+                f"{_times(m['params'], share['params'])}, KV {size_text(m['kv_cache'])}"
+                f"{_times(m['kv_cache'], share['kv_cache'])}, activation {size_text(m['activation'])}")
     lines.append(line)
   if devices:
-    low = min(devices, key=lambda m: m["total"])
-    high = max(devices, key=lambda m: m["total"])
-    spread = high["total"] / low["total"] if low["total"] else 1.0
-    lines.append(Text(f"  max {size_text(high['total'])} on {device_label(platform, [high['device']])}, min "
-                      f"{size_text(low['total'])} on {device_label(platform, [low['device']])}"
-                      + (f": uneven, x{spread:.2f}" if spread > 1.005 else ": even")))
+    low, high = min(devices, key=lambda m: m["total"]), max(devices, key=lambda m: m["total"])
+    if high["total"] > 1.005 * low["total"]:
+      lines.append(Text(f"  uneven: max {size_text(high['total'])} on {device_label(platform, [high['device']])}, "
+                        f"min {size_text(low['total'])} on {device_label(platform, [low['device']])} "
+                        f"(x{high['total'] / max(low['total'], 1):.2f})"))
+    else:
+      lines.append(Text(f"  even: {size_text(high['total'])} on each of the {len(devices)} devices"))
   return lines
 
 

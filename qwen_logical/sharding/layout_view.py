@@ -8,7 +8,7 @@
      "mesh": {"axes": ["batch", "model"], "shape": [2, 4], "devices": [[0, 1, 2, 3], [4, 5, 6, 7]]},
      "layouts": [Grid.to_dict(), ...],   # cells[r][c] -> device ids
      "memory": {"devices": [{"device", "params", "kv_cache", "activation", "total"}, ...],
-                "activation": "logits [8, 16, 151936]"},
+                "activation": "logits [8, 16, 151936]", "even_share": {"params", "kv_cache"}},
      "notes": [...]}
 
 Everything comes from global shardings, so every process builds the same view.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from qwen_logical.sharding.device_memory import DeviceMemory, device_memory
+from qwen_logical.sharding.device_memory import DeviceMemory, device_memory, even_share
 from qwen_logical.sharding.layout_grid import Grid, layout_grids
 
 
@@ -45,12 +45,14 @@ class ShardingView:
   grids: tuple[Grid, ...]
   memory: tuple[DeviceMemory, ...]
   activation: str  # which activation is the largest
+  even_share: dict[str, int]  # per device: HF parameters and canonical KV cache bytes / device count
   notes: tuple[str, ...]
 
   def to_dict(self) -> dict:
     return {"name": self.name, "platform": self.platform, "mesh": self.mesh.to_dict(),
             "layouts": [g.to_dict() for g in self.grids],
-            "memory": {"devices": [m.to_dict() for m in self.memory], "activation": self.activation},
+            "memory": {"devices": [m.to_dict() for m in self.memory], "activation": self.activation,
+                       "even_share": dict(self.even_share)},
             "notes": list(self.notes)}
 
 
@@ -67,4 +69,5 @@ def sharding_view(partitioner, batch: int, length: int, cache_shape: Sequence[in
   grids, notes = layout_grids(p, batch, length, cache_shape)
   memory, activation = device_memory(p, batch, length, cache_shape)
   platform = p.mesh.devices.flat[0].platform.upper()
-  return ShardingView(p.name, platform, mesh_view(p.mesh), tuple(grids), tuple(memory), activation, tuple(notes))
+  return ShardingView(p.name, platform, mesh_view(p.mesh), tuple(grids), tuple(memory), activation,
+                      even_share(p, cache_shape), tuple(notes))
