@@ -177,6 +177,7 @@ class Serving:
         output = await run.next()
       except Exception as e:  # noqa: BLE001 -- the stream has started: its last event says what happened
         logging.exception("Stream %s failed; ending it with an error event", run.id)
+        run.completion.cancel()
         run.status, body = 500, openai_api.error_body(f"The server failed on this request ({run.id}): {e}",
                                                       error_type="server_error")
         yield _sse(body)
