@@ -133,7 +133,8 @@ def test_memory_per_device_matches_the_arrays():
 def test_the_report_carries_cells_to_devices():
   _, view = _view("2x4", "tensor_parallel")
   data = json.loads(json.dumps(view.to_dict()))
-  assert data["mesh"] == {"axes": ["batch", "model"], "shape": [2, 4], "devices": [[0, 1, 2, 3], [4, 5, 6, 7]]}
+  assert data["mesh"] == {"axes": ["batch", "model"], "shape": [2, 4], "devices": [[0, 1, 2, 3], [4, 5, 6, 7]],
+                          "processes": [[0] * 4, [0] * 4]}
   q = data["layouts"][0]
   assert q["name"] == "q kernel" and q["cells"] == [[[0, 4], [1, 5], [2, 6], [3, 7]]]
   assert q["cols"]["spans"] == [[[0, 4]], [[4, 8]], [[8, 12]], [[12, 16]]] and q["rows"]["spans"] == [[]]
@@ -154,6 +155,15 @@ def test_plain_drawing_names_every_device(mesh_shape):
   assert ("CPU 0,4" in text) == (mesh_shape == "2x4")
 
 
+def test_the_mesh_names_each_devices_process_when_there_are_several():
+  _, view = _view("2x4", "tensor_parallel")
+  data = view.to_dict()
+  assert "process" not in draw(data, color=False).split("q kernel")[0]
+  data["mesh"]["processes"] = [[0] * 4, [1] * 4]  # as two processes of four devices each report it
+  mesh = draw(data, color=False).split("q kernel")[0]
+  assert mesh.count("process 0") == 4 and mesh.count("process 1") == 4
+
+
 def test_colour_only_on_a_terminal(monkeypatch):
   _, view = _view("1x8", "tensor_parallel")
   assert "\x1b[" in draw(view.to_dict(), color=True)
@@ -171,3 +181,27 @@ def test_colour_only_on_a_terminal(monkeypatch):
 
 def test_every_table_is_covered():
   assert {get_table(name).name for name in TABLE_NAMES} == {t.name for t in TABLES.values()}
+
+
+@pytest.mark.parametrize("show", [True, False])
+def test_the_run_job_prints_the_pictures_after_the_table_and_reports_them(tmp_path, show):
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  report = tmp_path / "report.json"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NO_COLOR")}
+  result = subprocess.run([sys.executable, "main.py", "--config=configs/tp8.py", "--config.mesh=2x4",
+                           "--config.model.preset=tiny", "--config.model.num_layers=1", "--config.seq_len=4",
+                           f"--config.show_sharding={show}", f"--config.report={report}"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert ("Sharding pictures of 2x4 tensor_parallel" in out) == show
+  if show:
+    assert out.index("Replicated on every device") < out.index("Sharding pictures") < out.index("Forward pass")
+    assert "\x1b[" not in out and re.search(r"\|\s+CPU 0,4\s+\|", out) and "Memory per device" in out
+  layouts = json.loads(report.read_text())["layouts"]
+  assert layouts["mesh"]["devices"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert [g["name"] for g in layouts["layouts"]][:2] == ["q kernel", "k/v kernels"]
+  assert layouts["layouts"][0]["cells"] == [[[0, 4], [1, 5], [2, 6], [3, 7]]]

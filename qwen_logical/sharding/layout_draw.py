@@ -63,22 +63,25 @@ def _table(color: bool, corner: str) -> Table:
   return table
 
 
-def _cell(platform: str, devices, color: bool) -> Text:
-  text = device_label(platform, devices) if devices else "-"
+def _cell(platform: str, devices, color: bool, note: str = "") -> Text:
+  text = (device_label(platform, devices) if devices else "-") + note
   if not color or not devices:
     return Text(text)
   return Text(text, style=f"bold white on {PALETTE[min(devices) % len(PALETTE)]}")
 
 
 def mesh_table(view: dict, color: bool) -> Table:
-  """Rows: the first mesh axis's positions, columns: the second's; each cell the device there."""
+  """Rows: the first mesh axis's positions, columns: the second's; each cell the device there (and, with
+  several processes, the process it belongs to)."""
   mesh, platform = view["mesh"], view["platform"]
-  axes = mesh["axes"]
+  axes, processes = mesh["axes"], mesh.get("processes") or [[0] * len(r) for r in mesh["devices"]]
+  several = len({p for row in processes for p in row}) > 1
   table = _table(color, f"{axes[0]} \\ {axes[1]}" if len(axes) > 1 else axes[0])
   for j in range(len(mesh["devices"][0])):
     table.add_column(f"{axes[1]} {j}" if len(axes) > 1 else str(j), justify="center")
-  for i, row in enumerate(mesh["devices"]):
-    table.add_row(f"{axes[0]} {i}", *(_cell(platform, [d], color) for d in row))
+  for i, (row, owners) in enumerate(zip(mesh["devices"], processes)):
+    table.add_row(f"{axes[0]} {i}", *(_cell(platform, [d], color, f"\nprocess {p}" if several else "")
+                                      for d, p in zip(row, owners)))
   return table
 
 

@@ -5,7 +5,8 @@
 (a notebook can draw it) and the form `layout_draw.draw` draws:
 
     {"name": "2x4 tensor_parallel", "platform": "CPU",
-     "mesh": {"axes": ["batch", "model"], "shape": [2, 4], "devices": [[0, 1, 2, 3], [4, 5, 6, 7]]},
+     "mesh": {"axes": ["batch", "model"], "shape": [2, 4], "devices": [[0, 1, 2, 3], [4, 5, 6, 7]],
+              "processes": [[0, 0, 0, 0], [0, 0, 0, 0]]},
      "layouts": [Grid.to_dict(), ...],   # cells[r][c] -> device ids
      "memory": {"devices": [{"device", "params", "kv_cache", "activation", "total"}, ...],
                 "activation": "logits [8, 16, 151936]", "even_share": {"params", "kv_cache"}},
@@ -25,14 +26,16 @@ from qwen_logical.sharding.layout_grid import Grid, layout_grids
 
 @dataclasses.dataclass(frozen=True)
 class MeshView:
-  """The mesh: axis names, sizes, and the device id at each mesh position ([batch][model])."""
+  """The mesh: axis names, sizes, and the device id (and its process) at each position ([batch][model])."""
 
   axes: tuple[str, ...]
   shape: tuple[int, ...]
   devices: tuple[tuple[int, ...], ...]
+  processes: tuple[tuple[int, ...], ...]
 
   def to_dict(self) -> dict:
-    return {"axes": list(self.axes), "shape": list(self.shape), "devices": [list(r) for r in self.devices]}
+    return {"axes": list(self.axes), "shape": list(self.shape), "devices": [list(r) for r in self.devices],
+            "processes": [list(r) for r in self.processes]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,8 @@ class ShardingView:
 def mesh_view(mesh) -> MeshView:
   devices = mesh.devices.reshape(mesh.devices.shape[0], -1) if mesh.devices.ndim > 1 else mesh.devices[None]
   return MeshView(tuple(mesh.axis_names), tuple(int(s) for s in mesh.devices.shape),
-                  tuple(tuple(int(d.id) for d in row) for row in devices))
+                  tuple(tuple(int(d.id) for d in row) for row in devices),
+                  tuple(tuple(int(d.process_index) for d in row) for row in devices))
 
 
 def sharding_view(partitioner, batch: int, length: int, cache_shape: Sequence[int] | None = None) -> ShardingView:
