@@ -2,7 +2,6 @@
 (greedy and seeded sampling) and what transformers gives (greedy); nothing compiles after warm-up; stop
 ids, cancel, the queue bound, stop(); the same tokens on sharded meshes and across two processes."""
 
-import collections
 import functools
 import os
 import signal
@@ -11,8 +10,6 @@ import sys
 import threading
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -20,13 +17,9 @@ import torch
 from conftest import compile_events, free_port, mesh_of
 from hf_reference import hf_tensors, model_config, real_looking_model
 from qwen_logical.checkpoints.hf_names import flax_from_hf
-from qwen_logical.inference import kv_cache
 from qwen_logical.inference.generate import generate
-from qwen_logical.inference.sampling import GREEDY, SamplingParams
-from qwen_logical.model.model import Mode
+from qwen_logical.inference.sampling import SamplingParams
 from qwen_logical.serving.engine import Engine, EngineRequest, QueueFullError, ServingError
-from qwen_logical.serving.scheduler import Pending, Rows
-from qwen_logical.serving.slot_programs import SlotPrograms
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.rules import get_table
 
@@ -144,7 +137,8 @@ def test_sampled_requests_equal_generate_alone_with_their_seed(served):
 def test_nothing_compiles_after_warmup(served):
   engine, warm, first, _, _ = served
   part = engine.partitioner
-  assert warm == 2 * 3 + 3 * 3 + 1  # buckets 16, 32 x prefill batches 1, 2, 4; 3 decode kinds x rows 1, 2, 4; cache
+  assert engine.buckets() == [16, 64] and engine.decode_sizes() == [1, 2, 4]
+  assert warm == 1 + 2 + 3  # the cache; a prefill per bucket; a decode loop per row count
   before = engine.compilations
   assert before == warm  # the first wave compiled nothing
   events, stop = compile_events()
@@ -271,90 +265,3 @@ def test_two_processes_serve_the_1x1_tokens_and_a_dead_peer_ends_the_server(serv
     assert "another task died" in leader_err, leader_err[-3000:]
   assert "WAVE1" in leader_out and "WITHOUT THE FOLLOWER" not in leader_out
   assert ended - os.path.getmtime(out + ".npz") < 30  # the follower died right after: an error, not a hang
-
-
-def test_a_call_survives_its_message():
-  from qwen_logical.serving import protocol
-  channel = protocol.Channel(rows=4, prompt_shape=(4, 64))
-  decode = protocol.Call(protocol.DECODE, "filtered", dict(
-      tokens=np.array([5, 0, 7, 255], np.int32), index=np.array([3, 0, 31, 9], np.int32),
-      seeds=np.array([0, 2 ** 32 - 1, 7, 2 ** 31], np.uint32), steps=np.array([1, 0, 4, 2], np.int32),
-      temperature=np.array([0.0, 0.7, 1.5, 2.0], np.float32), top_k=np.array([0, 0, 20, 1], np.int32),
-      top_p=np.array([1.0, 0.9, 0.95, 1e-6], np.float32)))
-  prefill = protocol.Call(protocol.PREFILL, "sample", dict(
-      tokens=np.arange(32, dtype=np.int32).reshape(2, 16), lengths=np.array([16, 3], np.int32),
-      rows=np.array([1, 4], np.int32), seeds=np.array([9, 2 ** 32 - 2], np.uint32),
-      temperature=np.array([0.5, 0.0], np.float32), top_k=np.array([3, 0], np.int32),
-      top_p=np.array([1.0, 0.5], np.float32)))
-  few = protocol.Call(protocol.DECODE, "greedy", {k: v[:2] for k, v in decode.arrays.items()})
-  for call in (decode, prefill, few):
-    message = channel.encode(call)
-    assert message.shape == (channel.size,) and message.dtype == np.int32
-    back = channel.decode(message)
-    assert back.op == call.op and back.kind == call.kind and set(back.arrays) == set(call.arrays)
-    for name, values in call.arrays.items():
-      expected = values if values.ndim == 1 else np.zeros_like(values)  # the prompts follow in a second message
-      assert back.arrays[name].dtype == values.dtype and back.arrays[name].tolist() == expected.tolist(), name
-  assert channel.decode(channel.encode(protocol.Call(protocol.STOP))).op == protocol.STOP
-
-
-def test_a_step_of_the_first_rows_equals_their_own_cache_and_updates_the_cache_in_place():
-  """DECODE of n token rows on a cache of N > n rows uses rows [0, n): the logits and rows of a call
-  on a cache of those n rows alone; rows [n, N) untouched. The compiled decode[kind, n] programs
-  alias the cache and copy no layer of it (no op but the update makes an array of its shape)."""
-  part, params = setup("1x1", "tensor_parallel")
-  programs = SlotPrograms(part, SLOTS, CONTEXT)
-  rng = np.random.RandomState(0)
-  shapes = kv_cache.cache_shapes(part.config, part.layout, SLOTS, programs.length)
-  cache = jax.tree_util.tree_map(lambda s: rng.randn(*s.shape).astype(s.dtype), shapes)
-
-  def step(cache, tokens, index):
-    with part.bound():
-      return part.model.apply({"params": params}, tokens[:, None], jnp.ones((len(tokens), programs.length), jnp.int32),
-                              index[:, None], mode=Mode.DECODE, cache=cache, cache_index=index)
-
-  for n, index in ((1, [9]), (2, [5, 30])):
-    tokens, index = jnp.asarray(rng.randint(0, 256, n)), jnp.asarray(index)
-    logits, written = jax.jit(step)(cache, tokens, index)
-    alone, own = jax.jit(step)(jax.tree_util.tree_map(lambda a: a[:n], cache), tokens, index)
-    np.testing.assert_allclose(logits, alone, rtol=1e-5, atol=1e-5)
-    assert np.abs(np.asarray(logits)).max() > 1
-    for big, small, old in zip(*(jax.tree_util.tree_leaves(t) for t in (written, own, cache))):
-      np.testing.assert_array_equal(np.asarray(big)[:n], small)
-      np.testing.assert_array_equal(np.asarray(big)[n:], old[n:])
-      assert not np.array_equal(np.asarray(big)[:n], old[:n])
-  layer = "f32[" + ",".join(map(str, kv_cache.cache_shape(part.config, part.layout, SLOTS, programs.length))) + "]"
-  cache_bytes = kv_cache.cache_bytes(part.config, part.layout, SLOTS, programs.length)
-  for n in programs.decode_sizes():
-    compiled = programs.decode(GREEDY, n)
-    entry = compiled.as_text().split("ENTRY")[1].splitlines()
-    made = [line.split("=")[1].split("(")[0].split()[-1] for line in entry if f"= {layer}" in line]
-    assert set(made) <= {"parameter", "fusion"} and all("scatter" in line for line in entry
-                                                      if f"= {layer}" in line and " fusion(" in line), (n, made)
-    assert compiled.memory_analysis().alias_size_in_bytes == cache_bytes
-
-
-def test_requests_take_the_lowest_rows_and_steps_run_the_rows_they_need(served):
-  """Rows: the lowest free row first; a step covers rows [0, n), n the power of two over the
-  highest running row; GREEDY when no running row samples, SAMPLE / FILTERED when one does."""
-  engine = served[0]
-  programs = engine.programs
-  assert programs.decode_sizes() == [1, 2, 4] and [programs.decode_rows(c) for c in (1, 2, 3, 4)] == [1, 2, 4, 4]
-  rows = Rows(SLOTS)
-  greedy, sampled, filtered = (REQUESTS[i] for i in (0, 2, 3))
-  assert (greedy.sampling.kind, sampled.sampling.kind, filtered.sampling.kind) == ("greedy", "sample", "filtered")
-  assert rows.highest() == 0
-  rows.start(rows.free()[0], Pending(0, greedy, print))
-  assert rows.highest() == 1 and rows.kind() == "greedy" and len(rows.decode_arrays(1)["tokens"]) == 1
-  rows.start(rows.free()[0], Pending(1, sampled, print))
-  rows.start(rows.free()[0], Pending(2, filtered, print))
-  assert rows.active() == [0, 1, 2] and rows.kind() == "filtered"
-  rows.release(2)
-  assert rows.kind() == "sample" and rows.highest() == 2
-  rows.release(0)
-  assert rows.free() == [0, 2, 3] and rows.highest() == 2
-  # The engine: one greedy request alone decodes 1 row with GREEDY, every step.
-  before = collections.Counter(programs.decode_runs)
-  collector, [rid] = submit_all(engine, [greedy])
-  assert collector.wait([rid])[0] == served[2][0]
-  assert programs.decode_runs - before == {(GREEDY, 1): greedy.max_new_tokens - 1}

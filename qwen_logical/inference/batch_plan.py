@@ -25,11 +25,12 @@ CACHE_GRANULE = 64  # cache slots are a multiple of this
 STOP_SLOTS = 8  # stop ids are padded to a multiple of this (-1 never matches)
 
 
-def prompt_bucket(length: int) -> int:
-  """The padded prompt length for a prompt of `length` tokens: 16, 32, ..., 512, 1024, 1536, ..."""
+def prompt_bucket(length: int, growth: int = 2) -> int:
+  """The padded prompt length for a prompt of `length` tokens: 16, then `growth` times the last up
+  to 512 (growth 2: 16, 32, ..., 512; the server's 4: 16, 64, 256, 1024), then every 512 more."""
   bucket = MIN_PROMPT_BUCKET
   while bucket < length:
-    bucket = bucket * 2 if bucket < LINEAR_BUCKETS_FROM else bucket + LINEAR_BUCKETS_FROM
+    bucket = bucket * growth if bucket < LINEAR_BUCKETS_FROM else bucket + LINEAR_BUCKETS_FROM
   return bucket
 
 

@@ -21,7 +21,6 @@ import time
 import weakref
 from typing import Iterator, Sequence
 
-import jax
 import numpy as np
 
 from qwen_logical.inference.batch_plan import (STOP_SLOTS, BatchPlan, BatchPlanner, prompt_bucket, prompt_ids,

@@ -7,12 +7,15 @@
 
 Each round of the scheduler (one thread): cancelled requests leave (their slot is free at once);
 waiting requests take the free slots (lowest first), first come first served, prefilled in one
-call per prompt bucket and inserted into their cache rows; then one decode step advances every
-running slot, over rows [0, n) only (n: the decode size covering the highest running row).
+call per prompt bucket and inserted into their cache rows; then one decode dispatch advances every
+running slot by up to K tokens (`decode_steps`, stops checked on the device), over rows [0, n) only
+(n: the decode size covering the highest running row): new requests join between dispatches.
 Each new token goes to the request's callback as a TokenEvent (from the engine thread); a stop
 id or max_new_tokens ends the request and frees its slot. Requests beyond the free slots wait in
-a queue of `queue_size` (QueueFullError beyond it). The programs are in `slot_programs`, the
-host state in `scheduler`; nothing compiles once every bucket has been seen (or after `warmup`).
+a queue of `queue_size` (QueueFullError beyond it). The programs are inference's
+(`inference.programs`, shared with `generate`), the host state in `scheduler`; nothing compiles
+once every bucket has been seen (or after `warmup`: the cache, one prefill per prompt bucket and
+one decode per row count).
 
 Multi-process: process 0 builds the Engine and serves; every other process builds it the same
 way and calls `follow()`, which runs the calls process 0 sends (`protocol`) until it stops.
@@ -26,15 +29,19 @@ import time
 from typing import Callable
 
 from absl import logging
+import jax
 
 from qwen_logical.common.host import is_main_process
 from qwen_logical.serving.protocol import DECODE, DECODE_FIELDS, NOOP, PREFILL, PREFILL_FIELDS, RESET, STOP
 from qwen_logical.serving.protocol import Call, Channel
 from qwen_logical.serving.requests import (EngineRequest, EngineStats, QueueFullError, ServingError, TokenEvent,
                                            check_request, check_settings)
+from qwen_logical.inference.batch_plan import prompt_bucket
+from qwen_logical.inference.programs import CachePrograms, RowState, default_decode_steps, local, row_count
+from qwen_logical.inference.sampling import kind_index
 from qwen_logical.serving.scheduler import Pending, Rows, plan_prefills
-from qwen_logical.serving.slot_programs import SlotPrograms
 from qwen_logical.sharding import distributed
+from qwen_logical.sharding.programs import COUNTS
 from qwen_logical.sharding.partitioner import Params, Partitioner
 
 __all__ = ["Engine", "EngineRequest", "EngineStats", "QueueFullError", "ServingError", "TokenEvent"]
@@ -44,19 +51,23 @@ class Engine:
   """Serves EngineRequests on `slots` cache rows of `context` tokens (prompt plus new tokens).
 
   slots must be a multiple of what splits the cache rows over the mesh (programs.batch_multiple).
+  decode_steps: tokens per running request per decode dispatch (K; default per platform).
   log_every_s: seconds between progress lines; keepalive_s: how often process 0 tells idle peers
   it is alive (a dead peer is noticed within about that long).
   """
 
+  BUCKET_GROWTH = 4  # prompt buckets 16, 64, 256, 1024, then every 512: few programs to compile
+
   def __init__(self, partitioner: Partitioner, params: Params, slots: int = 8, context: int = 2048,
-               queue_size: int = 64, *, log_every_s: float = 5.0, keepalive_s: float = 1.0):
+               queue_size: int = 64, *, decode_steps: int | None = None, log_every_s: float = 5.0,
+               keepalive_s: float = 1.0):
     check_settings(partitioner, slots, context, queue_size)
     self.partitioner, self.params, self.context = partitioner, params, int(context)
     self.slots, self.queue_size = int(slots), int(queue_size)
-    self.programs = SlotPrograms(partitioner, self.slots, self.context)
+    self.programs = CachePrograms(partitioner, self.slots, self.context, decode_steps or default_decode_steps())
+    self.prefill_rows = self.programs.batch_multiple  # one request per prefill where the mesh allows
     self.rows = Rows(self.slots)
-    largest = self.programs.max_prefill_batch
-    self.channel = Channel(max(self.slots, largest), (largest, self.programs.length))
+    self.channel = Channel(max(self.slots, self.prefill_rows), (self.prefill_rows, self.programs.length))
     self.log_every_s, self.keepalive_s = log_every_s, keepalive_s
     self._cv = threading.Condition()
     self._queue: collections.deque[Pending] = collections.deque()
@@ -100,11 +111,36 @@ class Engine:
       self._cancels.add(rid)
       self._cv.notify_all()
 
+  def bucket(self, prompt_length: int) -> int:
+    """The prompt bucket P of a prompt (`batch_plan.prompt_bucket`), at most the cache's slots."""
+    return min(prompt_bucket(prompt_length, self.BUCKET_GROWTH), self.programs.length)
+
+  def buckets(self) -> list[int]:
+    """Every bucket a prompt of 1 .. context - 1 tokens can get."""
+    found, length = [], 1
+    while length < self.context:
+      found.append(self.bucket(length))
+      length = found[-1] + 1
+    return found
+
+  def decode_rows(self, count: int) -> int:
+    """Rows of the decode dispatch whose highest running row is count - 1."""
+    return row_count(count, self.programs.batch_multiple, self.slots)
+
+  def decode_sizes(self) -> list[int]:
+    return sorted({self.decode_rows(n) for n in range(1, self.slots + 1)})
+
   def warmup(self) -> int:
-    """Compiles every program the engine can need (each prompt bucket and prefill batch, each
-    decode kind and row count); returns how many compiled now. Runs nothing."""
-    start, count = time.perf_counter(), self.programs.warmup(self.context)
-    logging.info("Engine warm-up: %d programs compiled in %.1f s", count, time.perf_counter() - start)
+    """Compiles every program the engine can need (the empty cache, a prefill per prompt bucket, a
+    decode per row count); returns how many were made now. Runs nothing."""
+    start, before = time.perf_counter(), COUNTS.snapshot()
+    builds = [self.programs.cache_program]
+    builds += [lambda p=p: self.programs.prefill(self.prefill_rows, p) for p in self.buckets()]
+    builds += [lambda n=n: self.programs.decode(n) for n in self.decode_sizes()]
+    count = self.programs.warmup(builds)
+    compiled, loaded = (now - then for now, then in zip(COUNTS.snapshot(), before))
+    logging.info("Engine warm-up: %d programs ready in %.1f s (XLA: %d compiled, %d loaded from the "
+                 "compilation cache)", count, time.perf_counter() - start, compiled, loaded)
     return count
 
   def start(self) -> None:
@@ -132,7 +168,7 @@ class Engine:
       return EngineStats(queued=len(self._queue), active=self._active, slots=self.slots, context=self.context,
                          tokens_total=c["tokens"], prompt_tokens_total=c["prompt_tokens"],
                          requests_total=c["requests"], finished_total=c["finished"], prefills=c["prefills"],
-                         decode_steps=c["decode_steps"], compilations=self.compilations, tokens_per_s=self._rate)
+                         decode_steps=c["decode_steps"], dispatches=c["dispatches"], compilations=self.compilations, tokens_per_s=self._rate)
 
   def follow(self) -> None:
     """On every process but 0: runs process 0's program calls until it stops."""
@@ -182,7 +218,7 @@ class Engine:
     if not waiting and not self.rows.active():
       self.channel.send(Call(NOOP))
       return True
-    for prefill in plan_prefills(waiting, self.rows.free(), self.programs.bucket, self.programs.prefill_batch):
+    for prefill in plan_prefills(waiting, self.rows.free(), self.bucket, self.prefill_rows):
       self._admit(prefill)
     if self.rows.active():
       self._decode()
@@ -202,18 +238,24 @@ class Engine:
       self.rows.start(row, p)
     first = self._call(Call(PREFILL, arrays=prefill.arrays(padding_row=self.slots)))
     for i, row in enumerate(prefill.rows if first is not None else ()):
-      self.rows.token[row] = first[i]
+      self.rows.first(row, int(first[i]), finished=False)
       self._deliver(row, int(first[i]))
 
   def _decode(self) -> None:
-    active = self.rows.active()
-    arrays = self.rows.decode_arrays(self.programs.decode_rows(self.rows.highest()))
-    new = self._call(Call(DECODE, self.rows.kind(), arrays))
+    n = self.decode_rows(self.rows.highest())
+    running = {row: self.rows.running[row] for row in self.rows.active()}
+    result = self._call(Call(DECODE, self.rows.kind(), dict(vars(self.rows.state.head(n)))))
+    if result is None:
+      return
+    tokens, produced, state = result
+    self.rows.advance(n, state)
     with self._cv:
-      self._counts["decode_steps"] += 1
-    for row in active if new is not None else ():
-      self.rows.advance(row, int(new[row]))
-      self._deliver(row, int(new[row]))
+      self._counts["decode_steps"] += int(produced.max(initial=0))
+      self._counts["dispatches"] += 1
+    for j in range(int(produced.max(initial=0))):  # in step order, as the tokens were drawn
+      for row, pending in running.items():
+        if j < produced[row] and self.rows.running[row] is pending:
+          self._deliver(row, int(tokens[row, j]))
 
   def _call(self, call: Call):
     """Sends `call` to the followers and runs it; its tokens on the host, or None if it failed
@@ -233,14 +275,15 @@ class Engine:
 
   def _execute(self, call: Call):
     a = call.arrays
+    kind = kind_index(call.kind)
     if call.op == PREFILL:
       self._cache, first = self.programs.run_prefill(self.params, self._cache, a["tokens"],
-                                                     *(a[n] for n in PREFILL_FIELDS))
-      return first
+                                                     *(a[n] for n in PREFILL_FIELDS), kind)
+      return local(first)
     if call.op == DECODE:
-      self._cache, new = self.programs.run_decode(call.kind, self.params, self._cache,
-                                                  *(a[n] for n in DECODE_FIELDS))
-      return new
+      state = RowState(**{n: a[n] for n in DECODE_FIELDS}, stops=a["stops"])
+      self._cache, state, tokens, produced = self.programs.run_decode(self.params, self._cache, state, kind)
+      return local(tokens), local(produced), jax.tree_util.tree_map(local, state)
     if call.op == RESET:
       self._cache = None  # the old buffers may have been donated to the failed call
       self._cache = self.programs.new_cache()

@@ -4,7 +4,8 @@ Process 0 runs the scheduler; before each program call it sends the call (`Call`
 its host arguments) and then runs it; every other process receives the call and runs it too
 (`Engine.follow`). A call is one fixed-size int32 message (broadcast_one_to_all, so it compiles
 once): [op, sampler kind, b, P] then every per-row field in a block of R entries (floats and
-seeds bit-cast); a PREFILL sends its prompts as a second fixed-size message int32[B_max, S].
+seeds bit-cast) and the rows' stop ids in a block of R x STOP_SLOTS; a PREFILL sends its prompts
+as a second fixed-size message int32[B_max, S].
 While idle, process 0 sends NOOP every `keepalive_s` seconds, so a dead peer shows up as a failed
 collective within seconds (`distributed.exit_on_peer_failure` then ends the process).
 """
@@ -16,14 +17,16 @@ import dataclasses
 import jax
 import numpy as np
 
-from qwen_logical.inference.sampling import FILTERED, GREEDY, SAMPLE
+from qwen_logical.inference.batch_plan import STOP_SLOTS
+from qwen_logical.inference.sampling import KINDS, SAMPLE
 
 NOOP, PREFILL, DECODE, RESET, STOP = range(5)
-KINDS = (SAMPLE, FILTERED, GREEDY)
-FIELDS = {"tokens": np.int32, "index": np.int32, "seeds": np.uint32, "steps": np.int32, "lengths": np.int32,
-          "rows": np.int32, "temperature": np.float32, "top_k": np.int32, "top_p": np.float32}
-PREFILL_FIELDS = ("lengths", "rows", "seeds", "temperature", "top_k", "top_p")  # + tokens int[b, P]
-DECODE_FIELDS = ("tokens", "index", "seeds", "steps", "temperature", "top_k", "top_p")
+FIELDS = {"tokens": np.int32, "index": np.int32, "seeds": np.uint32, "streams": np.int32, "steps": np.int32,
+          "budget": np.int32, "lengths": np.int32, "rows": np.int32, "temperature": np.float32, "top_k": np.int32,
+          "top_p": np.float32}
+PREFILL_FIELDS = ("lengths", "rows", "seeds", "streams", "temperature", "top_k", "top_p")  # + tokens int[b, P]
+DECODE_FIELDS = ("tokens", "index", "seeds", "streams", "steps", "budget", "temperature", "top_k", "top_p")
+# + stops int[n, STOP_SLOTS]: together the fields of programs.RowState
 _HEADER = 4
 
 
@@ -46,7 +49,8 @@ class Channel:
 
   def __init__(self, rows: int, prompt_shape: tuple[int, int]):
     self.rows, self.prompt_shape = rows, prompt_shape
-    self.size = _HEADER + len(FIELDS) * rows
+    self._stops_at = _HEADER + len(FIELDS) * rows
+    self.size = self._stops_at + rows * STOP_SLOTS
 
   @property
   def needed(self) -> bool:
@@ -84,6 +88,9 @@ class Channel:
       if values is not None and values.ndim == 1:
         start = _HEADER + i * self.rows
         message[start:start + len(values)] = np.asarray(values, dtype).view(np.int32)
+    stops = call.arrays.get("stops")
+    if stops is not None:
+      message[self._stops_at:self._stops_at + stops.size] = stops.reshape(-1)
     return message
 
   def decode(self, message: np.ndarray) -> Call:
@@ -97,6 +104,8 @@ class Channel:
         arrays[name] = message[start:start + batch].copy().view(dtype)
     if op == PREFILL:
       arrays["tokens"] = np.zeros((batch, bucket), np.int32)
+    if op == DECODE:
+      arrays["stops"] = message[self._stops_at:self._stops_at + batch * STOP_SLOTS].reshape(batch, STOP_SLOTS).copy()
     return Call(op, KINDS[kind], arrays)
 
 

@@ -1,9 +1,10 @@
-"""The engine's host state: what each cache row runs, its per-row arrays, and who gets a row next.
+"""The engine's host state: what each cache row runs, its per-row decode state, and who gets a row next.
 
-Row r's arrays (one entry per cache row, passed to every decode step): the token to feed, the
-slot it goes to (`index`: the row holds tokens at slots [0, index), so the position is index
-too), the request's seed and the step of the token to draw (tokens drawn so far), and its
-sampling settings. A free row feeds token 0 at slot 0 greedily; nothing reads what it writes.
+Row r's state (`programs.RowState`, one entry per cache row, passed to every decode dispatch): the
+token to feed, the slot it goes to (`index`: the row holds tokens at slots [0, index), so the
+position is index too), the request's seed and the step of the next draw (tokens drawn so far),
+how many more it may draw (`budget`), its sampling settings and stop ids. A free row has budget 0:
+the device draws nothing for it, and nothing reads what it writes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from qwen_logical.inference.programs import RowState
 from qwen_logical.inference.sampling import SamplingParams, kind_of, row_values
 from qwen_logical.serving.requests import EngineRequest
 
@@ -45,7 +47,8 @@ class Prefill:
 
   def arrays(self, padding_row: int) -> dict[str, np.ndarray]:
     """Host arguments of the prefill program: tokens int[b, P] left-padded with 0, lengths, rows,
-    seeds, temperature, top_k, top_p [b]. Padding rows: one token, cache row `padding_row` (none)."""
+    seeds, streams, temperature, top_k, top_p [b]. Padding rows: one token, cache row `padding_row`
+    (none)."""
     b, count = self.batch, len(self.requests)
     tokens = np.zeros((b, self.bucket), np.int32)
     for i, p in enumerate(self.requests):
@@ -58,23 +61,17 @@ class Prefill:
     seeds[:count] = [p.request.seed % 2 ** 32 for p in self.requests]
     settings = [p.request.sampling for p in self.requests] + [SamplingParams()] * (b - count)
     temperature, top_k, top_p = row_values(settings)
-    return dict(tokens=tokens, lengths=lengths, rows=rows, seeds=seeds, temperature=temperature, top_k=top_k,
-                top_p=top_p)
+    return dict(tokens=tokens, lengths=lengths, rows=rows, seeds=seeds, streams=np.zeros(b, np.int32),
+                temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 class Rows:
-  """The N cache rows: which request each runs and the per-row arrays of the next decode step."""
+  """The N cache rows: which request each runs and the RowState of the next decode dispatch."""
 
   def __init__(self, count: int):
     self.count = count
     self.running: list[Pending | None] = [None] * count
-    self.token = np.zeros(count, np.int32)
-    self.index = np.zeros(count, np.int32)
-    self.seed = np.zeros(count, np.uint32)
-    self.step = np.zeros(count, np.int32)
-    self.temperature = np.zeros(count, np.float32)
-    self.top_k = np.zeros(count, np.int32)
-    self.top_p = np.ones(count, np.float32)
+    self.state = RowState.empty(count)
 
   def free(self) -> list[int]:
     return [r for r, p in enumerate(self.running) if p is None]
@@ -86,46 +83,57 @@ class Rows:
     return next((r for r, p in enumerate(self.running) if p is not None and p.rid == rid), None)
 
   def start(self, row: int, pending: Pending) -> None:
-    """`pending` runs in `row` from now: its prompt is in slots [0, n); the prefill's token (step 0),
-    set in `token` once drawn, goes to slot n next."""
-    request = pending.request
+    """`pending` runs in `row` from now: its prompt is in slots [0, n); the prefill's token (step 0)
+    is set by `first`."""
+    request, st = pending.request, self.state
     self.running[row] = pending
-    self.token[row], self.index[row], self.step[row] = 0, len(request.tokens), 1
-    self.seed[row] = request.seed % 2 ** 32
+    st.tokens[row], st.index[row], st.steps[row], st.streams[row], st.budget[row] = 0, len(request.tokens), 1, 0, 0
+    st.seeds[row] = request.seed % 2 ** 32
     values = row_values([request.sampling])
-    self.temperature[row], self.top_k[row], self.top_p[row] = (v[0] for v in values)
+    st.temperature[row], st.top_k[row], st.top_p[row] = (v[0] for v in values)
+    st.stops[row] = -1
+    head = list(request.stop_ids)[:st.stops.shape[1]]  # the device checks these; the host checks all
+    st.stops[row, :len(head)] = head
 
-  def advance(self, row: int, token: int) -> None:
-    self.token[row], self.index[row], self.step[row] = token, self.index[row] + 1, self.step[row] + 1
+  def first(self, row: int, token: int, finished: bool) -> None:
+    """The prefill drew `token`: the row feeds it next, and may draw max_new_tokens - 1 more."""
+    self.state.tokens[row] = token
+    self.state.budget[row] = 0 if finished else self.running[row].request.max_new_tokens - 1
+
+  def advance(self, rows: int, state: RowState) -> None:
+    """Takes the state a decode dispatch over rows [0, rows) returned (host arrays)."""
+    for name, value in vars(state).items():
+      getattr(self.state, name)[:rows] = value
 
   def release(self, row: int) -> Pending:
     pending, self.running[row] = self.running[row], None
-    self.token[row] = self.index[row] = self.seed[row] = self.step[row] = self.top_k[row] = 0
-    self.temperature[row], self.top_p[row] = 0.0, 1.0
+    empty = RowState.empty(1)
+    for name, value in vars(empty).items():
+      getattr(self.state, name)[row] = value[0]
     return pending
 
   def kind(self) -> str:
-    """The cheapest decode sampler kind the running rows need: GREEDY if none samples, FILTERED
-    if one filters, else SAMPLE (each row draws the same token under every kind that serves it)."""
+    """The cheapest sampler kind the running rows need: GREEDY if none samples, FILTERED if one
+    filters, else SAMPLE (each row draws the same token under every kind that serves it)."""
     return kind_of(p.request.sampling for p in self.running if p is not None)
 
   def highest(self) -> int:
-    """1 + the highest running row (0 if none): decode steps cover rows [0, highest) at least."""
+    """1 + the highest running row (0 if none): decode dispatches cover rows [0, highest) at least."""
     return max((r + 1 for r, p in enumerate(self.running) if p is not None), default=0)
 
-  def decode_arrays(self, rows: int) -> dict[str, np.ndarray]:
-    """Copies of the per-row arrays of cache rows [0, rows)."""
-    return dict(tokens=self.token[:rows].copy(), index=self.index[:rows].copy(), seeds=self.seed[:rows].copy(),
-                steps=self.step[:rows].copy(), temperature=self.temperature[:rows].copy(),
-                top_k=self.top_k[:rows].copy(), top_p=self.top_p[:rows].copy())
 
-
-def plan_prefills(waiting: list[Pending], free: list[int], bucket: Callable[[int], int],
-                  batch: Callable[[int], int]) -> list[Prefill]:
+def plan_prefills(waiting: list[Pending], free: list[int], bucket: Callable[[int], int], size: int) -> list[Prefill]:
   """Prefill calls that start the first len(free) waiting requests (first come, first served) in
-  the free rows: one call per prompt bucket, in the order the buckets first appear."""
+  the free rows: calls of `size` rows (the fewest the mesh splits), each taking up to `size`
+  requests of one prompt bucket, in the order the buckets first appear. One prefill shape per
+  bucket keeps the programs to compile few."""
   taken = waiting[:len(free)]
   groups: dict[int, list[tuple[int, Pending]]] = {}
   for row, pending in zip(free, taken):
     groups.setdefault(bucket(len(pending.request.tokens)), []).append((row, pending))
-  return [Prefill(b, batch(len(g)), tuple(r for r, _ in g), tuple(p for _, p in g)) for b, g in groups.items()]
+  calls = []
+  for b, group in groups.items():
+    for i in range(0, len(group), size):
+      part = group[i:i + size]
+      calls.append(Prefill(b, size, tuple(r for r, _ in part), tuple(p for _, p in part)))
+  return calls
