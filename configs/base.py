@@ -28,6 +28,9 @@ def get_config() -> ConfigDict:
   config.temperature = 0.0  # 0 = greedy
   config.top_k = 0
   config.top_p = 1.0
+  config.decode_steps = 0  # tokens per decode dispatch (K), on the device; 0 = the platform's default (8 CPU, 32 GPU/TPU)
+  # Compiled programs are kept here, so a second start on this machine loads them instead of compiling; "" = off.
+  config.compilation_cache_dir = "~/.cache/qwen_logical/xla"
   config.export = ""  # write the params as an HF directory here (safetensors shards + index + config)
 
   # Several processes (one per host): all join one job and the mesh spans every process's devices.

@@ -240,7 +240,11 @@ def generator_for(partitioner: Partitioner) -> Generator:
 
 def generate(partitioner: Partitioner, params: Params, prompts, **kwargs) -> GenerationResult:
   """Generates for `prompts` with the partitioner's model; arguments as `Generator.stream`,
-  plus `callback(StreamEvent)` and `max_length` (the context; default the config's)."""
-  max_length = kwargs.pop("max_length", None)
-  gen = generator_for(partitioner) if max_length is None else Generator(partitioner, max_length)
+  plus `callback(StreamEvent)`, `max_length` (the context; default the config's) and `decode_steps`
+  (tokens per decode dispatch; default per platform)."""
+  max_length, decode_steps = kwargs.pop("max_length", None), kwargs.pop("decode_steps", None)
+  if max_length is None and decode_steps is None:
+    gen = generator_for(partitioner)
+  else:
+    gen = Generator(partitioner, max_length, decode_steps)
   return gen.generate(params, prompts, **kwargs)

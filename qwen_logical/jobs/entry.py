@@ -16,6 +16,7 @@ from qwen_logical.jobs import finetune, run, serve, verify, verify_large
 from qwen_logical.jobs.build import JobError
 from qwen_logical.jobs.devices import setup_devices
 from qwen_logical.sharding import distributed
+from qwen_logical.sharding.programs import enable_compilation_cache
 
 # name -> module with devices_needed(config) -> int and main(config) -> JSON report (report["ok"]).
 JOBS = {"run": run, "verify": verify, "verify_large": verify_large, "serve": serve, "finetune": finetune}
@@ -31,6 +32,9 @@ def run_job(config: ConfigDict) -> dict[str, Any]:
                    "combination within host memory, configs/verify_7b.py), 'serve' (the OpenAI-compatible "
                    "server, configs/serve.py) or 'finetune' (configs/finetune.py).")
   setup_devices(config, job.devices_needed(config))
+  if enable_compilation_cache(config.compilation_cache_dir):
+    logging.info("XLA compilation cache: %s (--config.compilation_cache_dir; empty turns it off)",
+                 config.compilation_cache_dir)
   report = job.main(config)
   if config.report and distributed.is_main_process():
     with open(config.report, "w") as f:

@@ -76,7 +76,7 @@ def generate_text(config: ConfigDict, partitioner, params, request: Request) -> 
   s = request.sampling
   result = generate(partitioner, params, request.inputs, tokenizer=request.tokenizer,
                     max_new_tokens=config.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                    top_p=s.top_p, seed=config.seed, callback=show)
+                    top_p=s.top_p, seed=config.seed, callback=show, decode_steps=config.decode_steps or None)
   if streamed:
     say()
   else:
@@ -84,7 +84,8 @@ def generate_text(config: ConfigDict, partitioner, params, request: Request) -> 
       say(f"\n>>> {prompt}\n{text}\n[{reason}]")
   t = result.timings
   say(f"\nGeneration: prefill {t.prefill_tokens_per_s:.1f} tokens/s, decode {t.decode_tokens_per_s:.1f} "
-      f"tokens/s, compile {t.compile_s:.2f} s, {t.new_tokens} new tokens")
+      f"tokens/s, compile {t.compile_s:.2f} s, {t.new_tokens} new tokens, {t.dispatches} decode dispatches "
+      f"({t.dispatches_per_token:.3f} per token)")
   return {"texts": result.texts, "tokens": result.tokens, "finish_reasons": result.finish_reasons,
           "generation_timings": t.to_dict()}
 
