@@ -115,9 +115,9 @@ def memory_lines(view: dict, color: bool) -> list[Text]:
   names = [device_label(platform, [m["device"]]) for m in devices]
   width = max(map(len, names), default=0)
   legend = ", ".join(f"{(c if color else p)} {name}" for _, p, c, _, name in SEGMENTS)
-  lines = [Text(f"Memory per device ({legend}: {memory['activation']}); (xN): N times the even share, "
-                f"{size_text(share['params'])} of the HF model's parameters and {size_text(share['kv_cache'])} "
-                "of its KV cache per device")]
+  lines = [Text(f"Memory per device: {legend} ({memory['activation']})"),
+           Text(f"  (xN): N times an even split of the HF model over {len(devices)} devices (parameters "
+                f"{size_text(share['params'])}, KV cache {size_text(share['kv_cache'])} each)")]
   for name, m in zip(names, devices):
     line = Text(f"  {name.ljust(width)} |")
     used = cumulative = 0
