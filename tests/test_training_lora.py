@@ -169,7 +169,7 @@ def test_merged_export_loads_in_transformers(tmp_path):
   trainable, *_ = lora.setup(part, params, TRAIN)
   state, losses = _steps(part, trainable, frozen, combine, axes, shapes)
   assert losses[-1] < losses[0]
-  merged = lora.merge(state.trainable, frozen)
+  merged = lora.merge(part, state.trainable, frozen)
   export_checkpoint(merged, part, str(tmp_path), progress=False)
   exported = HFQwen2.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
   tokens = make_batch(part.config.vocab_size, 7)["tokens"]

@@ -8,6 +8,7 @@ in `_hooks`; without those modules the job trains every parameter and saves no t
 
 from __future__ import annotations
 
+import functools
 import importlib
 import time
 from typing import Any, Callable
@@ -77,7 +78,7 @@ def _hooks(config: ConfigDict, partitioner, params):
       raise build.JobError("--config.train.lora_rank > 0 needs qwen_logical/training/lora.py, which this "
                            "installation lacks; set --config.train.lora_rank=0 for full fine-tuning.")
     trainable, frozen, combine, axes, shapes = lora.setup(partitioner, params, config.train)
-    return trainable, frozen, combine, axes, shapes, lora.merge
+    return trainable, frozen, combine, axes, shapes, functools.partial(lora.merge, partitioner)
   return params, None, None, None, None, lambda trainable, frozen: trainable
 
 

@@ -120,16 +120,14 @@ def _quantized_values(seed, layer, *, values: Callable, contracted: tuple[int, .
 
 
 def _leaf_table(partitioner) -> dict[str, tuple]:
-  """'path/name' -> (ShapeDtypeStruct, logical names, sharding) of every parameter, in tree order."""
+  """'path/name' -> (ShapeDtypeStruct, logical names) of every parameter, in tree order."""
   leaves = jax.tree_util.tree_leaves_with_path(partitioner.param_shapes)
   logical = jax.tree_util.tree_leaves(partitioner.logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-  shardings = jax.tree_util.tree_leaves(partitioner.param_shardings)
-  return {path_str(path): (shape, tuple(names), sharding)
-          for (path, shape), names, sharding in zip(leaves, logical, shardings)}
+  return {path_str(path): (shape, tuple(names)) for (path, shape), names in zip(leaves, logical)}
 
 
 def init_programs(partitioner) -> dict[str, Callable]:
-  """canonical parameter key -> jit(seed uint32[], layer int32[]) -> that parameter, in its shards.
+  """canonical parameter key -> program(seed uint32[], layer int32[]) -> that parameter, in its shards.
 
   Unrolled layers share their kind's program ('layers_3/mlp/up_kernel' -> 'layers/mlp/up_kernel').
   An int8 kernel's program returns (kernel, scale); its scale has no program of its own.
@@ -139,7 +137,7 @@ def init_programs(partitioner) -> dict[str, Callable]:
   int8 = {name for name in table if quant.is_quantized(name.rsplit("/", 1)[-1], cfg.quantization)}
   made_with_kernel = {quant.scale_name(name) for name in int8}
   programs: dict[str, Callable] = {}
-  for name, (shape, names, sharding) in table.items():
+  for name, (shape, names) in table.items():
     key = canonical_key(name)
     if key in programs or name in made_with_kernel:
       continue
@@ -148,8 +146,8 @@ def init_programs(partitioner) -> dict[str, Callable]:
                            dtype=jnp.float32 if name in int8 else shape.dtype)
     if name in int8:
       fn = functools.partial(_quantized_values, values=fn, contracted=quant.contracted_axes(name.rsplit("/", 1)[-1]))
-      sharding = (sharding, table[quant.scale_name(name)][2])
-    programs[key] = jax.jit(fn, out_shardings=sharding)
+      names = (names, table[quant.scale_name(name)][1])
+    programs[key] = partitioner.program(fn, out_axes=names, name="init_" + key.replace("/", "_"))
   return programs
 
 
@@ -161,7 +159,7 @@ def init_params(partitioner, seed: int = 0, progress: bool = True) -> Any:
   """
   programs = init_programs(partitioner)
   table = _leaf_table(partitioner)
-  nbytes = {name: math.prod(s.shape) * np.dtype(s.dtype).itemsize for name, (s, _, _) in table.items()}
+  nbytes = {name: math.prod(s.shape) * np.dtype(s.dtype).itemsize for name, (s, _) in table.items()}
   bar = Progress("Initialising parameters", len(table), sum(nbytes.values()), enabled=progress)
   seed_arr = np.uint32(seed % 2**32)
   out: dict[str, jax.Array] = {}

@@ -72,3 +72,11 @@ def make_mesh(shape: str | tuple[int, int], devices=None):
 
 def mesh_name(mesh) -> str:
   return "x".join(str(mesh.shape[a]) for a in MESH_AXES)
+
+
+def every_device(mesh):
+  """The PartitionSpec that splits an array's first dimension over every device of `mesh` (for
+  programs without a model: `programs.build_on_mesh`)."""
+  from jax.sharding import PartitionSpec
+
+  return PartitionSpec(tuple(mesh.axis_names))

@@ -23,7 +23,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_logical.model import axes as ax
 from qwen_logical.model.head_layout import KV, PADDING, QUERY, HeadLayout
@@ -32,16 +31,18 @@ _KINDS = {ax.HEADS: QUERY, ax.KV_HEADS: KV}
 _LAYER = re.compile(r"layers_(\d+)")
 
 
-def fitting_sharding(shape: Sequence[int], names: Sequence[str | None], mesh, rules) -> NamedSharding:
+def fitting_sharding(shape: Sequence[int], names: Sequence[str | None], partitioner) -> jax.sharding.Sharding:
   """The rule table's sharding of logical `names`, replicated along each dimension it does not divide."""
+  rules = partitioner.table.rules
   spec = tuple(nn.logical_to_mesh_axes(tuple(names), rules))
   spec += (None,) * (len(shape) - len(spec))
+  names = tuple(names) + (None,) * (len(shape) - len(names))
   fitted = []
-  for size, entry in zip(shape, spec):
+  for size, entry, name in zip(shape, spec, names):
     axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    count = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    fitted.append(entry if size % count == 0 else None)
-  return NamedSharding(mesh, PartitionSpec(*fitted))
+    count = int(np.prod([partitioner.mesh_shape[a] for a in axes])) if axes else 1
+    fitted.append(name if size % count == 0 else None)
+  return partitioner.sharding(fitted)
 
 
 def head_map(saved: HeadLayout, target: HeadLayout, kind: str) -> tuple[np.ndarray, np.ndarray]:

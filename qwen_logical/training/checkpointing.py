@@ -223,11 +223,10 @@ def _abstract(state_dict):
 def _restore_converted(manager, step, meta, saved_tree, flat_target, partitioner, where) -> dict[str, jax.Array]:
   """The saved arrays in shardings that fit them on this mesh, converted to this run's layout."""
   axes = meta["axes"]
-  mesh, rules = partitioner.mesh, partitioner.table.rules
 
   def fitting(path, m):
     shape, names = tuple(m.shape), axes.get("/".join(path_keys(path)))
-    sharding = checkpoint_layout.fitting_sharding(shape, names or (None,) * len(shape), mesh, rules)
+    sharding = checkpoint_layout.fitting_sharding(shape, names or (None,) * len(shape), partitioner)
     return jax.ShapeDtypeStruct(shape, m.dtype, sharding=sharding)
 
   abstract = jax.tree_util.tree_map_with_path(fitting, saved_tree)

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_logical.common.host import is_main_process
 from qwen_logical.common.progress import Progress
+from qwen_logical.sharding import programs
+from qwen_logical.sharding.mesh import every_device
 from qwen_logical.training.batching import Dataset
 from qwen_logical.training.step import StepFns
 
@@ -46,10 +47,12 @@ def agree_max(value: int) -> int:
 
 def measure_peak_flops(mesh, size: int = 512, repeats: int = 3) -> float:
   """The FLOP/s of a float32 [size, size] x [size, size] product on every device of `mesh` at once."""
-  devices = mesh.devices.size
-  sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
-  x = jax.device_put(jnp.ones((devices, size, size), jnp.float32), sharding)
-  product = jax.jit(lambda a: jnp.einsum("bij,bjk->bik", a, a), out_shardings=sharding)
+  devices, spec = mesh.devices.size, every_device(mesh)
+  ones = programs.build_on_mesh(mesh, lambda: jnp.ones((devices, size, size), jnp.float32), out_spec=spec,
+                                name="peak_flops_operand")
+  product = programs.build_on_mesh(mesh, lambda a: jnp.einsum("bij,bjk->bik", a, a), out_spec=spec,
+                                   name="peak_flops")
+  x = ones()
   jax.block_until_ready(product(x))
   start = time.perf_counter()
   for _ in range(repeats):

@@ -38,7 +38,7 @@ from absl import logging
 from qwen_logical.common.errors import QwenLogicalError
 from qwen_logical.model import axes as ax
 from qwen_logical.model import quantization as quant
-from qwen_logical.sharding import validation
+from qwen_logical.sharding import programs, validation
 from qwen_logical.sharding.init import param_values
 from qwen_logical.sharding.tree_paths import path_keys
 
@@ -129,8 +129,8 @@ def init_adapters(partitioner, table: Mapping[tuple[str, ...], tuple], seed: int
                                std=b_std if is_b else (3 * fan_in) ** -0.5, dtype=jnp.float32)
     return _nest(out)
 
-  shardings = _nest({path: partitioner.sharding(names) for path, (_, names) in table.items()})
-  return jax.jit(make, out_shardings=shardings)(np.uint32(seed % 2**32))
+  axes = _nest({path: names for path, (_, names) in table.items()})
+  return partitioner.program(make, out_axes=axes, name="lora_init")(np.uint32(seed % 2**32))
 
 
 def _delta(a: jax.Array, b: jax.Array, kernel_name: str) -> jax.Array:
@@ -176,15 +176,10 @@ def combine(trainable: Params, frozen: Mapping[str, Any], kernel_axes: Params | 
   return out
 
 
-@jax.jit
-def _merged(trainable, frozen):
-  return combine(trainable, frozen)
-
-
-def merge(trainable: Params, frozen: Mapping[str, Any]) -> Params:
+def merge(partitioner, trainable: Params, frozen: Mapping[str, Any]) -> Params:
   """The fine-tuned params for export (`checkpoints.export.export_checkpoint` with the base's
-  partitioner): the base's structure, adapted kernels float32 with the adapters merged in."""
-  return _merged(trainable, frozen)
+  `partitioner`): the base's structure, adapted kernels float32 with the adapters merged in."""
+  return partitioner.program(combine, out_axes=programs.PARAMS, name="lora_merge")(trainable, frozen)
 
 
 def check_adapters(partitioner, table: Mapping[tuple[str, ...], tuple]) -> None:
@@ -211,8 +206,9 @@ def setup(partitioner, params: Params, train_cfg):
   trainable = init_adapters(partitioner, table, int(getattr(train_cfg, "seed", 0) or 0))
   replicated = partitioner.sharding(())
   frozen = {"base": params, "lora_scale": jax.device_put(np.float32(alpha / rank), replicated)}
-  axes = _nest({p: jax.sharding.PartitionSpec(*names) for p, (_, names) in table.items()})
-  shapes = _nest({p: jax.ShapeDtypeStruct(shape, jnp.float32) for p, (shape, _) in table.items()})
+  boxed = _nest({p: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, jnp.float32), names)
+                 for p, (shape, names) in table.items()})
+  axes, shapes = nn.get_partition_spec(boxed), nn.meta.unbox(boxed)  # as the partitioner's own
   count = sum(math.prod(shape) for shape, _ in table.values())
   logging.info("LoRA rank %d, alpha %g on %s: %d adapters, %.2f M trainable parameters", rank, alpha,
                ",".join(k.split("_")[0] for k in kernels), len(table), count / 1e6)

@@ -2,6 +2,7 @@
 
     state = init_state(partitioner, optimizer, params)        # step 0, sharded like the table says
     shardings = state_shardings(partitioner, optimizer)        # TrainState of NamedSharding
+    axes = state_axes(partitioner, optimizer)                  # TrainState of logical names
     target = abstract_state(partitioner, optimizer)            # ShapeDtypeStructs with shardings (restore)
 
 Frozen parameters are not part of the state: the train step takes them apart (LoRA's base).
@@ -12,13 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from qwen_logical.common.errors import QwenLogicalError
+from qwen_logical.sharding import programs
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.tree_paths import path_keys, path_str
 
@@ -51,24 +52,21 @@ def _trainable(partitioner: Partitioner, trainable_axes, trainable_shapes):
   return trainable_axes, trainable_shapes
 
 
-def state_shardings(partitioner: Partitioner, optimizer: optax.GradientTransformation, trainable_axes=None,
-                    *, trainable_shapes=None) -> TrainState:
-  """A TrainState of NamedSharding: the trainable tree by its logical axes under the table, each
-  optimizer-state leaf whose tree path ends with a trainable leaf's path (Adam's mu and nu, ...)
-  like that leaf, scalars replicated. Any other array in the optimizer state is an error (it would
-  otherwise be replicated without anyone asking for it)."""
+def state_axes(partitioner: Partitioner, optimizer: optax.GradientTransformation, trainable_axes=None,
+               *, trainable_shapes=None) -> TrainState:
+  """A TrainState of logical names: the trainable tree's own, each optimizer-state leaf whose tree
+  path ends with a trainable leaf's path (Adam's mu and nu, ...) that leaf's, scalars replicated.
+  Any other array in the optimizer state is an error (it would otherwise be replicated without
+  anyone asking for it). Scalar leaves are `programs.REPLICATED`, so map over the state's arrays
+  (a tree of the state's structure first), not over these names alone."""
   axes, shapes = _trainable(partitioner, trainable_axes, trainable_shapes)
-  mesh, rules = partitioner.mesh, partitioner.table.rules
-  param_shardings = nn.logical_to_mesh_sharding(axes, mesh, rules)
-  by_path = {path_keys(p): (s, shape) for (p, s), shape in zip(
-      jax.tree_util.tree_leaves_with_path(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)),
-      jax.tree_util.tree_leaves(shapes))}
-  replicated = NamedSharding(mesh, PartitionSpec())
+  by_path = {path_keys(p): (names, shape) for (p, names), shape in zip(
+      jax.tree_util.tree_leaves_with_path(axes, is_leaf=_is_spec), jax.tree_util.tree_leaves(shapes))}
   opt_shapes = jax.eval_shape(optimizer.init, shapes)
 
   def place(path, leaf):
     if leaf.ndim == 0:
-      return replicated
+      return programs.REPLICATED
     keys = path_keys(path)
     for start in range(len(keys)):
       hit = by_path.get(keys[start:])
@@ -78,17 +76,30 @@ def state_shardings(partitioner: Partitioner, optimizer: optax.GradientTransform
                         "parameter, so its sharding is unknown; use an optimizer whose state mirrors the "
                         "parameters (optax adamw, sgd, ...).")
 
-  opt_shardings = jax.tree_util.tree_map_with_path(place, opt_shapes)
-  return TrainState(step=replicated, trainable=param_shardings, opt_state=opt_shardings)
+  opt_axes = jax.tree_util.tree_map_with_path(place, opt_shapes)
+  return TrainState(step=programs.REPLICATED, trainable=axes, opt_state=opt_axes)
+
+
+def _structs(partitioner: Partitioner, optimizer: optax.GradientTransformation, trainable_axes,
+             trainable_shapes) -> TrainState:
+  _, shapes = _trainable(partitioner, trainable_axes, trainable_shapes)
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=shapes,
+                    opt_state=jax.eval_shape(optimizer.init, shapes))
+
+
+def state_shardings(partitioner: Partitioner, optimizer: optax.GradientTransformation, trainable_axes=None,
+                    *, trainable_shapes=None) -> TrainState:
+  """A TrainState of NamedSharding: `state_axes` under the partitioner's rule table."""
+  axes = state_axes(partitioner, optimizer, trainable_axes, trainable_shapes=trainable_shapes)
+  structs = _structs(partitioner, optimizer, trainable_axes, trainable_shapes)
+  return jax.tree_util.tree_map(lambda _, names: partitioner.sharding(tuple(names)), structs, axes)
 
 
 def abstract_state(partitioner: Partitioner, optimizer: optax.GradientTransformation, trainable_axes=None,
                    *, trainable_shapes=None) -> TrainState:
   """The state as jax.ShapeDtypeStruct leaves with their shardings (a restore target)."""
-  _, shapes = _trainable(partitioner, trainable_axes, trainable_shapes)
   shardings = state_shardings(partitioner, optimizer, trainable_axes, trainable_shapes=trainable_shapes)
-  structs = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=shapes,
-                       opt_state=jax.eval_shape(optimizer.init, shapes))
+  structs = _structs(partitioner, optimizer, trainable_axes, trainable_shapes)
   return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                 structs, shardings)
 
@@ -98,9 +109,10 @@ def init_state(partitioner: Partitioner, optimizer: optax.GradientTransformation
   """Step 0: optimizer.init(trainable), made in place by state_shardings (nothing full-size on one device)."""
   shapes = None if trainable_axes is None else jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-  shardings = state_shardings(partitioner, optimizer, trainable_axes, trainable_shapes=shapes)
+  axes = state_axes(partitioner, optimizer, trainable_axes, trainable_shapes=shapes)
 
   def init(trainable):
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=optimizer.init(trainable))
 
-  return jax.jit(init, in_shardings=(shardings.trainable,), out_shardings=shardings)(trainable)
+  program = partitioner.program(init, in_axes=(axes.trainable,), out_axes=axes, name="init_state")
+  return program(trainable)

@@ -1,4 +1,4 @@
-"""The jitted train and eval steps, bound to one Partitioner (mesh and rule table).
+"""The compiled train and eval steps, bound to one Partitioner (mesh and rule table).
 
     fns = make_train_step(partitioner, optimizer, grad_accum=2, clip_norm=1.0)
     state, metrics = fns.train_step(state, None, batch)     # state donated
@@ -20,17 +20,17 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_logical.model import axes as ax
 from qwen_logical.model.layers import constrain
 from qwen_logical.model.model import Qwen2ForCausalLM
+from qwen_logical.sharding import programs
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.training.heads import canonical_norm, tie_gradients
 from qwen_logical.training.loss import masked_cross_entropy
 from qwen_logical.training.placement import (BATCH_KEYS, Batch, check_batch_size, check_rows,  # noqa: F401 (re-exported)
                                              data_shard, place_batch)
-from qwen_logical.training.state import TrainState, state_shardings
+from qwen_logical.training.state import TrainState, state_axes, state_shardings
 
 
 class StepFns(NamedTuple):
@@ -66,7 +66,7 @@ def _combine_whole(trainable, frozen):
 
 @dataclasses.dataclass(frozen=True)
 class _Program:
-  """The traced bodies of the steps (called inside jit, under the partitioner's rules)."""
+  """The traced bodies of the steps (programs of the partitioner: its rules bound inside)."""
 
   partitioner: Partitioner
   model: Qwen2ForCausalLM
@@ -131,19 +131,12 @@ class _Program:
     loss_sum, count = self.loss_sums(trainable, frozen, batch)
     return {"loss": loss_sum / jnp.maximum(count, 1.0), "loss_sum": loss_sum, "tokens": count.astype(jnp.int32)}
 
-  def bound(self, method):
-    """`method` with the rule table and abstract mesh entered inside the trace."""
-    def run(*args):
-      with self.partitioner.bound():
-        return method(*args)
-    return run
-
 
 def make_train_step(partitioner: Partitioner, optimizer: optax.GradientTransformation, *,
                     combine: Callable[[Any, Any], Any] | None = None, remat: str | None = None,
                     grad_accum: int = 1, clip_norm: float | None = None, trainable_axes=None,
                     trainable_shapes=None) -> StepFns:
-  """The jitted steps for `partitioner`'s model; see the module docstring and the arguments:
+  """The compiled steps for `partitioner`'s model; see the module docstring and the arguments:
 
   combine(trainable, frozen) -> the model's params (default: trainable is the whole tree).
   remat: None keeps partitioner.config.remat; "none" | "full" | "dots" overrides it.
@@ -152,18 +145,19 @@ def make_train_step(partitioner: Partitioner, optimizer: optax.GradientTransform
     is not the model's param tree (LoRA); default the partitioner's.
   """
   axes = partitioner.logical_specs if trainable_axes is None else trainable_axes
-  program = _Program(partitioner, _model(partitioner, remat), optimizer, combine or _combine_whole, axes,
-                     grad_accum, clip_norm)
+  body = _Program(partitioner, _model(partitioner, remat), optimizer, combine or _combine_whole, axes,
+                  grad_accum, clip_norm)
   shardings = state_shardings(partitioner, optimizer, trainable_axes, trainable_shapes=trainable_shapes)
-  replicated = NamedSharding(partitioner.mesh, PartitionSpec())
-  train_jit = jax.jit(program.bound(program.train), donate_argnums=(0,), out_shardings=(shardings, replicated))
-  eval_jit = jax.jit(program.bound(program.evaluate), out_shardings=replicated)
-  grads_jit = jax.jit(program.bound(program.gradients), out_shardings=(replicated, shardings.trainable))
+  state = state_axes(partitioner, optimizer, trainable_axes, trainable_shapes=trainable_shapes)
+  rep = programs.REPLICATED
+  train = partitioner.program(body.train, out_axes=(state, rep), donate=(0,), name="train_step")
+  evaluate = partitioner.program(body.evaluate, out_axes=rep, name="eval_step")
+  gradients = partitioner.program(body.gradients, out_axes=(rep, state.trainable), name="gradients")
 
-  def placed(jitted, accum):
+  def placed(program, accum):
     def call(first, frozen, batch: Batch):
       check_rows(partitioner, batch, accum)
-      return jitted(first, frozen, place_batch(partitioner, batch))
+      return program(first, frozen, place_batch(partitioner, batch))
     return call
 
-  return StepFns(placed(train_jit, grad_accum), placed(eval_jit, 1), shardings, placed(grads_jit, grad_accum))
+  return StepFns(placed(train, grad_accum), placed(evaluate, 1), shardings, placed(gradients, grad_accum))
