@@ -49,9 +49,11 @@ def device_label(platform: str, devices) -> str:
 
 
 def _header(axis: dict, index: int) -> str:
-  """'heads 0:2\\nq 0-1': the block's span along each of the axis's dims, then its head marks."""
+  """'0:2\\nq 0-1': the block's span along the axis's dim (each span named where the axis folds several
+  dims together; the corner names a single one), then its head marks."""
   spans = axis["spans"][index]
-  text = " ".join(f"{name} {a}:{b}" for name, (a, b) in zip(axis["names"], spans))
+  named = len(spans) > 1
+  text = " ".join(f"{name} {a}:{b}" if named else f"{a}:{b}" for name, (a, b) in zip(axis["names"], spans))
   mark = axis["marks"][index]
   return text + ("\n" + mark if mark else "")
 
