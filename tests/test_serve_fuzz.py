@@ -33,7 +33,8 @@ def served(tmp_path_factory):
   engine = Engine(part, params, slots=2, context=CONTEXT, queue_size=4)
   engine.start()
   try:
-    yield create_app(engine, ServedModel("tiny", ql.Tokenizer.from_directory(directory), CONTEXT, cfg.vocab_size)), engine
+    served = ServedModel("tiny", ql.Tokenizer.from_directory(directory), CONTEXT, cfg.vocab_size)
+    yield create_app(engine, served), engine
   finally:
     engine.stop(5)
 
