@@ -67,3 +67,13 @@ def real_looking_model(seed=0):
         scale = next((s for part, s in SCALES.items() if part in name), OTHER_SCALE)
         p.copy_(scale * torch.randn(p.shape, generator=generator))
   return model
+
+
+def varied_text_model(seed=0):
+  """real_looking_model with an untied head at the scale of a real one (logit std ~10, maxima ~30): its
+  greedy text varies, where the tied one's repeats the last token."""
+  model = real_looking_model(seed=seed)
+  model.config.tie_word_embeddings = False
+  head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed + 1))
+  model.lm_head.weight = torch.nn.Parameter(head)
+  return model

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import compile_events, free_port, mesh_of
-from hf_reference import hf_tensors, model_config, real_looking_model
+from hf_reference import hf_tensors, model_config, varied_text_model
 from qwen_logical.checkpoints.hf_names import flax_from_hf
 from qwen_logical.inference.generate import generate
 from qwen_logical.inference.sampling import SamplingParams
@@ -32,13 +32,7 @@ SLOTS, CONTEXT, REQUESTS, MODEL_SEED = worker.SLOTS, worker.CONTEXT, worker.REQU
 
 @functools.lru_cache(maxsize=None)
 def hf_model():
-  """real_looking_model with an untied head at the scale of a real one (logit std ~10, maxima ~30): its
-  greedy text varies, where the tied one's repeats the last token."""
-  model = real_looking_model(seed=MODEL_SEED)
-  model.config.tie_word_embeddings = False
-  head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(MODEL_SEED + 1))
-  model.lm_head.weight = torch.nn.Parameter(head)
-  return model
+  return varied_text_model(seed=MODEL_SEED)
 
 
 @functools.lru_cache(maxsize=None)
