@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
@@ -12,6 +11,7 @@ from qwen_logical.jobs.verify_verdict import Tolerances
 from qwen_logical.sharding.collectives import KINDS
 from qwen_logical.sharding.partitioner import Partitioner, path_str
 from qwen_logical.sharding.report import compact_paths, device_picture
+from qwen_logical.sharding.tree_paths import layer_index, layer_kind_path
 
 _SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
           "collective-permute": "CP"}
@@ -21,7 +21,7 @@ LEGEND = ("collectives per forward: AR all-reduce, AG all-gather, RS reduce-scat
 
 def _key_param(path: str) -> str:
   """'layers_0/mlp/down_kernel' -> 'layers/mlp/down_kernel' (unrolled layers: the first stands for all)."""
-  return re.sub(r"^layers_0/", "layers/", path)
+  return layer_kind_path(path) if layer_index(path) == 0 else path
 
 
 def pictures(partitioner: Partitioner, key_params: tuple[str, ...]) -> list[str]:

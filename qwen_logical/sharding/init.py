@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import zlib
 from typing import Any, Callable
 
@@ -38,7 +37,7 @@ from qwen_logical.common.progress import Progress
 from qwen_logical.model import axes as ax
 from qwen_logical.model import quantization as quant
 from qwen_logical.model.head_layout import KV, PADDING, QUERY, HeadLayout
-from qwen_logical.sharding.tree_paths import path_str
+from qwen_logical.sharding.tree_paths import layer_index, layer_kind_path, path_str
 
 _GOLDEN = np.uint32(0x9E3779B9)
 
@@ -54,16 +53,6 @@ def _uniform_std(bits: jax.Array, std: float) -> jax.Array:
   """uint32 -> float32 uniform on [-sqrt(3) std, sqrt(3) std): mean 0, standard deviation `std`."""
   unit = (bits >> 8).astype(jnp.float32) * (1.0 / 2**24) - 0.5
   return unit * np.float32(std * math.sqrt(12.0))
-
-
-def canonical_key(path: str) -> str:
-  """'layers_3/mlp/up_kernel' and 'layers/mlp/up_kernel' -> 'layers/mlp/up_kernel'."""
-  return re.sub(r"^layers_\d+/", "layers/", path)
-
-
-def _layer_of(path: str) -> int | None:
-  match = re.match(r"^layers_(\d+)/", path)
-  return int(match[1]) if match else None
 
 
 def _index(shape: tuple[int, ...], dim: int, table: np.ndarray | None) -> jax.Array:
@@ -138,7 +127,7 @@ def init_programs(partitioner) -> dict[str, Callable]:
   made_with_kernel = {quant.scale_name(name) for name in int8}
   programs: dict[str, Callable] = {}
   for name, (shape, names) in table.items():
-    key = canonical_key(name)
+    key = layer_kind_path(name)
     if key in programs or name in made_with_kernel:
       continue
     fn = functools.partial(param_values, shape=tuple(shape.shape), logical=names, layout=layout,
@@ -164,10 +153,10 @@ def init_params(partitioner, seed: int = 0, progress: bool = True) -> Any:
   seed_arr = np.uint32(seed % 2**32)
   out: dict[str, jax.Array] = {}
   for name in table:
-    program = programs.get(canonical_key(name))
+    program = programs.get(layer_kind_path(name))
     if program is None:  # an int8 kernel's scale: made with its kernel
       continue
-    values = jax.block_until_ready(program(seed_arr, np.int32(_layer_of(name) or 0)))
+    values = jax.block_until_ready(program(seed_arr, np.int32(layer_index(name) or 0)))
     made = dict(zip((name, quant.scale_name(name)), values)) if isinstance(values, tuple) else {name: values}
     out.update(made)
     bar.update(len(made), sum(nbytes[n] for n in made))

@@ -16,7 +16,6 @@ table's split where it divides, else replicated along that dimension) and conver
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, Sequence
 
 import flax.linen as nn
@@ -26,9 +25,9 @@ import numpy as np
 
 from qwen_logical.model import axes as ax
 from qwen_logical.model.head_layout import KV, PADDING, QUERY, HeadLayout
+from qwen_logical.sharding import tree_paths
 
 _KINDS = {ax.HEADS: QUERY, ax.KV_HEADS: KV}
-_LAYER = re.compile(r"layers_(\d+)")
 
 
 def fitting_sharding(shape: Sequence[int], names: Sequence[str | None], partitioner) -> jax.sharding.Sharding:
@@ -69,31 +68,19 @@ def relayout_heads(x: jax.Array, names: Sequence[str | None], saved: HeadLayout,
   return x
 
 
-def _layer_parts(path: str) -> tuple[list[str], int | None, int | None]:
-  """(components, position of the layer component or None, its layer index or None for a stack)."""
-  parts = path.split("/")
-  for k, part in enumerate(parts):
-    match = _LAYER.fullmatch(part)
-    if match:
-      return parts, k, int(match[1])
-    if part == ax.LAYERS:
-      return parts, k, None
-  return parts, None, None
-
-
 def _saved_source(path: str, saved: Mapping[str, jax.Array], num_layers: int):
   """(the saved arrays that make target `path` as [(saved path, slice index or None)], whether they
   are stacked): one per layer for a target stack of saved `layers_<i>` leaves, else one. None if the
   checkpoint has no such array."""
   if path in saved:
     return [(path, None)], False
-  parts, k, layer = _layer_parts(path)
-  if k is None:
+  position, layer = tree_paths.layer_position(path)
+  if position is None:
     return None
   if layer is not None:  # a target layers_<i> leaf from a saved stack
-    stacked = "/".join(parts[:k] + [ax.LAYERS] + parts[k + 1:])
+    stacked = tree_paths.with_layer(path, tree_paths.STACK)
     return ([(stacked, layer)], False) if stacked in saved else None
-  pieces = ["/".join(parts[:k] + [f"layers_{i}"] + parts[k + 1:]) for i in range(num_layers)]
+  pieces = [tree_paths.with_layer(path, tree_paths.layer_key(i)) for i in range(num_layers)]
   return ([(p, None) for p in pieces], True) if all(p in saved for p in pieces) else None
 
 

@@ -40,7 +40,7 @@ from qwen_logical.model import axes as ax
 from qwen_logical.model import quantization as quant
 from qwen_logical.sharding import programs, validation
 from qwen_logical.sharding.init import param_values
-from qwen_logical.sharding.tree_paths import path_keys
+from qwen_logical.sharding.tree_paths import layer_index, layer_kind_path, path_keys
 
 TARGETS = {"q": "q_kernel", "k": "k_kernel", "v": "v_kernel", "o": "o_kernel",
            "gate": "gate_kernel", "up": "up_kernel", "down": "down_kernel"}
@@ -105,10 +105,6 @@ def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
   return tree
 
 
-def _layer_of(path: tuple[str, ...]) -> int:
-  return next((int(k.split("_")[1]) for k in path if k.startswith("layers_")), 0)
-
-
 def init_adapters(partitioner, table: Mapping[tuple[str, ...], tuple], seed: int,
                   b_std: float | None = None) -> Params:
   """The adapters, made in their shards by one program: A from the init's counter hash of (seed,
@@ -123,8 +119,8 @@ def init_adapters(partitioner, table: Mapping[tuple[str, ...], tuple], seed: int
         out[path] = jnp.zeros(shape, jnp.float32)
         continue
       fan_in = math.prod(shape[names.index(ax.LORA_RANK) + 1:])
-      key = zlib.crc32("/".join(("layers",) + path[1:] if path[0].startswith("layers_") else path).encode())
-      out[path] = param_values(seed, jnp.int32(_layer_of(path)), shape=shape, logical=names,
+      key = zlib.crc32(layer_kind_path(path).encode())
+      out[path] = param_values(seed, jnp.int32(layer_index(path) or 0), shape=shape, logical=names,
                                layout=partitioner.layout, key=key,
                                std=b_std if is_b else (3 * fan_in) ** -0.5, dtype=jnp.float32)
     return _nest(out)
