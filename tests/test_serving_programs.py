@@ -82,7 +82,7 @@ def test_requests_take_the_lowest_rows_and_dispatches_run_the_rows_they_need(ser
   highest running row; the sampler kind GREEDY when no running row samples, SAMPLE / FILTERED when
   one does; a request alone runs ceil((max_new_tokens - 1) / K) dispatches."""
   engine = served[0]
-  assert engine.decode_sizes() == [1, 2, 4] and [engine.decode_rows(c) for c in (1, 2, 3, 4)] == [1, 2, 4, 4]
+  assert engine.shapes.decode_sizes() == [1, 2, 4] and [engine.shapes.decode_rows(c) for c in (1, 2, 3, 4)] == [1, 2, 4, 4]
   rows = Rows(SLOTS)
   greedy, sampled, filtered = (REQUESTS[i] for i in (0, 2, 3))
   assert (greedy.sampling.kind, sampled.sampling.kind, filtered.sampling.kind) == ("greedy", "sample", "filtered")

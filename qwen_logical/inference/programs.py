@@ -40,7 +40,7 @@ from qwen_logical.model import axes as ax
 from qwen_logical.model.model import Mode
 from qwen_logical.sharding import distributed
 from qwen_logical.sharding.partitioner import Partitioner
-from qwen_logical.sharding.programs import PARAMS, REPLICATED
+from qwen_logical.sharding.programs import COUNTS, PARAMS, REPLICATED
 
 ROW = REPLICATED  # per-row host state is small: every device holds all of it
 
@@ -218,10 +218,13 @@ class CachePrograms:
 
   def warmup(self, builds) -> int:
     """Compiles the programs `builds` (callables) name, logging each; returns how many compiled now."""
-    before, start = self.compilations, time.perf_counter()
+    before, start, xla = self.compilations, time.perf_counter(), COUNTS.snapshot()
     for done, build in enumerate(builds, 1):  # a line per program: each can take many seconds
       build()
       logging.info("Programs ready: %d/%d, %.0f s", done, len(builds), time.perf_counter() - start)
+    compiled, loaded = (now - then for now, then in zip(COUNTS.snapshot(), xla))
+    logging.info("Warm-up: %d programs ready in %.1f s (XLA: %d compiled, %d loaded from the compilation "
+                 "cache)", len(builds), time.perf_counter() - start, compiled, loaded)
     return self.compilations - before
 
 

@@ -12,10 +12,8 @@ running slot by up to K tokens (`decode_steps`, stops checked on the device), ov
 (n: the decode size covering the highest running row): new requests join between dispatches.
 Each new token goes to the request's callback as a TokenEvent (from the engine thread); a stop
 id or max_new_tokens ends the request and frees its slot. Requests beyond the free slots wait in
-a queue of `queue_size` (QueueFullError beyond it). The programs are inference's
-(`inference.programs`, shared with `generate`), the host state in `scheduler`; nothing compiles
-once every bucket has been seen (or after `warmup`: the cache, one prefill per prompt bucket and
-one decode per row count).
+a queue of `queue_size` (QueueFullError beyond it). The programs are inference's (shared with
+`generate`), their shapes in `shapes`, the host state in `scheduler`; nothing compiles after `warmup`.
 
 Multi-process: process 0 builds the Engine and serves; every other process builds it the same
 way and calls `follow()`, which runs the calls process 0 sends (`protocol`) until it stops.
@@ -29,19 +27,16 @@ import time
 from typing import Callable
 
 from absl import logging
-import jax
 
 from qwen_logical.common.host import is_main_process
-from qwen_logical.serving.protocol import DECODE, DECODE_FIELDS, NOOP, PREFILL, PREFILL_FIELDS, RESET, STOP
-from qwen_logical.serving.protocol import Call, Channel
+from qwen_logical.inference.programs import CachePrograms, default_decode_steps
+from qwen_logical.serving.executor import execute
+from qwen_logical.serving.protocol import DECODE, NOOP, PREFILL, RESET, STOP, Call, Channel
 from qwen_logical.serving.requests import (EngineRequest, EngineStats, QueueFullError, ServingError, TokenEvent,
                                            check_request, check_settings)
-from qwen_logical.inference.batch_plan import prompt_bucket
-from qwen_logical.inference.programs import CachePrograms, RowState, default_decode_steps, local, row_count
-from qwen_logical.inference.sampling import kind_index
 from qwen_logical.serving.scheduler import Pending, Rows, plan_prefills
+from qwen_logical.serving.shapes import EngineShapes
 from qwen_logical.sharding import distributed
-from qwen_logical.sharding.programs import COUNTS
 from qwen_logical.sharding.partitioner import Params, Partitioner
 
 __all__ = ["Engine", "EngineRequest", "EngineStats", "QueueFullError", "ServingError", "TokenEvent"]
@@ -56,8 +51,6 @@ class Engine:
   it is alive (a dead peer is noticed within about that long).
   """
 
-  BUCKET_GROWTH = 4  # prompt buckets 16, 64, 256, 1024, then every 512: few programs to compile
-
   def __init__(self, partitioner: Partitioner, params: Params, slots: int = 8, context: int = 2048,
                queue_size: int = 64, *, decode_steps: int | None = None, log_every_s: float = 5.0,
                keepalive_s: float = 1.0):
@@ -65,9 +58,10 @@ class Engine:
     self.partitioner, self.params, self.context = partitioner, params, int(context)
     self.slots, self.queue_size = int(slots), int(queue_size)
     self.programs = CachePrograms(partitioner, self.slots, self.context, decode_steps or default_decode_steps())
-    self.prefill_rows = self.programs.batch_multiple  # one request per prefill where the mesh allows
+    self.shapes = EngineShapes(self.programs, self.slots, self.context)
     self.rows = Rows(self.slots)
-    self.channel = Channel(max(self.slots, self.prefill_rows), (self.prefill_rows, self.programs.length))
+    largest = self.shapes.prefill_rows
+    self.channel = Channel(max(self.slots, largest), (largest, self.programs.length))
     self.log_every_s, self.keepalive_s = log_every_s, keepalive_s
     self._cv = threading.Condition()
     self._queue: collections.deque[Pending] = collections.deque()
@@ -111,37 +105,10 @@ class Engine:
       self._cancels.add(rid)
       self._cv.notify_all()
 
-  def bucket(self, prompt_length: int) -> int:
-    """The prompt bucket P of a prompt (`batch_plan.prompt_bucket`), at most the cache's slots."""
-    return min(prompt_bucket(prompt_length, self.BUCKET_GROWTH), self.programs.length)
-
-  def buckets(self) -> list[int]:
-    """Every bucket a prompt of 1 .. context - 1 tokens can get."""
-    found, length = [], 1
-    while length < self.context:
-      found.append(self.bucket(length))
-      length = found[-1] + 1
-    return found
-
-  def decode_rows(self, count: int) -> int:
-    """Rows of the decode dispatch whose highest running row is count - 1."""
-    return row_count(count, self.programs.batch_multiple, self.slots)
-
-  def decode_sizes(self) -> list[int]:
-    return sorted({self.decode_rows(n) for n in range(1, self.slots + 1)})
-
   def warmup(self) -> int:
-    """Compiles every program the engine can need (the empty cache, a prefill per prompt bucket, a
-    decode per row count); returns how many were made now. Runs nothing."""
-    start, before = time.perf_counter(), COUNTS.snapshot()
-    builds = [self.programs.cache_program]
-    builds += [lambda p=p: self.programs.prefill(self.prefill_rows, p) for p in self.buckets()]
-    builds += [lambda n=n: self.programs.decode(n) for n in self.decode_sizes()]
-    count = self.programs.warmup(builds)
-    compiled, loaded = (now - then for now, then in zip(COUNTS.snapshot(), before))
-    logging.info("Engine warm-up: %d programs ready in %.1f s (XLA: %d compiled, %d loaded from the "
-                 "compilation cache)", count, time.perf_counter() - start, compiled, loaded)
-    return count
+    """Compiles every program the engine can need (`shapes.warmup_builds`); returns how many were
+    made now. Runs nothing."""
+    return self.programs.warmup(self.shapes.warmup_builds())
 
   def start(self) -> None:
     """Runs the scheduler in a background thread (process 0)."""
@@ -218,7 +185,7 @@ class Engine:
     if not waiting and not self.rows.active():
       self.channel.send(Call(NOOP))
       return True
-    for prefill in plan_prefills(waiting, self.rows.free(), self.bucket, self.prefill_rows):
+    for prefill in plan_prefills(waiting, self.rows.free(), self.shapes.bucket, self.shapes.prefill_rows):
       self._admit(prefill)
     if self.rows.active():
       self._decode()
@@ -242,7 +209,7 @@ class Engine:
       self._deliver(row, int(first[i]))
 
   def _decode(self) -> None:
-    n = self.decode_rows(self.rows.highest())
+    n = self.shapes.decode_rows(self.rows.highest())
     running = {row: self.rows.running[row] for row in self.rows.active()}
     result = self._call(Call(DECODE, self.rows.kind(), dict(vars(self.rows.state.head(n)))))
     if result is None:
@@ -274,20 +241,10 @@ class Engine:
       return None
 
   def _execute(self, call: Call):
-    a = call.arrays
-    kind = kind_index(call.kind)
-    if call.op == PREFILL:
-      self._cache, first = self.programs.run_prefill(self.params, self._cache, a["tokens"],
-                                                     *(a[n] for n in PREFILL_FIELDS), kind)
-      return local(first)
-    if call.op == DECODE:
-      state = RowState(**{n: a[n] for n in DECODE_FIELDS}, stops=a["stops"])
-      self._cache, state, tokens, produced = self.programs.run_decode(self.params, self._cache, state, kind)
-      return local(tokens), local(produced), jax.tree_util.tree_map(local, state)
     if call.op == RESET:
       self._cache = None  # the old buffers may have been donated to the failed call
-      self._cache = self.programs.new_cache()
-    return None
+    self._cache, result = execute(self.programs, self.params, self._cache, call)
+    return result
 
   # --- requests ---------------------------------------------------------------------------
   def _deliver(self, row: int, token: int) -> None:

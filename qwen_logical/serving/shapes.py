@@ -1,0 +1,52 @@
+"""The shapes the engine runs, chosen so that few programs ever compile: prompt buckets, prefill
+rows, decode row counts, and the list of programs a warm-up makes.
+
+* Prompt buckets grow x4 (16, 64, 256, 1024, then every 512; `batch_plan.prompt_bucket`), capped at
+  the cache's slots: a 2048-token context has 6.
+* A prefill inserts `prefill_rows` requests (the fewest rows the mesh splits: one request per call
+  on 1x1 and tensor-parallel meshes), so each bucket is one program.
+* A decode dispatch covers rows [0, n): n a power of two over the highest running row, a multiple
+  of what splits the rows, at most the slots (1, 2, 4, 8 for 8 slots).
+The default serving config (8 slots, context 2048) thus warms up 1 + 6 + 4 = 11 programs.
+"""
+
+from __future__ import annotations
+
+from qwen_logical.inference.batch_plan import prompt_bucket
+from qwen_logical.inference.programs import CachePrograms, row_count
+
+BUCKET_GROWTH = 4
+
+
+class EngineShapes:
+  """The shapes of an engine of `slots` rows and `context` tokens over `programs`."""
+
+  def __init__(self, programs: CachePrograms, slots: int, context: int):
+    self.programs, self.slots, self.context = programs, slots, context
+    self.prefill_rows = programs.batch_multiple
+
+  def bucket(self, prompt_length: int) -> int:
+    """The prompt bucket P of a prompt, at most the cache's slots."""
+    return min(prompt_bucket(prompt_length, BUCKET_GROWTH), self.programs.length)
+
+  def buckets(self) -> list[int]:
+    """Every bucket a prompt of 1 .. context - 1 tokens can get."""
+    found, length = [], 1
+    while length < self.context:
+      found.append(self.bucket(length))
+      length = found[-1] + 1
+    return found
+
+  def decode_rows(self, count: int) -> int:
+    """Rows of the decode dispatch whose highest running row is count - 1."""
+    return row_count(count, self.programs.batch_multiple, self.slots)
+
+  def decode_sizes(self) -> list[int]:
+    return sorted({self.decode_rows(n) for n in range(1, self.slots + 1)})
+
+  def warmup_builds(self) -> list:
+    """Callables that make every program the engine can need: the empty cache, a prefill per
+    bucket, a decode per row count."""
+    p = self.programs
+    return ([p.cache_program] + [lambda b=b: p.prefill(self.prefill_rows, b) for b in self.buckets()]
+            + [lambda n=n: p.decode(n) for n in self.decode_sizes()])
