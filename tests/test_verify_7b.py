@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import mesh_of
-from qwen_logical.jobs import memory_estimate, verify_large
+from qwen_logical.jobs import host_memory, verify_large
 from qwen_logical.jobs.build import JobError
 from qwen_logical.jobs.verify_large_plan import Combination, Plan, parse_combinations
 from qwen_logical.model.config import preset
@@ -128,13 +128,13 @@ def test_the_estimate_pieces_are_the_arrays_and_programs_they_name(eight_devices
   cfg = tiny_bf16().replace(quantization=quantization)
   partitioner = Partitioner(cfg, mesh_of("2x4"), get_table("tensor_parallel"))
   compiled = partitioner.lower_forward(BATCH, LENGTH).compile()
-  estimate = memory_estimate.estimate(partitioner, compiled, (BATCH, LENGTH, cfg.vocab_size))
-  assert 50 * 2**20 < estimate.overhead <= memory_estimate.peak_rss_bytes()
+  estimate = host_memory.estimate(partitioner, compiled, (BATCH, LENGTH, cfg.vocab_size))
+  assert 50 * 2**20 < estimate.overhead <= host_memory.peak_rss_bytes()
   params = partitioner.init(0, progress=False)
   held = sum(shard.data.nbytes for array in jax.tree_util.tree_leaves(params) for shard in array.addressable_shards)
   assert estimate.params == held >= 2 * storage_bytes(cfg)  # tensor_parallel on 2x4: two replicas, padded heads
   stats = compiled.memory_analysis()
-  workspace = memory_estimate.ynn_workspace_bytes(compiled.as_text())
+  workspace = host_memory.ynn_workspace_bytes(compiled.as_text())
   assert estimate.forward_temp == 8 * (stats.temp_size_in_bytes + workspace) > 0
   logits_bytes = BATCH * LENGTH * cfg.vocab_size * 4  # split over batch and vocab: one copy over the devices
   assert estimate.forward_output == logits_bytes == estimate.host_logits
@@ -144,8 +144,8 @@ def test_the_estimate_pieces_are_the_arrays_and_programs_they_name(eight_devices
     assert estimate.init_temp <= 8 * 64
   assert estimate.total == (estimate.overhead + held + max(estimate.forward_temp + logits_bytes, estimate.init_temp)
                             + logits_bytes)
-  assert memory_estimate.over_allowance(estimate, estimate.total, 0.5) == ""
-  assert memory_estimate.over_allowance(estimate, estimate.total - 1, 0.5).startswith("needs ")
+  assert host_memory.over_allowance(estimate, estimate.total, 0.5) == ""
+  assert host_memory.over_allowance(estimate, estimate.total - 1, 0.5).startswith("needs ")
 
 
 YNN_MODULE = """HloModule m
@@ -167,8 +167,8 @@ ENTRY %main (p: f32[4,8], w: bf16[8,16]) -> (f32[4], f32[4,16]) {
 
 def test_ynn_workspace_is_the_operands_of_the_largest_ynn_fusion():
   # XLA's own fusions (kLoop) are in memory_analysis(); only YNNPACK fusions' operands are added.
-  assert memory_estimate.ynn_workspace_bytes(YNN_MODULE) == max(100 * 8 * 4 + 4 * 8 * 4, 4 * 8 * 4 + 8 * 16 * 2)
-  assert memory_estimate.ynn_workspace_bytes(YNN_MODULE.replace("__ynn_fusion", "__other")) == 0
+  assert host_memory.ynn_workspace_bytes(YNN_MODULE) == max(100 * 8 * 4 + 4 * 8 * 4, 4 * 8 * 4 + 8 * 16 * 2)
+  assert host_memory.ynn_workspace_bytes(YNN_MODULE.replace("__ynn_fusion", "__other")) == 0
 
 
 def test_combinations_are_config_data():

@@ -17,7 +17,7 @@ the kernel measures its whole life (wait4's ru_maxrss). A run the kernel kills f
 its own process, and the job reports it. Each process costs a few seconds of JAX start-up.
 
 Before initialising, each process compiles its forward and estimates its host memory
-(memory_estimate.py); a run that would not fit --config.verify.host_memory_fraction of the
+(host_memory.py); a run that would not fit --config.verify.host_memory_fraction of the
 memory available when it starts is skipped with the figures.
 """
 
@@ -37,7 +37,7 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from qwen_logical.jobs import build, memory_estimate, verify_large_worker
+from qwen_logical.jobs import build, host_memory, verify_large_worker
 from qwen_logical.jobs.verify_large_plan import Combination, Plan
 from qwen_logical.jobs.verify_large_report import format_run, header, summary_table, tolerances_text
 from qwen_logical.jobs.verify_verdict import compare_logits
@@ -79,7 +79,7 @@ def _spawn(spec: dict[str, Any], spec_path: str, code_root: str) -> tuple[int, i
   process = subprocess.Popen([sys.executable, "-c", start, spec_path])
   _, status, usage = os.wait4(process.pid, 0)
   process.returncode = os.waitstatus_to_exitcode(status)
-  return process.returncode, memory_estimate.maxrss_bytes(usage.ru_maxrss)
+  return process.returncode, host_memory.maxrss_bytes(usage.ru_maxrss)
 
 
 class LargeSuite:
@@ -103,11 +103,11 @@ class LargeSuite:
     """One combination in its own process: its entry (status, estimate, peak, timings, logits path)."""
     paths = {kind: os.path.join(self.directory, f"{name}.{ext}")
              for kind, ext in (("logits", "npy"), ("result", "json"), ("spec", "spec.json"))}
-    allowance = memory_estimate.allowance_bytes(self.plan.host_memory_fraction) if allowance is None else allowance
+    allowance = host_memory.allowance_bytes(self.plan.host_memory_fraction) if allowance is None else allowance
     spec = verify_large_worker.spec_for(
         self.config, combination, tokens=self.tokens_path, logits=paths["logits"], result=paths["result"],
         allowance_bytes=allowance, host_memory_fraction=self.plan.host_memory_fraction)
-    logging.info("Starting %s (allowance %s)", combination.label, memory_estimate.size_text(allowance))
+    logging.info("Starting %s (allowance %s)", combination.label, host_memory.size_text(allowance))
     start = time.perf_counter()
     status, peak = _spawn(spec, paths["spec"], self.code_root)
     self.runs += 1

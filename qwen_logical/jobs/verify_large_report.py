@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen_logical.jobs.memory_estimate import size_text
+from qwen_logical.jobs.host_memory import size_text
 from qwen_logical.jobs.verify_large_plan import Plan
 from qwen_logical.jobs.verify_report import collectives_text
 from qwen_logical.jobs.verify_verdict import Tolerances

@@ -6,7 +6,7 @@ SPEC.json: {"config": the run config as a dict, "combination": {mesh, table, qua
 "result": .json to write}.
 
 The process simulates exactly the devices of its mesh, builds the Partitioner, compiles the
-forward, and estimates its host memory (memory_estimate.py) before any weight exists: a run
+forward, and estimates its host memory (host_memory.py) before any weight exists: a run
 that would not fit writes 'skipped' with the figures and ends. Otherwise it initialises the
 weights (the hash init: the same model on every mesh and table), runs the forward on the
 tokens and saves the float32 [B, L, V] logits for the parent to compare. The result JSON
@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, logging
 from ml_collections import ConfigDict
 
-from qwen_logical.jobs import build, memory_estimate
+from qwen_logical.jobs import build, host_memory
 from qwen_logical.jobs.devices import setup_devices
 from qwen_logical.jobs.verify_large_plan import Combination
 from qwen_logical.jobs.verify_suite import SKIPPABLE
@@ -80,17 +80,17 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
   result.update(head_plan=partitioner.layout.describe(), scan_layers=cfg.scan_layers)
   compiled, compile_s = _compile(partitioner, tokens.shape)
   start = time.perf_counter()
-  estimate = memory_estimate.estimate(partitioner, compiled, (*tokens.shape, cfg.vocab_size))
+  estimate = host_memory.estimate(partitioner, compiled, (*tokens.shape, cfg.vocab_size))
   timings = {"compile_s": compile_s, "estimate_s": time.perf_counter() - start}
   result.update(estimate=estimate.to_dict(), timings=timings)
   logging.info("%s: host memory estimate %s = %s", combination.label, estimate.describe(),
-               memory_estimate.size_text(estimate.total))
-  reason = memory_estimate.over_allowance(estimate, spec["allowance_bytes"], spec["host_memory_fraction"])
+               host_memory.size_text(estimate.total))
+  reason = host_memory.over_allowance(estimate, spec["allowance_bytes"], spec["host_memory_fraction"])
   if reason:
     logging.warning("%s skipped: %s", combination.label, reason)
     return {**result, "reason": reason}
   params, timings["weights_s"] = source.weights(partitioner, progress=False)
-  result["peak_after_init_bytes"] = memory_estimate.peak_rss_bytes()
+  result["peak_after_init_bytes"] = host_memory.peak_rss_bytes()
   logits, timings["run_s"] = _forward(partitioner, compiled, params, tokens)
   logging.info("Forward %s on %s: %.2f s", tokens.shape, partitioner.name, timings["run_s"])
   np.save(spec["logits"], logits)
@@ -111,8 +111,8 @@ def main(argv: list[str]) -> int:
   except Exception as e:  # reported as the combination's failure; the parent goes on with the next
     logging.error("%s crashed:\n%s", combination.label, traceback.format_exc())
     result, status = {"status": "fail", "failures": [f"crashed: {type(e).__name__}: {e}"]}, 1
-  result["peak_rss_bytes"] = memory_estimate.peak_rss_bytes()
-  result["package"] = os.path.dirname(os.path.dirname(os.path.abspath(memory_estimate.__file__)))
+  result["peak_rss_bytes"] = host_memory.peak_rss_bytes()
+  result["package"] = os.path.dirname(os.path.dirname(os.path.abspath(host_memory.__file__)))
   with open(spec["result"], "w") as f:
     json.dump(result, f, indent=1)
   return status
