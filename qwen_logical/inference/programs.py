@@ -23,8 +23,11 @@ serves every mix of settings. Programs compile on first use or in `warmup`; the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import os
+import threading
 import time
 
 from absl import logging
@@ -115,15 +118,21 @@ class CachePrograms:
     kv_cache.check_cache(partitioner, rows, self.length)
     self.cache_axes = kv_cache.cache_logical_axes(partitioner.config)
     self._programs: dict[tuple, object] = {}
+    self._lock = threading.Lock()
     self.compilations = 0  # programs compiled (or loaded from the persistent cache) by this object
     self.dispatches = 0  # decode dispatches run
 
   # --- programs ----------------------------------------------------------------------------
   def _get(self, key: tuple, make, specs):
-    if key not in self._programs:
-      self._programs[key] = make().compile(*specs)
-      self.compilations += 1
-    return self._programs[key]
+    program = self._programs.get(key)
+    if program is None:
+      program = make().compile(*specs)  # outside the lock: warm-up compiles several at once
+      with self._lock:
+        if key not in self._programs:
+          self._programs[key] = program
+          self.compilations += 1
+        program = self._programs[key]
+    return program
 
   def cache_program(self):
     return self._get(("cache",), self._cache_program, ())
@@ -216,12 +225,16 @@ class CachePrograms:
     """A host array replicated on the mesh (every process passes the same values)."""
     return distributed.global_array(np.asarray(array), self.partitioner.sharding(REPLICATED))
 
-  def warmup(self, builds) -> int:
-    """Compiles the programs `builds` (callables) name, logging each; returns how many compiled now."""
+  def warmup(self, builds, threads: int | None = None) -> int:
+    """Makes the programs `builds` (callables) name, `threads` at a time (default: the host's
+    cores; tracing holds Python's lock, XLA's compilation does not, so one program's compilation
+    overlaps the next one's tracing), logging each; returns how many were made now."""
     before, start, xla = self.compilations, time.perf_counter(), COUNTS.snapshot()
-    for done, build in enumerate(builds, 1):  # a line per program: each can take many seconds
-      build()
-      logging.info("Programs ready: %d/%d, %.0f s", done, len(builds), time.perf_counter() - start)
+    with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+      futures = [pool.submit(build) for build in builds]
+      for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+        future.result()  # a line per program: each can take seconds
+        logging.info("Programs ready: %d/%d, %.0f s", done, len(builds), time.perf_counter() - start)
     compiled, loaded = (now - then for now, then in zip(COUNTS.snapshot(), xla))
     logging.info("Warm-up: %d programs ready in %.1f s (XLA: %d compiled, %d loaded from the compilation "
                  "cache)", len(builds), time.perf_counter() - start, compiled, loaded)

@@ -64,6 +64,13 @@ class Partitioner:
   def name(self) -> str:
     return f"{mesh_name(self.mesh)} {self.table.name}"
 
+  @property
+  def fingerprint(self) -> str:
+    """Everything besides a program's own code and arguments that shapes what it compiles to."""
+    devices = [(d.platform, d.id, d.process_index) for d in self.mesh.devices.flat]
+    return "|".join(map(repr, (self.config, self.layout, self.table.rules, self.mesh.axis_names,
+                               self.mesh.devices.shape, devices)))
+
   # --- validation -------------------------------------------------------------
   def _check_params(self) -> None:
     problems = []

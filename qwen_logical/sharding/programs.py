@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from qwen_logical.sharding.program_store import ProgramStore
+
 REPLICATED: tuple = ()  # a replicated array (scalars, per-row host state)
 PARAMS = "<the parameter tree's logical names>"  # Partitioner.program puts its logical_specs here
 
@@ -80,13 +82,21 @@ def _cache_enabled() -> bool:
   return bool(jax.config.jax_compilation_cache_dir)
 
 
+_STORE: ProgramStore | None = None  # compiled programs on disk (`program_store`), when the cache is on
+
+
 def enable_compilation_cache(directory: str) -> bool:
-  """Turns JAX's persistent compilation cache on in `directory` ("" leaves it off): a later run on
-  this machine loads its programs instead of compiling them. Returns whether it is on."""
+  """Turns the compilation caches on in `directory` ("" leaves them off): JAX's persistent cache
+  (XLA executables by their HLO) and, for a single process, the program store (executables by
+  what shapes them: no tracing on a hit). A later run on this machine loads its programs instead
+  of compiling them. Returns whether they are on."""
+  global _STORE
   if not directory:
     return False
   directory = os.path.expanduser(directory)
   os.makedirs(directory, exist_ok=True)
+  if jax.process_count() == 1:
+    _STORE = ProgramStore(os.path.join(directory, "programs"))
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # small programs count too
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -96,9 +106,10 @@ def enable_compilation_cache(directory: str) -> bool:
 class Program:
   """One function compiled for one mesh and rule table: call it like the function."""
 
-  def __init__(self, name: str, jitted):
+  def __init__(self, name: str, jitted, owner: str = ""):
     self.name = name
     self._jitted = jitted
+    self._owner = owner  # what shapes the program besides its arguments (`program_store`)
 
   def __call__(self, *args):
     return self._jitted(*args)
@@ -108,8 +119,19 @@ class Program:
     return self._jitted.lower(*args)
 
   def compile(self, *args):
-    """Compiled for these (abstract) arguments; call the result with concrete ones."""
-    return self._jitted.lower(*args).compile()
+    """Compiled for these (abstract) arguments; call the result with concrete ones. With the
+    compilation cache on, a program compiled before on this machine is loaded instead."""
+    store = _STORE if self._owner else None
+    key = store.key(self._owner, self.name, args) if store else None
+    compiled = store.load(key) if store else None
+    if compiled is not None:
+      with _LOCK:
+        COUNTS.loaded += 1
+      return compiled
+    compiled = self._jitted.lower(*args).compile()
+    if store:
+      store.save(key, compiled)
+    return compiled
 
 
 def build(partitioner, fn: Callable, *, in_axes: Sequence | None = None, out_axes=None,
@@ -130,7 +152,7 @@ def build(partitioner, fn: Callable, *, in_axes: Sequence | None = None, out_axe
   if out_axes is not None:
     kwargs["out_shardings"] = resolve(partitioner, out_axes)
   bound.__name__ = name or getattr(fn, "__name__", "program")
-  return Program(bound.__name__, jax.jit(bound, **kwargs))
+  return Program(bound.__name__, jax.jit(bound, **kwargs), owner=partitioner.fingerprint)
 
 
 def build_on_mesh(mesh: jax.sharding.Mesh, fn: Callable, *, out_spec: PartitionSpec, name: str) -> Program:
