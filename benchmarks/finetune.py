@@ -77,7 +77,7 @@ def run_ours(spec: dict) -> dict:
   sys.path.insert(0, REPO)
   import jax
   from types import SimpleNamespace
-  from qwen_logical.jobs.build import gathers_weights, scan_layers_for
+  from qwen_logical.jobs.common.build import gathers_weights, scan_layers_for
   from qwen_logical.model.config import preset
   from qwen_logical.sharding.mesh import make_mesh
   from qwen_logical.sharding.partitioner import Partitioner

@@ -27,7 +27,7 @@ def get_config():
   # 2026-11-25), so the default form for tables that gather weights (scanned) would skip them all.
   config.model.scan_layers = False
   config.verify = ConfigDict()
-  # MESH:TABLE[:int8][:NAME=AXES,...] (jobs/verify_large_plan.py). The 7B's estimates (measured
+  # MESH:TABLE[:int8][:NAME=AXES,...] (jobs/verify_large/plan.py). The 7B's estimates (measured
   # peaks) in GiB, 2026-11-25 at d8f13f1: 1x1 bf16 15.9 (15.6), int8 11.7 (10.0); 1x8
   # tensor_parallel 16.3 (16.0); 2x4 tp_fsdp 17.5 (16.9); 4x2 tp_fsdp 20.2 as it is (each device
   # gathers half of every layer), 17.6 (16.5) with replicated activations (activation_batch=None:
@@ -46,7 +46,7 @@ def get_config():
   # already bounds the run from above.
   config.verify.host_memory_fraction = 0.95
   config.verify.keep_dir = ""  # a directory to keep the logits in; "" = a temporary one, removed
-  # The verdict, per position vs the 1x1 reference of the same weights (verify_verdict.py). Float32
+  # The verdict, per position vs the 1x1 reference of the same weights (jobs/verify/verdict.py). Float32
   # compute over the same bf16 (or int8) values: runs differ only in the order of float32 sums.
   config.verify.rtol = 1e-3
   config.verify.atol = 1e-4

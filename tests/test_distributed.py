@@ -178,7 +178,7 @@ def test_a_mesh_that_does_not_split_over_the_processes_is_refused():
   from configs import tp8
   from qwen_logical.sharding.distributed import DistributedError
   from qwen_logical.jobs import run
-  from qwen_logical.jobs.devices import setup_devices
+  from qwen_logical.jobs.common.devices import setup_devices
   config = tp8.get_config()
   config.distributed.coordinator, config.distributed.num_processes = "127.0.0.1:1", 3
   with pytest.raises(DistributedError, match="needs 8 devices, which do not split evenly over "

@@ -62,7 +62,7 @@ def test_main_says_when_it_runs_a_reduced_model(tmp_path):
 
 
 def test_the_layer_form_defaults_to_the_fast_one_per_platform():
-  from qwen_logical.jobs.build import gathers_weights, scan_layers_for
+  from qwen_logical.jobs.common.build import gathers_weights, scan_layers_for
   from qwen_logical.sharding.rules import get_table
   assert scan_layers_for(None, "cpu") is False  # XLA:CPU: scanned layers decode ~4x slower
   assert scan_layers_for(None, "gpu") is False  # H100, 7B bf16 decode: 2.6x slower scanned
@@ -214,7 +214,7 @@ def test_the_traceback_of_a_user_mistake_on_request(flag):
 
 def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
   from qwen_logical.jobs import entry
-  from qwen_logical.jobs.build import JobError
+  from qwen_logical.jobs.common.build import JobError
 
   def bug(config):
     raise RuntimeError("not a user mistake")

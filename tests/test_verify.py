@@ -15,10 +15,10 @@ import pytest
 from conftest import mesh_of
 from hf_reference import hf_logits, real_looking_model
 from qwen_logical.checkpoints.loader import load_checkpoint
-from qwen_logical.jobs.verify import verify
+from qwen_logical.jobs.verify.job import verify
 from qwen_logical.sharding.report import compact_paths
-from qwen_logical.jobs.verify_suite import Settings, Suite
-from qwen_logical.jobs.verify_verdict import compare_logits, kl_rows, pearson_rows, top_k_overlap, unclaimed_replication
+from qwen_logical.jobs.verify.suite import Settings, Suite
+from qwen_logical.jobs.verify.verdict import compare_logits, kl_rows, pearson_rows, top_k_overlap, unclaimed_replication
 from qwen_logical.sharding.rules import get_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from conftest import mesh_of
-from qwen_logical.jobs import host_memory, verify_large
-from qwen_logical.jobs.build import JobError
-from qwen_logical.jobs.verify_large_plan import Combination, Plan, parse_combinations
+from qwen_logical.jobs.common import host_memory
+from qwen_logical.jobs.verify_large import job as verify_large
+from qwen_logical.jobs.common.build import JobError
+from qwen_logical.jobs.verify_large.plan import Combination, Plan, parse_combinations
 from qwen_logical.model.config import preset
 from qwen_logical.model.quantization import storage_bytes
 from qwen_logical.sharding.mesh import MeshError

@@ -12,9 +12,11 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from qwen_logical.common.errors import QwenLogicalError
-from qwen_logical.jobs import finetune, run, serve, verify, verify_large
-from qwen_logical.jobs.build import JobError
-from qwen_logical.jobs.devices import setup_devices
+from qwen_logical.jobs import finetune, run, serve
+from qwen_logical.jobs.common.build import JobError
+from qwen_logical.jobs.common.devices import setup_devices
+from qwen_logical.jobs.verify import job as verify
+from qwen_logical.jobs.verify_large import job as verify_large
 from qwen_logical.sharding import distributed
 from qwen_logical.sharding.programs import enable_compilation_cache
 

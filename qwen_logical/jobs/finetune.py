@@ -17,7 +17,7 @@ import jax
 from absl import logging
 from ml_collections import ConfigDict
 
-from qwen_logical.jobs import build
+from qwen_logical.jobs.common import build
 from qwen_logical.model.config import preset
 from qwen_logical.sharding import distributed
 from qwen_logical.sharding.mesh import parse_mesh_shape

@@ -12,7 +12,7 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from qwen_logical.jobs import build
+from qwen_logical.jobs.common import build
 from qwen_logical.sharding import distributed
 from qwen_logical.sharding.mesh import parse_mesh_shape
 

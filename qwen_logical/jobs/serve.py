@@ -15,7 +15,8 @@ import uvicorn
 from absl import logging
 from ml_collections import ConfigDict
 
-from qwen_logical.jobs import build, run
+from qwen_logical.jobs import run
+from qwen_logical.jobs.common import build
 from qwen_logical.sharding import distributed
 
 devices_needed = run.devices_needed

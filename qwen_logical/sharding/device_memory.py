@@ -9,7 +9,7 @@ figures and a split that loads some devices more than others shows at once:
 * activation: the largest single activation the model constrains (hidden states, queries, keys or
   values, the MLP's hidden layer, the logits) for a [batch, length] token batch, in the compute
   dtype: an estimate of the biggest buffer a forward pass holds at once beside the weights, not
-  XLA's buffer assignment (jobs/host_memory.py reads that from a compiled program, for the
+  XLA's buffer assignment (jobs/common/host_memory.py reads that from a compiled program, for the
   host-memory bound of a whole run).
 
 Beside them, the *even share* of each: the HF model's parameter bytes (`storage_bytes`: no head

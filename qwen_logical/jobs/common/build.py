@@ -21,7 +21,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from qwen_logical.common.errors import QwenLogicalError
-from qwen_logical.jobs import host_memory
+from qwen_logical.jobs.common import host_memory
 from qwen_logical.model import axes as ax
 from qwen_logical.model.config import ModelConfig, from_hf_config, preset
 from qwen_logical.sharding import distributed

@@ -1,9 +1,9 @@
 """The verification job: every mesh x every rule table against the single-device run.
 
-For each (mesh, rule table) combination the suite (verify_suite.py) builds a Partitioner (or
+For each (mesh, rule table) combination the suite (suite.py) builds a Partitioner (or
 records, as skipped, the validation message that says why the table does not fit the mesh),
 puts the same weights on the mesh, compiles and runs the forward pass on a [B, L] token batch,
-generates greedy tokens with the KV cache, and the verdict (verify_verdict.py) compares with
+generates greedy tokens with the KV cache, and the verdict (verdict.py) compares with
 the 1x1 run:
 
 * per position, max |logit diff| against atol + rtol * max |logit| (scales with the logits),
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
-from qwen_logical.jobs.build import JobError
-from qwen_logical.jobs.verify_report import LEGEND, format_combination, summary_table
-from qwen_logical.jobs.verify_suite import Settings, Suite
+from qwen_logical.jobs.common.build import JobError
+from qwen_logical.jobs.verify.report import LEGEND, format_combination, summary_table
+from qwen_logical.jobs.verify.suite import Settings, Suite
 from qwen_logical.sharding import distributed
 from qwen_logical.sharding.layout_draw import draw
 from qwen_logical.sharding.mesh import parse_mesh_shape

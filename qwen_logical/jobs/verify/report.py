@@ -7,7 +7,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
-from qwen_logical.jobs.verify_verdict import Tolerances
+from qwen_logical.jobs.verify.verdict import Tolerances
 from qwen_logical.sharding.collectives import KINDS
 from qwen_logical.sharding.partitioner import Partitioner, path_str
 from qwen_logical.sharding.report import compact_paths, device_picture

@@ -1,6 +1,6 @@
 """The verification suite's runs: the 1x1 reference, then one (mesh, rule table) combination at a time.
 
-Every run goes through the jobs' build path (build.py): the same Source, a Partitioner for the
+Every run goes through the jobs' build path (common/build.py): the same Source, a Partitioner for the
 mesh and table, the weights (the reference's, loaded, or a sharded init), the timed forward on
 one [B, L] token batch, and greedy generation with the KV cache on prompts cut from its rows.
 """
@@ -20,9 +20,9 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from qwen_logical.jobs import build
-from qwen_logical.jobs.verify_report import pictures
-from qwen_logical.jobs.verify_verdict import (Tolerances, compare_logits, greedy_failures,
+from qwen_logical.jobs.common import build
+from qwen_logical.jobs.verify.report import pictures
+from qwen_logical.jobs.verify.verdict import (Tolerances, compare_logits, greedy_failures,
                                               unclaimed_replication)
 from qwen_logical.model.head_layout import HeadLayoutError
 from qwen_logical.sharding.mesh import MeshError, make_mesh, parse_mesh_shape

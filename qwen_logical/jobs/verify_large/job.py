@@ -10,7 +10,7 @@ maps (np.load(mmap_mode='r'), a chunk of positions at a time): no logits stay in
 
 Why a process per run rather than resetting the peak in one process (writing 5 to
 /proc/self/clear_refs): weights a run frees go back to malloc's arenas and JAX's queues (see
-verify_suite.release_weights), not necessarily to the operating system, so a second 15 GiB run
+verify.suite.release_weights), not necessarily to the operating system, so a second 15 GiB run
 in the same process would start with the first one's pages and its peak would measure both;
 a fresh process starts empty, simulates exactly its mesh's devices (one for the reference), and
 the kernel measures its whole life (wait4's ru_maxrss). A run the kernel kills for memory ends
@@ -37,12 +37,14 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from qwen_logical.jobs import build, host_memory, verify_large_worker
-from qwen_logical.jobs.verify_large_plan import Combination, Plan
-from qwen_logical.jobs.verify_large_report import format_run, header, summary_table, tolerances_text
-from qwen_logical.jobs.verify_verdict import compare_logits
+import qwen_logical
+from qwen_logical.jobs.common import build, host_memory
+from qwen_logical.jobs.verify.verdict import compare_logits
+from qwen_logical.jobs.verify_large import worker
+from qwen_logical.jobs.verify_large.plan import Combination, Plan
+from qwen_logical.jobs.verify_large.report import format_run, header, summary_table, tolerances_text
 
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(qwen_logical.__file__)))
 
 
 def devices_needed(config: ConfigDict) -> int:
@@ -75,7 +77,7 @@ def _spawn(spec: dict[str, Any], spec_path: str, code_root: str) -> tuple[int, i
     json.dump(spec, f)
   # `python -m` would put the working directory (often the source tree) first on the path.
   start = (f"import sys; sys.path.insert(0, {code_root!r}); from absl import app; "
-           f"from {verify_large_worker.__name__} import main; app.run(main)")
+           f"from {worker.__name__} import main; app.run(main)")
   process = subprocess.Popen([sys.executable, "-c", start, spec_path])
   _, status, usage = os.wait4(process.pid, 0)
   process.returncode = os.waitstatus_to_exitcode(status)
@@ -104,7 +106,7 @@ class LargeSuite:
     paths = {kind: os.path.join(self.directory, f"{name}.{ext}")
              for kind, ext in (("logits", "npy"), ("result", "json"), ("spec", "spec.json"))}
     allowance = host_memory.allowance_bytes(self.plan.host_memory_fraction) if allowance is None else allowance
-    spec = verify_large_worker.spec_for(
+    spec = worker.spec_for(
         self.config, combination, tokens=self.tokens_path, logits=paths["logits"], result=paths["result"],
         allowance_bytes=allowance, host_memory_fraction=self.plan.host_memory_fraction)
     logging.info("Starting %s (allowance %s)", combination.label, host_memory.size_text(allowance))

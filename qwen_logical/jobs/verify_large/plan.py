@@ -19,8 +19,8 @@ import re
 
 from ml_collections import ConfigDict
 
-from qwen_logical.jobs.build import JobError
-from qwen_logical.jobs.verify_verdict import Tolerances
+from qwen_logical.jobs.common.build import JobError
+from qwen_logical.jobs.verify.verdict import Tolerances
 from qwen_logical.model.quantization import INT8
 from qwen_logical.sharding.mesh import parse_mesh_shape
 from qwen_logical.sharding.rules import get_table, parse_overrides

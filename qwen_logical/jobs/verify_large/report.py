@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from qwen_logical.jobs.host_memory import size_text
-from qwen_logical.jobs.verify_large_plan import Plan
-from qwen_logical.jobs.verify_report import collectives_text
-from qwen_logical.jobs.verify_verdict import Tolerances
+from qwen_logical.jobs.common.host_memory import size_text
+from qwen_logical.jobs.verify.report import collectives_text
+from qwen_logical.jobs.verify.verdict import Tolerances
+from qwen_logical.jobs.verify_large.plan import Plan
 from qwen_logical.model.config import ModelConfig
 
 GiB = 2**30

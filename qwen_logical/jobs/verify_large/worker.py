@@ -1,5 +1,5 @@
 """One run of the large-model verification, in a process of its own (verify_large.py starts it,
-from its snapshot of the package; by hand: python -m qwen_logical.jobs.verify_large_worker SPEC.json).
+from its snapshot of the package; by hand: python -m qwen_logical.jobs.verify_large.worker SPEC.json).
 
 SPEC.json: {"config": the run config as a dict, "combination": {mesh, table, quantization, overrides},
 "tokens": int32[B, L] .npy to read, "logits": .npy to write, "allowance_bytes", "host_memory_fraction",
@@ -26,10 +26,11 @@ import numpy as np
 from absl import app, logging
 from ml_collections import ConfigDict
 
-from qwen_logical.jobs import build, host_memory
-from qwen_logical.jobs.devices import setup_devices
-from qwen_logical.jobs.verify_large_plan import Combination
-from qwen_logical.jobs.verify_suite import SKIPPABLE
+import qwen_logical
+from qwen_logical.jobs.common import build, host_memory
+from qwen_logical.jobs.common.devices import setup_devices
+from qwen_logical.jobs.verify.suite import SKIPPABLE
+from qwen_logical.jobs.verify_large.plan import Combination
 from qwen_logical.model import axes as ax
 
 BATCH_FLAG = "--config.verify.batch_size"
@@ -100,7 +101,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
   if len(argv) != 2:
-    raise app.UsageError("usage: python -m qwen_logical.jobs.verify_large_worker SPEC.json")
+    raise app.UsageError("usage: python -m qwen_logical.jobs.verify_large.worker SPEC.json")
   logging.set_verbosity(logging.INFO)
   with open(argv[1]) as f:
     spec = json.load(f)
@@ -112,7 +113,7 @@ def main(argv: list[str]) -> int:
     logging.error("%s crashed:\n%s", combination.label, traceback.format_exc())
     result, status = {"status": "fail", "failures": [f"crashed: {type(e).__name__}: {e}"]}, 1
   result["peak_rss_bytes"] = host_memory.peak_rss_bytes()
-  result["package"] = os.path.dirname(os.path.dirname(os.path.abspath(host_memory.__file__)))
+  result["package"] = os.path.dirname(os.path.abspath(qwen_logical.__file__))
   with open(spec["result"], "w") as f:
     json.dump(result, f, indent=1)
   return status
