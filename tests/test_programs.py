@@ -30,7 +30,7 @@ def _double_rows():
   part = _partitioner()
   fn = lambda params, x: (x * 2, jnp.sum(x) + 0 * params["final_norm"]["scale"][0])
   return part, part.program(fn, in_axes=(programs.PARAMS, ax.EMBED_ACTIVATION),
-                            out_axes=(ax.EMBED_ACTIVATION, programs.REPLICATED), name="double_rows")
+                            out_axes=(ax.EMBED_ACTIVATION, programs.REPLICATED), name="double_rows", keep=True)
 
 
 def test_shardings_come_from_the_logical_names():
@@ -83,6 +83,20 @@ def test_a_kept_program_is_loaded_for_the_same_key_only(tmp_path, monkeypatch):
   [entry] = os.listdir(tmp_path)
   with open(tmp_path / entry, "wb") as f:
     f.write(b"not a program")
-  assert store.load(entry) is None
+  devices = part.mesh.devices.flat
+  assert store.load(entry, devices) is None
   program.compile(*args)
-  assert store.load(entry) is not None
+  assert store.load(entry, devices) is not None
+
+
+def test_kept_inference_programs_are_named_by_every_size_they_close_over(tmp_path, monkeypatch):
+  """The empty cache takes no argument: its name carries its rows and slots, so caches of two sizes
+  are two entries (one name for both once loaded a 64-slot cache where 192 were needed)."""
+  from qwen_logical.inference.programs import CachePrograms
+  monkeypatch.setattr(programs, "_STORE", ProgramStore(str(tmp_path)))
+  part = _partitioner("1x1")
+  for _ in range(2):  # the second round loads what the first kept
+    for slots in (64, 192):
+      cache = CachePrograms(part, 2, slots, steps=4).new_cache()
+      assert {leaf.shape[-2] for leaf in jax.tree_util.tree_leaves(cache)} == {slots}
+  assert len(os.listdir(tmp_path)) == 2

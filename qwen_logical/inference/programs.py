@@ -158,7 +158,7 @@ class CachePrograms:
   def _cache_program(self):
     part = self.partitioner
     return part.program(lambda: kv_cache.zeros_in_jit(part, self.rows, self.length), in_axes=(),
-                        out_axes=self.cache_axes, name="new_cache")
+                        out_axes=self.cache_axes, name=f"new_cache_{self.rows}x{self.length}", keep=True)
 
   def _prefill_program(self, batch: int, bucket: int):
     part = self.partitioner
@@ -175,7 +175,7 @@ class CachePrograms:
       return cache, first
 
     return part.program(prefill, in_axes=(PARAMS, self.cache_axes, ax.TOKENS) + (ROW,) * 8,
-                        out_axes=(self.cache_axes, ROW), donate=(1,), name=f"prefill_{batch}x{bucket}")
+                        out_axes=(self.cache_axes, ROW), donate=(1,), name=f"prefill_{batch}x{bucket}", keep=True)
 
   def _decode_program(self, rows: int):
     part, length, steps = self.partitioner, self.length, self.steps
@@ -202,7 +202,8 @@ class CachePrograms:
       return cache, state, out, jnp.sum(out >= 0, axis=1, dtype=jnp.int32)
 
     return part.program(decode, in_axes=(PARAMS, self.cache_axes, ROW, ROW),
-                        out_axes=(self.cache_axes, ROW, ROW, ROW), donate=(1,), name=f"decode_{rows}x{steps}")
+                        out_axes=(self.cache_axes, ROW, ROW, ROW), donate=(1,), name=f"decode_{rows}x{steps}",
+                        keep=True)
 
   # --- running -------------------------------------------------------------------------------
   def run_prefill(self, params, cache, tokens: np.ndarray, lengths, rows, seeds, streams, temperature, top_k,

@@ -112,14 +112,15 @@ class Partitioner:
     with nn.logical_axis_rules(self.table.rules), jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
       yield
 
-  def program(self, fn, *, in_axes=None, out_axes=None, donate=(), name=None) -> programs.Program:
+  def program(self, fn, *, in_axes=None, out_axes=None, donate=(), name=None, keep=False) -> programs.Program:
     """`fn` compiled on this mesh under this table; see `qwen_logical.sharding.programs.build`.
     `programs.PARAMS` in the axes stands for the parameter tree's logical names."""
     swap = lambda axes: self.logical_specs if axes is programs.PARAMS else axes
     in_axes = None if in_axes is None else tuple(swap(a) for a in in_axes)
     if isinstance(out_axes, tuple) and not programs.is_names(out_axes):
       out_axes = tuple(swap(a) for a in out_axes)
-    return programs.build(self, fn, in_axes=in_axes, out_axes=swap(out_axes), donate=donate, name=name)
+    return programs.build(self, fn, in_axes=in_axes, out_axes=swap(out_axes), donate=donate, name=name,
+                          keep=keep)
 
   # --- init -----------------------------------------------------------------------
   def _init_variables(self, key):

@@ -63,13 +63,14 @@ class ProgramStore:
     text = "\n".join((source_fingerprint(), owner, name, describe_args(args)))
     return hashlib.sha256(text.encode()).hexdigest()
 
-  def load(self, key: str) -> Any | None:
+  def load(self, key: str, devices) -> Any | None:
+    """The program kept under `key`, loaded to run on `devices` (its mesh's, in mesh order), or None."""
     path = os.path.join(self.directory, key)
     if not os.path.exists(path):
       return None
     try:
       with open(path, "rb") as f:
-        return serialize_executable.deserialize_and_load(*pickle.load(f))
+        return serialize_executable.deserialize_and_load(*pickle.load(f), execution_devices=list(devices))
     except Exception as e:  # noqa: BLE001 (a damaged or foreign entry is compiled again)
       logging.warning("Compiled program %s could not be loaded (%s: %s); compiling it again", key[:12],
                       type(e).__name__, e)

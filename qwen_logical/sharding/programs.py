@@ -106,10 +106,11 @@ def enable_compilation_cache(directory: str) -> bool:
 class Program:
   """One function compiled for one mesh and rule table: call it like the function."""
 
-  def __init__(self, name: str, jitted, owner: str = ""):
+  def __init__(self, name: str, jitted, owner: str = "", devices=()):
     self.name = name
     self._jitted = jitted
     self._owner = owner  # what shapes the program besides its arguments (`program_store`)
+    self._devices = tuple(devices)  # where a loaded program runs (its mesh's devices, in mesh order)
 
   def __call__(self, *args):
     return self._jitted(*args)
@@ -123,7 +124,9 @@ class Program:
     compilation cache on, a program compiled before on this machine is loaded instead."""
     store = _STORE if self._owner else None
     key = store.key(self._owner, self.name, args) if store else None
-    compiled = store.load(key) if store else None
+    compiled = store.load(key, self._devices) if store else None
+    if compiled is not None and not _same_inputs(compiled, args):
+      compiled = None  # a name that does not determine its program: compile, keep the right one
     if compiled is not None:
       with _LOCK:
         COUNTS.loaded += 1
@@ -134,13 +137,23 @@ class Program:
     return compiled
 
 
+def _same_inputs(compiled, args) -> bool:
+  """Whether a loaded program takes arguments of these shapes and dtypes."""
+  wanted = [(tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(args)]
+  taken = [(tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(compiled.in_avals)]
+  return wanted == taken
+
+
 def build(partitioner, fn: Callable, *, in_axes: Sequence | None = None, out_axes=None,
-          donate: Sequence[int] = (), name: str | None = None) -> Program:
+          donate: Sequence[int] = (), name: str | None = None, keep: bool = False) -> Program:
   """`fn` as a Program whose inputs and outputs are sharded by their logical names.
 
   in_axes: one axes tree per positional argument (None: XLA chooses); out_axes: one for the
   result; donate: positions of arguments whose buffers the result may reuse (the KV cache, the
   training state). The rule table and abstract mesh are entered inside the trace.
+  keep: the compiled program may be kept on disk and loaded by later runs (`program_store`);
+  only for a program whose `name` and arguments determine it (every size it closes over is in
+  its name).
   """
   def bound(*args):
     with partitioner.bound():
@@ -152,7 +165,8 @@ def build(partitioner, fn: Callable, *, in_axes: Sequence | None = None, out_axe
   if out_axes is not None:
     kwargs["out_shardings"] = resolve(partitioner, out_axes)
   bound.__name__ = name or getattr(fn, "__name__", "program")
-  return Program(bound.__name__, jax.jit(bound, **kwargs), owner=partitioner.fingerprint)
+  return Program(bound.__name__, jax.jit(bound, **kwargs), owner=partitioner.fingerprint if keep else "",
+                 devices=partitioner.mesh.devices.flat)
 
 
 def build_on_mesh(mesh: jax.sharding.Mesh, fn: Callable, *, out_spec: PartitionSpec, name: str) -> Program:
