@@ -104,5 +104,5 @@ def test_the_planner_imports_no_jax():
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not {n for n in names if n.split(".")[0] in ("jax", "flax")}, module
-    assert names <= {"__future__", "dataclasses", "typing", "numpy", "qwen_logical.inference.results",
+    assert names <= {"__future__", "dataclasses", "numbers", "typing", "numpy", "qwen_logical.inference.results",
                      "qwen_logical.common.errors"}, (module, names)

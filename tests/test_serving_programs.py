@@ -10,7 +10,9 @@ from test_serving_engine import REQUESTS, SLOTS, CONTEXT, served, setup, submit_
 from qwen_logical.inference import kv_cache
 from qwen_logical.inference.programs import CachePrograms
 from qwen_logical.model.model import Mode
+from qwen_logical.inference.sampling import SamplingParams
 from qwen_logical.serving import protocol
+from qwen_logical.serving.engine import EngineRequest
 from qwen_logical.serving.scheduler import Pending, Rows
 
 
@@ -106,3 +108,13 @@ def test_requests_take_the_lowest_rows_and_dispatches_run_the_rows_they_need(ser
   after, k = engine.stats(), engine.programs.steps
   assert after.decode_steps - before.decode_steps == greedy.max_new_tokens - 1
   assert after.dispatches - before.dispatches == -(-(greedy.max_new_tokens - 1) // k)
+
+
+def test_the_first_token_obeys_top_k(served):
+  """top_k=1 at a high temperature is greedy from the first token on (the prefill's draw is filtered)."""
+  engine, _, first, _, _ = served
+  greedy = REQUESTS[0]
+  assert greedy.sampling.greedy
+  hot = EngineRequest(greedy.tokens, greedy.max_new_tokens, SamplingParams(5.0, top_k=1), seed=3)
+  collector, [rid] = submit_all(engine, [hot])
+  assert collector.wait([rid])[0] == first[0]

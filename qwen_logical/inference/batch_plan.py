@@ -13,6 +13,7 @@ prompt slots and on every slot from P on (new tokens), 0 on left padding.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,6 +37,35 @@ def prompt_bucket(length: int, growth: int = 2) -> int:
 
 def round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def prompt_problem(tokens: Sequence[int], max_new_tokens: int, context: int, vocab_size: int,
+                   name: str = "The prompt") -> tuple[str, str] | None:
+  """(field, message) of the first reason prompt `tokens` plus `max_new_tokens` new tokens cannot run
+  in a context of `context` tokens of a `vocab_size` vocabulary, or None. The one check of a
+  prompt's fit: `generate` (via BatchPlanner) and the serving engine raise its message."""
+  if not tokens:
+    return "tokens", (f"{name} is empty: generation needs at least one prompt token (e.g. the chat "
+                      "template's system turn, or a BOS/EOS id).")
+  bad = [t for t in tokens if not _is_int(t) or not 0 <= t < vocab_size]
+  if bad:
+    return "tokens", (f"{name} has token id(s) {bad[:5]} outside [0, {vocab_size}) of this model's vocabulary; "
+                      "was it encoded with another model's tokenizer?")
+  if len(tokens) >= context:
+    return "tokens", (f"{name} has {len(tokens)} tokens, longer than the context of {context} leaves for a prompt "
+                      f"(at least one new token must fit): shorten it to at most {context - 1} tokens (or "
+                      "truncate its start).")
+  if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    return "max_new_tokens", f"max_new_tokens={max_new_tokens!r} must be a positive integer."
+  if len(tokens) + max_new_tokens > context:
+    return "max_new_tokens", (f"{name} ({len(tokens)} tokens) plus max_new_tokens={max_new_tokens} is "
+                              f"{len(tokens) + max_new_tokens} tokens, more than the context of {context}; use "
+                              f"max_new_tokens <= {context - len(tokens)} or a shorter prompt.")
+  return None
 
 
 def prompt_ids(prompts: Any, tokenizer=None, attention_mask=None) -> list[list[int]]:
@@ -121,25 +151,10 @@ class BatchPlanner:
 
   def check(self, ids: list[list[int]], max_new_tokens: int) -> None:
     """GenerationError naming the prompt and the fix for a request that cannot run."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-      raise GenerationError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
-    context = self.max_length
     for r, row in enumerate(ids):
-      if not row:
-        raise GenerationError(f"Prompt {r} is empty: generation needs at least one prompt token "
-                              "(e.g. the chat template's system turn, or a BOS/EOS id).")
-      bad = [t for t in row if not 0 <= t < self.vocab_size]
-      if bad:
-        raise GenerationError(f"Prompt {r} has token id(s) {bad[:5]} outside [0, {self.vocab_size}) of this "
-                              "model's vocabulary; was it encoded with another model's tokenizer?")
-      if len(row) > context:
-        raise GenerationError(f"Prompt {r} has {len(row)} tokens, longer than the context of "
-                              f"{context}; shorten it (or truncate its start).")
-      if len(row) + max_new_tokens > context:
-        raise GenerationError(
-            f"Prompt {r} ({len(row)} tokens) plus max_new_tokens={max_new_tokens} is "
-            f"{len(row) + max_new_tokens} tokens, more than the context of {context}; use "
-            f"max_new_tokens <= {context - len(row)} or a shorter prompt.")
+      problem = prompt_problem(row, max_new_tokens, self.max_length, self.vocab_size, f"Prompt {r}")
+      if problem:
+        raise GenerationError(problem[1])
 
   def plan(self, ids: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
            pad_id: int = 0) -> BatchPlan:

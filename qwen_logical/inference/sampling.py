@@ -2,8 +2,9 @@
 
 `SamplingParams` is one setting (hashable). The compiled programs take the settings as runtime
 arrays, one value per row (`sample_rows`): temperature f32[B], top_k i32[B], top_p f32[B], so
-one compiled step serves rows with different settings. What differs between programs is only
-the static sampler `kind`:
+one compiled step serves rows with different settings. The sampler `kind` is static in
+`sample_rows` and a runtime index in `sample_by_kind` (what the compiled programs use, so one
+program runs only the branch a call needs):
 
 * GREEDY: every row takes its most likely token (no noise is drawn);
 * SAMPLE: rows with temperature 0 take their most likely token, the others draw by Gumbel-max

@@ -6,8 +6,8 @@
     engine.cancel(rid); engine.stats(); engine.stop(deadline_s=10)
 
 Each round of the scheduler (one thread): cancelled requests leave (their slot is free at once);
-waiting requests take the free slots (lowest first), first come first served, prefilled in one
-call per prompt bucket and inserted into their cache rows; then one decode dispatch advances every
+waiting requests take the free slots (lowest first), first come first served, prefilled (one call
+per request where the mesh allows, `shapes`) and inserted into their cache rows; then one decode dispatch advances every
 running slot by up to K tokens (`decode_steps`, stops checked on the device), over rows [0, n) only
 (n: the decode size covering the highest running row): new requests join between dispatches.
 Each new token goes to the request's callback as a TokenEvent (from the engine thread); a stop
@@ -203,7 +203,7 @@ class Engine:
       self._counts["prompt_tokens"] += sum(len(p.request.tokens) for p in prefill.requests)
     for row, p in zip(prefill.rows, prefill.requests):
       self.rows.start(row, p)
-    first = self._call(Call(PREFILL, arrays=prefill.arrays(padding_row=self.slots)))
+    first = self._call(Call(PREFILL, prefill.kind, prefill.arrays(padding_row=self.slots)))
     for i, row in enumerate(prefill.rows if first is not None else ()):
       self.rows.first(row, int(first[i]), finished=False)
       self._deliver(row, int(first[i]))

@@ -12,6 +12,7 @@ import dataclasses
 import numbers
 
 from qwen_logical.common.errors import QwenLogicalError
+from qwen_logical.inference.batch_plan import prompt_problem
 from qwen_logical.inference.programs import batch_multiple
 from qwen_logical.inference.sampling import SamplingError, SamplingParams
 
@@ -92,23 +93,11 @@ def check_request(request: EngineRequest, context: int, vocab_size: int) -> None
   """Raises ServingError naming the field if `request` cannot run in a context of `context` tokens."""
   if not isinstance(request, EngineRequest):
     raise ServingError(f"Expected an EngineRequest, got a {type(request).__name__}.")
-  tokens = request.tokens
-  if not isinstance(tokens, (tuple, list)) or not tokens:
-    raise ServingError("The prompt is empty: a request needs at least one prompt token.", "tokens")
-  bad = [t for t in tokens if not _is_int(t) or not 0 <= t < vocab_size]
-  if bad:
-    raise ServingError(f"Prompt token id(s) {bad[:5]} are outside [0, {vocab_size}), this model's vocabulary; "
-                       "was the prompt encoded with another model's tokenizer?", "tokens")
-  if len(tokens) >= context:
-    raise ServingError(f"The prompt has {len(tokens)} tokens; the context is {context} tokens, prompt and new "
-                       f"tokens together: shorten the prompt to at most {context - 1} tokens.", "tokens")
-  new = request.max_new_tokens
-  if not _is_int(new) or new < 1:
-    raise ServingError(f"max_new_tokens={new!r} must be a positive integer.", "max_new_tokens")
-  if len(tokens) + new > context:
-    raise ServingError(f"The prompt ({len(tokens)} tokens) plus max_new_tokens={new} is {len(tokens) + new} "
-                       f"tokens, more than the context of {context}; use max_new_tokens <= "
-                       f"{context - len(tokens)} or a shorter prompt.", "max_new_tokens")
+  if not isinstance(request.tokens, (tuple, list)):
+    raise ServingError(f"tokens must be a list of token ids, got a {type(request.tokens).__name__}.", "tokens")
+  problem = prompt_problem(request.tokens, request.max_new_tokens, context, vocab_size)
+  if problem:
+    raise ServingError(problem[1], problem[0])
   if not isinstance(request.sampling, SamplingParams):
     raise ServingError("sampling must be a qwen_logical.inference.sampling.SamplingParams.", "temperature")
   try:

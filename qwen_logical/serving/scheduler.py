@@ -45,6 +45,11 @@ class Prefill:
   rows: tuple[int, ...]
   requests: tuple[Pending, ...]
 
+  @property
+  def kind(self) -> str:
+    """The cheapest sampler kind that serves every request of the call."""
+    return kind_of(p.request.sampling for p in self.requests)
+
   def arrays(self, padding_row: int) -> dict[str, np.ndarray]:
     """Host arguments of the prefill program: tokens int[b, P] left-padded with 0, lengths, rows,
     seeds, streams, temperature, top_k, top_p [b]. Padding rows: one token, cache row `padding_row`
