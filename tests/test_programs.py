@@ -100,3 +100,29 @@ def test_kept_inference_programs_are_named_by_every_size_they_close_over(tmp_pat
       cache = CachePrograms(part, 2, slots, steps=4).new_cache()
       assert {leaf.shape[-2] for leaf in jax.tree_util.tree_leaves(cache)} == {slots}
   assert len(os.listdir(tmp_path)) == 2
+
+
+def test_a_program_loaded_from_jax_cache_is_not_kept(tmp_path, monkeypatch):
+  """JAX's own cache deserializes executables that do not serialize whole again on XLA:CPU, so the
+  store keeps only programs compiled from scratch."""
+  monkeypatch.setattr(programs, "_STORE", ProgramStore(str(tmp_path / "programs")))
+  settings = {"jax_compilation_cache_dir": str(tmp_path / "jax"), "jax_persistent_cache_min_compile_time_secs": 0.0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  previous = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  try:
+    from jax._src import compilation_cache
+    compilation_cache.reset_cache()
+    part, program = _double_rows()
+    args = (part.param_shapes, jax.ShapeDtypeStruct((8, 7, 32), jnp.float32))
+    program.compile(*args)  # compiled: kept (and written to JAX's cache)
+    kept = os.listdir(tmp_path / "programs")
+    for entry in kept:
+      os.remove(tmp_path / "programs" / entry)
+    _double_rows()[1].compile(*args)  # from JAX's cache now: not kept
+    assert len(kept) == 1 and os.listdir(tmp_path / "programs") == []
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()

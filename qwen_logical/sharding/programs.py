@@ -57,9 +57,12 @@ class CompileCounts:
 
 COUNTS = CompileCounts()
 _LOCK = threading.Lock()
+_THIS_THREAD = threading.local()  # .jax_cache_hits: hits of JAX's cache in this thread (events fire where they happen)
 
 
 def _on_event(name: str, *_args, **_kwargs) -> None:
+  if name == "/jax/compilation_cache/cache_hits":
+    _THIS_THREAD.jax_cache_hits = getattr(_THIS_THREAD, "jax_cache_hits", 0) + 1
   with _LOCK:
     if name == "/jax/compilation_cache/cache_hits":
       COUNTS.loaded += 1
@@ -131,8 +134,11 @@ class Program:
       with _LOCK:
         COUNTS.loaded += 1
       return compiled
+    hits = getattr(_THIS_THREAD, "jax_cache_hits", 0)
     compiled = self._jitted.lower(*args).compile()
-    if store:
+    # An executable that JAX's cache deserialized does not serialize whole again on XLA:CPU (loaded
+    # later, it misses its kernels: "Function ... not found"): keep only what was compiled here.
+    if store and getattr(_THIS_THREAD, "jax_cache_hits", 0) == hits:
       store.save(key, compiled)
     return compiled
 
