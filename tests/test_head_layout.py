@@ -1,14 +1,13 @@
 """The head layout plan over every Qwen2.5 head shape: the index map, load/export, init, errors.
 
-Numpy parts cover every (head shape, head shards 1..16); the init part runs the model's sharded
-init on 1x8 for every head shape and on 1x2 / 1x4 for a few (each mesh is a compile), against 1x1.
+Numpy parts cover every (head shape, head shards 1..16); the init part runs the one random init
+(Partitioner.init, sharding/init.py) on 1x8 for every head shape and on 1x2 / 1x4 for a few (each
+mesh is a set of compiles), against 1x1.
 """
 
 import functools
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -112,27 +111,23 @@ def test_load_then_export_is_bit_exact(name, shards, dtype):
 
 @functools.lru_cache(maxsize=None)
 def exported_init(name: str, shards: int) -> tuple:
-  """(HF tensors of the init on mesh 1xshards, the layout params' attention, Partitioner).
+  """(HF tensors of Partitioner.init on mesh 1xshards, the layout params' attention, Partitioner).
 
-  The model's init as one program with the Partitioner's out_shardings: each device computes
-  its own heads only (Partitioner.init runs the same computation one parameter at a time;
-  tests/test_meshes.py covers that path).
+  Each parameter is made in its shards: a device hashes its own heads only, through the head
+  layout's index map (tests/test_meshes.py runs the same init for the tiny preset's 14 / 2 heads).
   """
   config = tiny_config(*HEAD_SHAPES[name])
   part = Partitioner(config, make_mesh(f"1x{shards}", devices=jax.devices()[:shards]), get_table("tensor_parallel"))
   assert part.layout.shards == shards
-
-  def init(key):
-    with part.bound():
-      return nn.meta.unbox(part.model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
-
-  params = jax.jit(init, out_shardings=part.param_shardings)(jax.random.key(3))
+  params = part.init(seed=3, progress=False)
+  for array, sharding in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(part.param_shardings)):
+    assert array.sharding.is_equivalent_to(sharding, array.ndim)  # made in its shards
   attention = jax.tree_util.tree_map(np.asarray, params["layers_0"]["attention"])
   return hf_from_flax(params, config, part.layout), attention, part
 
 
 # Every head shape on 1x8 (repeat + pad: 0.5b, 1.5b, 7b; repeat only: 3b; plain split: 14b, 72b)
-# and a few of each kind on 1x2, 1x4: each mesh is a compile, and the numpy tests cover every case.
+# and a few of each kind on 1x2, 1x4: each mesh compiles its init programs, and the numpy tests cover every case.
 INIT_CASES = [(name, 8) for name in HEAD_SHAPES] + [("0.5b", 4), ("1.5b", 4), ("7b", 2)]
 
 @pytest.mark.parametrize("name,shards", INIT_CASES)
@@ -145,8 +140,9 @@ def test_init_on_every_mesh_is_the_single_device_model(name, shards):
   q, kv = layout.source(QUERY), layout.source(KV)
   assert np.all(attention["q_kernel"][q == PADDING] == 0) and np.all(attention["q_bias"][q == PADDING] == 0)
   assert np.all(attention["o_kernel"][:, q == PADDING] == 0)
-  assert np.all(attention["q_kernel"][q != PADDING] != 0)
+  assert np.all(attention["q_kernel"][q != PADDING] != 0) and np.all(attention["o_kernel"][:, q != PADDING] != 0)
   for kind in ("k_kernel", "v_kernel", "k_bias", "v_bias"):
+    assert np.all(attention[kind] != 0), kind
     for copy in range(1, layout.kv_repeat):  # repeated KV heads are equal copies
       np.testing.assert_array_equal(attention[kind][copy::layout.kv_repeat], attention[kind][::layout.kv_repeat])
   cache = kv_cache.cache_shapes(part.config, layout, 2, 8)["layers_0"]["k"]

@@ -13,9 +13,9 @@ With K KV heads, G = H / K query heads per group and T shards of the heads axis:
 The plan is one index map, `HeadLayout.source(kind)`: for each layout head of a
 kind (QUERY or KV), its canonical (HF) head, or PADDING for a zero head. This
 module holds the only code that moves heads, all of it read from that map:
-`keyed_init` (random init), `read_heads` (checkpoint loading, slice by slice),
-`to_canonical` (export), and `num_layout_heads` (every layout-shaped dimension:
-parameters, activations, the KV cache).
+`source` (which the random init, sharding/init.py, hashes through), `read_heads`
+(checkpoint loading, slice by slice), `to_canonical` (export), and `num_layout_heads`
+(every layout-shaped dimension: parameters, activations, the KV cache).
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import dataclasses
 import math
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qwen_logical.common.errors import QwenLogicalError
@@ -35,7 +33,6 @@ KV = "kv"  # KV heads (k, v projections and the KV cache)
 KINDS = (QUERY, KV)
 PADDING = -1  # source of a zero (padded) query head
 
-Initializer = Callable[..., jax.Array]
 Run = tuple[int, int, int]  # (start, stop, first source head or PADDING)
 
 
@@ -111,30 +108,7 @@ class HeadLayout:
             f"query heads; attention cost x{self.layout_num_heads / self.num_heads:.3f} "
             f"(q/o projections and scores), KV projections and cache x{self.kv_repeat}")
 
-  # --- moving heads: init, load, export ---------------------------------------------
-  def keyed_init(self, base: Initializer, kind: str, head_axis: int) -> Initializer:
-    """Initializer of a layout-shaped parameter whose head axis `head_axis` is of `kind`.
-
-    The slice of layout head j depends only on (key, source[j]): every mesh builds the
-    same canonical model, repeated KV heads are equal, padded heads are zero, and no
-    shard needs values that belong to another shard.
-    """
-    source = jnp.asarray(self.source(kind), jnp.int32)
-
-    def init(key, shape, dtype=jnp.float32):
-      if shape[head_axis] != source.size:
-        raise ValueError(f"{kind} head axis {head_axis} of shape {tuple(shape)} is not the layout's "
-                         f"{source.size} heads ({self.describe()})")
-      per_head = tuple(shape[:head_axis]) + tuple(shape[head_axis + 1:])
-
-      def one_head(head):
-        value = base(jax.random.fold_in(key, jnp.maximum(head, 0)), per_head, dtype)
-        return jnp.where(head == PADDING, jnp.zeros_like(value), value)
-
-      return jax.vmap(one_head, out_axes=head_axis)(source)
-
-    return init
-
+  # --- moving heads: load, export --------------------------------------------------
   def runs(self, kind: str, heads: slice = slice(None)) -> list[Run]:
     """Maximal runs of the layout heads `heads` that copy consecutive canonical heads (or pad).
 

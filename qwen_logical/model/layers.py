@@ -1,15 +1,17 @@
 """Qwen2 building blocks as Flax Linen modules, annotated with logical axis names only.
 
+Parameters are declared here; values come from the hash init (sharding/init.py) or a checkpoint.
+A declaration gives a parameter's shape, dtype and logical axes (what the Partitioner traces);
+`model.init` itself makes zeros.
+
 Shape letters: B batch, L query length, S key length (KV cache slots when cached), E embed, H query heads
 (layout count), K KV heads (layout count), D head_dim, I mlp, V vocab.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import enum
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -19,10 +21,9 @@ from qwen_logical.model import axes as ax
 from qwen_logical.model import quantization as quant
 from qwen_logical.model.cached_attention import decode_attention, rows_of, write_slots
 from qwen_logical.model.config import ModelConfig
-from qwen_logical.model.head_layout import KV, QUERY, HeadLayout
+from qwen_logical.model.head_layout import HeadLayout
 from qwen_logical.model.projections import Kernel, dense
 
-Initializer = Callable[..., jax.Array]
 KVCache = dict  # one layer's {'k': [B, K, S, D], 'v': [B, K, S, D]} (logical ax.KV_CACHE)
 
 # The cache's dimension order: heads before slots, so attention reads each head's [S, D] block
@@ -49,49 +50,22 @@ class Mode(enum.Enum):
   DECODE = "decode"
 
 
-_SHAPES_ONLY = contextvars.ContextVar("qwen_logical_shapes_only", default=False)
+def logical_param(module: nn.Module, name: str, shape, names, dtype) -> jax.Array:
+  """module.param `name` annotated with logical axis `names` (one per dimension of `shape`); zeros
+  at init (values come from sharding/init.py or a checkpoint)."""
+  zeros = nn.with_logical_partitioning(nn.initializers.zeros, tuple(names))
+  return module.param(name, zeros, tuple(shape), dtype)
 
 
-@contextlib.contextmanager
-def shapes_only() -> Iterator[None]:
-  """Within this context parameters are created by a zeros initializer.
-
-  For `jax.eval_shape` of an init that only wants shapes and logical axes: tracing the
-  real initializers (per-head random draws) costs more than the rest of the trace.
-  """
-  token = _SHAPES_ONLY.set(True)
-  try:
-    yield
-  finally:
-    _SHAPES_ONLY.reset(token)
-
-
-def _zeros(key, shape, dtype=jnp.float32):
-  del key
-  return jnp.zeros(shape, dtype)
-
-
-def logical_param(module: nn.Module, name: str, init: Initializer, shape, names, dtype):
-  """module.param annotated with logical axis `names` (one per dimension of `shape`)."""
-  init = _zeros if _SHAPES_ONLY.get() else init
-  return module.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), dtype)
-
-
-def kernel_param(module: nn.Module, name: str, init: Initializer, shape, names, config: ModelConfig) -> Kernel:
+def kernel_param(module: nn.Module, name: str, shape, names, config: ModelConfig) -> Kernel:
   """A weight kernel `name` [out..., in...] as stored: (kernel in param_dtype, None), or with int8
   quantization (config.quantization) (int8 kernel, `<name>_scale` f32[out...]) whose scale carries the
-  output dimensions' logical axes. Both int8 parameters come from one draw of `init`, so
-  kernel * scale is that draw quantised (Partitioner.init makes them by sharding.init instead)."""
+  output dimensions' logical axes. Declared as logical_param (zeros; values from sharding.init)."""
   if not quant.is_quantized(name, config.quantization):
-    return logical_param(module, name, init, shape, names, config.param_dtype), None
+    return logical_param(module, name, shape, names, config.param_dtype), None
   contracted = quant.contracted_axes(name)
-  # One key for both; outside init Flax traces initializers for shapes only, with a key of its own.
-  shared = module.make_rng("params") if module.is_initializing() and not _SHAPES_ONLY.get() else None
-  values = lambda key: init(key if shared is None else shared, tuple(shape), jnp.float32)
-  scales = lambda key, *_: quant.scales_of(values(key), contracted, jnp)
-  kernel = logical_param(module, name, lambda key, *_: quant.quantize(values(key), scales(key), contracted, jnp),
-                         shape, names, jnp.int8)
-  scale = logical_param(module, quant.scale_name(name), scales, quant.output_part(shape, contracted),
+  kernel = logical_param(module, name, shape, names, jnp.int8)
+  scale = logical_param(module, quant.scale_name(name), quant.output_part(shape, contracted),
                         quant.output_part(names, contracted), jnp.float32)
   return kernel, scale
 
@@ -104,7 +78,7 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],), (ax.NORM,), cfg.param_dtype)
+    scale = logical_param(self, "scale", (x.shape[-1],), (ax.NORM,), cfg.param_dtype)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
     return scale.astype(cfg.dtype) * normed.astype(cfg.dtype)
@@ -117,8 +91,7 @@ class Embedder(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embedding = kernel_param(self, "embedding", nn.initializers.normal(cfg.initializer_range),
-                                  (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED), cfg)
+    self.embedding = kernel_param(self, "embedding", (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED), cfg)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens int[B, L] -> [B, L, E] (activation_batch, activation_length, activation_embed).
@@ -182,13 +155,11 @@ class Attention(nn.Module):
     dtype, pdtype = cfg.dtype, cfg.param_dtype
     e, d = cfg.hidden_size, cfg.head_dim
     h, k = layout.layout_num_heads, layout.layout_num_kv_heads
-    normal = nn.initializers.normal(cfg.initializer_range)
 
-    def project(name, kind, heads, head_axis_name, activation_names, x=x):
-      kernel, scale = kernel_param(self, f"{name}_kernel", layout.keyed_init(normal, kind, 0), (heads, d, e),
-                                   (head_axis_name, ax.HEAD_DIM, ax.EMBED), cfg)
-      bias_ = logical_param(self, f"{name}_bias", layout.keyed_init(normal, kind, 0), (heads, d),
-                     (head_axis_name, ax.HEAD_DIM), pdtype)
+    def project(name, heads, head_axis_name, activation_names, x=x):
+      kernel, scale = kernel_param(self, f"{name}_kernel", (heads, d, e), (head_axis_name, ax.HEAD_DIM, ax.EMBED),
+                                   cfg)
+      bias_ = logical_param(self, f"{name}_bias", (heads, d), (head_axis_name, ax.HEAD_DIM), pdtype)
       # One [B*L, E] x [H*D, E]^T product on the kernel in its stored order, then split the heads:
       # einsum "ble,hde->blhd" makes XLA:CPU transpose the whole kernel on every call.
       y = dense(x, (kernel.reshape(heads * d, e), scale), dtype, (head_axis_name, ax.EMBED))
@@ -198,9 +169,9 @@ class Attention(nn.Module):
     trim = self.last_token_only
     x_q, q_positions = (x[:, -1:], positions[:, -1:]) if trim else (x, positions)
     bias = bias[:, :, -1:] if trim else bias
-    q = project("q", QUERY, h, ax.HEADS, ax.QUERY_ACTIVATION, x=x_q)
-    key = project("k", KV, k, ax.KV_HEADS, ax.KV_ACTIVATION)
-    value = project("v", KV, k, ax.KV_HEADS, ax.KV_ACTIVATION)
+    q = project("q", h, ax.HEADS, ax.QUERY_ACTIVATION, x=x_q)
+    key = project("k", k, ax.KV_HEADS, ax.KV_ACTIVATION)
+    value = project("v", k, ax.KV_HEADS, ax.KV_ACTIVATION)
     q = rotary_embedding(q, q_positions, cfg.rope_theta)
     key = rotary_embedding(key, positions, cfg.rope_theta)
 
@@ -224,8 +195,7 @@ class Attention(nn.Module):
       out = jnp.einsum(f"bkgls,{keys}->blkgd", probs, value).reshape(b, l, h, d)
     out = constrain(out, ax.QUERY_ACTIVATION)
 
-    o_kernel, o_scale = kernel_param(self, "o_kernel", layout.keyed_init(normal, QUERY, 1), (e, h, d),
-                                     (ax.EMBED, ax.HEADS, ax.HEAD_DIM), cfg)
+    o_kernel, o_scale = kernel_param(self, "o_kernel", (e, h, d), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), cfg)
     # One [B*L, H*D] x [E, H*D]^T product: the kernel is used in its stored order (an einsum over
     # (h, d) lets XLA:CPU transpose the whole kernel on every call).
     y = dense(out.reshape(b, l, h * d), (o_kernel.reshape(e, h * d), o_scale), dtype, (ax.EMBED, ax.HEADS))
@@ -244,11 +214,10 @@ class MLP(nn.Module):
     """x [B, L, E] -> [B, L, E]."""
     cfg = self.config
     dtype = cfg.dtype
-    normal = nn.initializers.normal(cfg.initializer_range)
     e, i = cfg.hidden_size, cfg.intermediate_size
-    gate = kernel_param(self, "gate_kernel", normal, (i, e), (ax.MLP, ax.EMBED), cfg)
-    up = kernel_param(self, "up_kernel", normal, (i, e), (ax.MLP, ax.EMBED), cfg)
-    down = kernel_param(self, "down_kernel", normal, (e, i), (ax.EMBED, ax.MLP), cfg)
+    gate = kernel_param(self, "gate_kernel", (i, e), (ax.MLP, ax.EMBED), cfg)
+    up = kernel_param(self, "up_kernel", (i, e), (ax.MLP, ax.EMBED), cfg)
+    down = kernel_param(self, "down_kernel", (e, i), (ax.EMBED, ax.MLP), cfg)
     hidden = jax.nn.silu(dense(x, gate, dtype, (ax.MLP, ax.EMBED))) * dense(x, up, dtype, (ax.MLP, ax.EMBED))
     hidden = constrain(hidden, ax.MLP_ACTIVATION)
     y = dense(hidden, down, dtype, (ax.EMBED, ax.MLP))

@@ -224,6 +224,5 @@ class Qwen2ForCausalLM(nn.Module):
     cfg = self.config
     if cfg.tie_word_embeddings:
       return embedder.attend(x)
-    kernel = kernel_param(self, "lm_head", nn.initializers.normal(cfg.initializer_range),
-                          (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED), cfg)
+    kernel = kernel_param(self, "lm_head", (cfg.vocab_size, cfg.hidden_size), (ax.VOCAB, ax.EMBED), cfg)
     return dense(x, kernel, cfg.dtype, (ax.VOCAB, ax.EMBED))

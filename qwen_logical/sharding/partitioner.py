@@ -20,7 +20,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_logical.model import axes as ax
-from qwen_logical.model import layers
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import HeadLayout, plan_heads
 from qwen_logical.model.model import Qwen2ForCausalLM
@@ -123,15 +122,10 @@ class Partitioner:
                           keep=keep)
 
   # --- init -----------------------------------------------------------------------
-  def _init_variables(self, key):
-    tokens = jnp.zeros((self.batch_shards, 1), jnp.int32)
-    return self.model.init(key, tokens)
-
   def _abstract_init(self):
-    """Init traced for shapes and logical axes only (by eval_shape): the key is made inside, so
-    nothing runs, and parameters are zeros, so the per-head random draws are not traced."""
-    with layers.shapes_only():
-      return self._init_variables(jax.random.key(0))
+    """The model's init, traced by eval_shape for shapes, dtypes and logical axes only (the model
+    declares zeros; values come from `init` or a checkpoint)."""
+    return self.model.init(jax.random.key(0), jnp.zeros((self.batch_shards, 1), jnp.int32))
 
   def init(self, seed: int = 0, progress: bool = True) -> Params:
     """Random parameters created directly in their shards (nothing full-size on one device).
