@@ -31,7 +31,7 @@ from qwen_logical.model.head_layout import KV, PADDING, QUERY, HeadLayout
 from qwen_logical.sharding import validation
 from qwen_logical.sharding.report import compact_paths
 from qwen_logical.sharding.rules import format_mesh_axes
-from qwen_logical.sharding.tree_paths import path_str
+from qwen_logical.sharding.tree_paths import path_str, within_layer
 
 Span = tuple[int, int]  # [start, stop) along one dimension
 
@@ -49,7 +49,6 @@ PARAM_CLASSES = (
 # Logical names of head dimensions -> the head kind whose index map marks them.
 HEAD_KINDS = {ax.HEADS: QUERY, ax.ACTIVATION_HEADS: QUERY, ax.KV_HEADS: KV, ax.ACTIVATION_KV_HEADS: KV,
               ax.CACHE_KV_HEADS: KV}
-_LAYER_PREFIX = re.compile(r"^layers(_\d+)?/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +169,7 @@ def param_grids(partitioner) -> list[Grid]:
   groups: dict[tuple, list] = {}
   for (path, shape), names, sharding in zip(shapes, logical, shardings):
     path = path_str(path)
-    name = next((n for n, pattern in PARAM_CLASSES if re.fullmatch(pattern, _LAYER_PREFIX.sub("", path))), None)
+    name = next((n for n, pattern in PARAM_CLASSES if re.fullmatch(pattern, within_layer(path))), None)
     if name is None:  # biases and int8 scales follow their kernel's rows; the sharding table lists them
       continue
     key = (name, tuple(shape.shape), tuple(names), tuple(sharding.spec))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections import defaultdict
 
 import jax
@@ -14,6 +13,7 @@ from jax.sharding import PartitionSpec
 from qwen_logical.model.quantization import storage_bytes
 from qwen_logical.sharding.partitioner import Partitioner, path_str
 from qwen_logical.sharding.rules import as_axes, format_mesh_axes
+from qwen_logical.sharding.tree_paths import layer_index, layer_key, with_layer
 
 
 @dataclasses.dataclass
@@ -82,11 +82,13 @@ class ShardingReport:
 def compact_paths(paths: list[str]) -> str:
   """Parameter paths with unrolled layers folded: 'layers_0/a', 'layers_1/a' -> 'layers_*/a (2 layers)'."""
   groups: dict[str, int] = {}
+  folded = set()
   for path in paths:
-    key = re.sub(r"^layers_\d+/", "layers_*/", path)
-    groups[key] = groups.get(key, 0) + 1
-  return ", ".join(f"{k} ({n} layer{'s' * (n > 1)})" if k.startswith("layers_*/") else k
-                   for k, n in groups.items())
+    if layer_index(path) is not None:
+      path = with_layer(path, layer_key("*"))
+      folded.add(path)
+    groups[path] = groups.get(path, 0) + 1
+  return ", ".join(f"{k} ({n} layer{'s' * (n > 1)})" if k in folded else k for k, n in groups.items())
 
 
 def _axes(values, mesh: bool = False) -> str:

@@ -28,8 +28,8 @@ def _parts(path) -> tuple[str, ...]:
   return tuple(path.split("/")) if isinstance(path, str) else path_keys(path)
 
 
-def layer_key(index: int) -> str:
-  """The module of unrolled layer `index`: 3 -> 'layers_3'."""
+def layer_key(index: int | str) -> str:
+  """The module of unrolled layer `index`: 3 -> 'layers_3' ('*' -> 'layers_*', any layer in a summary)."""
   return f"layers_{index}"
 
 
@@ -60,6 +60,14 @@ def with_layer(path, component: str) -> str:
     raise ValueError(f"parameter path {'/'.join(parts)!r} names no layer")
   parts[position] = component
   return "/".join(parts)
+
+
+def within_layer(path) -> str:
+  """`path` below its layer component: 'layers_3/mlp/up_kernel' and 'layers/mlp/up_kernel' ->
+  'mlp/up_kernel'; a path outside the layers '/'-joined, unchanged."""
+  parts = _parts(path)
+  position, _ = layer_position(parts)
+  return "/".join(parts if position is None else parts[position + 1:])
 
 
 def layer_kind_path(path) -> str:
