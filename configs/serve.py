@@ -22,5 +22,8 @@ def get_config():
   config.serve.max_body_bytes = 4 << 20  # a larger request body gets HTTP 413 (checked while it is read)
   config.serve.read_timeout_s = 30.0  # a request body must arrive whole within this of its headers, else HTTP 408
   config.serve.drain_seconds = 30.0  # on SIGTERM: time running requests get to finish
+  # With a slot free a decode dispatch runs at most this many steps, so a new request starts within them
+  # (all slots taken: --config.decode_steps per dispatch); 0 = decode_steps / 8.
+  config.serve.join_steps = 0
   config.serve.warmup = False  # compile every program (each prompt bucket) before listening, not on first use
   return config

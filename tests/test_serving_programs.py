@@ -31,12 +31,13 @@ def test_a_call_survives_its_message():
       rows=np.array([1, 4], np.int32), seeds=np.array([9, 2 ** 32 - 2], np.uint32),
       streams=np.array([0, 0], np.int32), temperature=np.array([0.5, 0.0], np.float32),
       top_k=np.array([3, 0], np.int32), top_p=np.array([1.0, 0.5], np.float32)))
-  few = protocol.Call(protocol.DECODE, "greedy", {k: v[:2] for k, v in decode.arrays.items()})
+  few = protocol.Call(protocol.DECODE, "greedy", {k: v[:2] for k, v in decode.arrays.items()}, limit=3)
   for call in (decode, prefill, few):
     message = channel.encode(call)
     assert message.shape == (channel.size,) and message.dtype == np.int32
     back = channel.decode(message)
     assert back.op == call.op and back.kind == call.kind and set(back.arrays) == set(call.arrays)
+    assert back.limit == call.limit
     for name, values in call.arrays.items():
       prompts = call.op == protocol.PREFILL and name == "tokens"
       expected = np.zeros_like(values) if prompts else values  # the prompts follow in a second message
@@ -82,7 +83,7 @@ def test_a_step_of_the_first_rows_equals_their_own_cache_and_updates_the_cache_i
 def test_requests_take_the_lowest_rows_and_dispatches_run_the_rows_they_need(served):
   """Rows: the lowest free row first; a dispatch covers rows [0, n), n the power of two over the
   highest running row; the sampler kind GREEDY when no running row samples, SAMPLE / FILTERED when
-  one does; a request alone runs ceil((max_new_tokens - 1) / K) dispatches."""
+  one does; a dispatch runs K steps when every slot is taken, join_steps while one is free."""
   engine = served[0]
   assert engine.shapes.decode_sizes() == [1, 2, 4] and [engine.shapes.decode_rows(c) for c in (1, 2, 3, 4)] == [1, 2, 4, 4]
   rows = Rows(SLOTS)
@@ -105,9 +106,10 @@ def test_requests_take_the_lowest_rows_and_dispatches_run_the_rows_they_need(ser
   before = engine.stats()
   collector, [rid] = submit_all(engine, [greedy])
   assert collector.wait([rid])[0] == served[2][0]
-  after, k = engine.stats(), engine.programs.steps
+  after, join = engine.stats(), engine.shapes.join_steps
   assert after.decode_steps - before.decode_steps == greedy.max_new_tokens - 1
-  assert after.dispatches - before.dispatches == -(-(greedy.max_new_tokens - 1) // k)
+  assert after.dispatches - before.dispatches == -(-(greedy.max_new_tokens - 1) // join)  # 3 slots free
+  assert engine.shapes.decode_limit(0) == engine.programs.steps and engine.shapes.decode_limit(1) == join
 
 
 def test_the_first_token_obeys_top_k(served):

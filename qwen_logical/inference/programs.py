@@ -10,8 +10,9 @@ needs no mask beyond the causal rule. Per-row state (`RowState`) comes in with e
     temperature, top_k, top_p [b], kind i32[]) -> (cache, first int[b]): runs the prompts
     (Mode.PREFILL), draws each one's first token (step 0) and writes its keys/values into cache
     row rows[i] at slots [0, lengths[i]); a row >= R (padding) writes nothing.
-* decode[n](params, cache, RowState of n rows, kind i32[]) -> (cache, RowState, tokens int[n, K],
-    produced int[n]): up to K = `steps` decode steps in one dispatch (`lax.while_loop`) over cache
+* decode[n](params, cache, RowState of n rows, kind i32[], limit i32[]) -> (cache, RowState,
+    tokens int[n, K], produced int[n]): up to min(K, limit) decode steps in one dispatch
+    (`lax.while_loop`; K = `steps`, compiled; limit a runtime value <= K) over cache
     rows [0, n): each step feeds every live row's token at its slot, draws the next one with key
     (seed, stream, step) (`sampling.stream_keys`) and ends a row on one of its stop ids or when its
     budget runs out; the loop ends after K steps or when no row is live. tokens[r, :produced[r]]
@@ -149,7 +150,7 @@ class CachePrograms:
 
   def decode(self, rows: int):
     state = jax.tree_util.tree_map(lambda a: _spec(a.shape, a.dtype), RowState.empty(rows))
-    specs = (self.partitioner.param_shapes, self._cache_specs(), state, _spec((), jnp.int32))
+    specs = (self.partitioner.param_shapes, self._cache_specs(), state, _spec((), jnp.int32), _spec((), jnp.int32))
     return self._get(("decode", rows), lambda: self._decode_program(rows), specs)
 
   def _cache_specs(self):
@@ -195,13 +196,13 @@ class CachePrograms:
                                steps=st.steps + advance, budget=jnp.where(live & ~stopped, st.budget - 1, 0))
       return t + 1, cache, st, out
 
-    def decode(params, cache, state, kind):
+    def decode(params, cache, state, kind, limit):
       out = jnp.full((rows, steps), -1, jnp.int32)
-      going = lambda carry: (carry[0] < steps) & jnp.any(carry[2].budget > 0)
+      going = lambda carry: (carry[0] < jnp.minimum(steps, limit)) & jnp.any(carry[2].budget > 0)
       _, cache, state, out = jax.lax.while_loop(going, lambda c: step(params, c, kind), (jnp.int32(0), cache, state, out))
       return cache, state, out, jnp.sum(out >= 0, axis=1, dtype=jnp.int32)
 
-    return part.program(decode, in_axes=(PARAMS, self.cache_axes, ROW, ROW),
+    return part.program(decode, in_axes=(PARAMS, self.cache_axes, ROW, ROW, ROW),
                         out_axes=(self.cache_axes, ROW, ROW, ROW), donate=(1,), name=f"decode_{rows}x{steps}",
                         keep=True)
 
@@ -215,12 +216,14 @@ class CachePrograms:
     args += [self.host(a) for a in (lengths, rows, seeds, streams, temperature, top_k, top_p)]
     return program(params, cache, *args, self.host(np.int32(kind)))
 
-  def run_decode(self, params, cache, state: RowState, kind: int):
-    """decode[n] on a RowState of n rows (host or device arrays): (cache, state, tokens, produced)."""
+  def run_decode(self, params, cache, state: RowState, kind: int, limit: int | None = None):
+    """decode[n] on a RowState of n rows (host or device arrays), at most `limit` steps (default K):
+    (cache, state, tokens, produced)."""
     program = self.decode(len(state.budget))
     self.dispatches += 1
     state = jax.tree_util.tree_map(lambda a: a if isinstance(a, jax.Array) else self.host(a), state)
-    return program(params, cache, state, self.host(np.int32(kind)))
+    limit = self.steps if limit is None else min(int(limit), self.steps)
+    return program(params, cache, state, self.host(np.int32(kind)), self.host(np.int32(limit)))
 
   def host(self, array) -> jax.Array:
     """A host array replicated on the mesh (every process passes the same values)."""

@@ -94,7 +94,8 @@ def main(config: ConfigDict) -> dict[str, Any]:
   params, _ = source.weights(partitioner)
   s = config.serve
   engine = Engine(partitioner, params, slots=s.slots, context=context_for(config, partitioner.config),
-                  queue_size=s.queue_size, decode_steps=config.decode_steps or None)
+                  queue_size=s.queue_size, decode_steps=config.decode_steps or None,
+                  join_steps=s.join_steps or None)
   if s.warmup:
     engine.warmup()
   if not distributed.is_main_process():

@@ -46,19 +46,19 @@ class Engine:
   """Serves EngineRequests on `slots` cache rows of `context` tokens (prompt plus new tokens).
 
   slots must be a multiple of what splits the cache rows over the mesh (programs.batch_multiple).
-  decode_steps: tokens per running request per decode dispatch (K; default per platform).
+  decode_steps / join_steps: steps per decode dispatch (K; default per platform) / while a slot is free.
   log_every_s: seconds between progress lines; keepalive_s: how often process 0 tells idle peers
   it is alive (a dead peer is noticed within about that long).
   """
 
   def __init__(self, partitioner: Partitioner, params: Params, slots: int = 8, context: int = 2048,
-               queue_size: int = 64, *, decode_steps: int | None = None, log_every_s: float = 5.0,
-               keepalive_s: float = 1.0):
+               queue_size: int = 64, *, decode_steps: int | None = None, join_steps: int | None = None,
+               log_every_s: float = 5.0, keepalive_s: float = 1.0):
     check_settings(partitioner, slots, context, queue_size)
     self.partitioner, self.params, self.context = partitioner, params, int(context)
     self.slots, self.queue_size = int(slots), int(queue_size)
     self.programs = CachePrograms(partitioner, self.slots, self.context, decode_steps or default_decode_steps())
-    self.shapes = EngineShapes(self.programs, self.slots, self.context)
+    self.shapes = EngineShapes(self.programs, self.slots, self.context, join_steps)
     self.rows = Rows(self.slots)
     largest = self.shapes.prefill_rows
     self.channel = Channel(max(self.slots, largest), (largest, self.programs.length))
@@ -211,7 +211,8 @@ class Engine:
   def _decode(self) -> None:
     n = self.shapes.decode_rows(self.rows.highest())
     running = {row: self.rows.running[row] for row in self.rows.active()}
-    result = self._call(Call(DECODE, self.rows.kind(), dict(vars(self.rows.state.head(n)))))
+    limit = self.shapes.decode_limit(len(self.rows.free()))
+    result = self._call(Call(DECODE, self.rows.kind(), dict(vars(self.rows.state.head(n))), limit))
     if result is None:
       return
     tokens, produced, state = result

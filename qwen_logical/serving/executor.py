@@ -24,7 +24,7 @@ def execute(programs: CachePrograms, params, cache, call: Call):
     return cache, local(first)
   if call.op == DECODE:
     state = RowState(**{n: a[n] for n in DECODE_FIELDS}, stops=a["stops"])
-    cache, state, tokens, produced = programs.run_decode(params, cache, state, kind)
+    cache, state, tokens, produced = programs.run_decode(params, cache, state, kind, call.limit or None)
     return cache, (local(tokens), local(produced), jax.tree_util.tree_map(local, state))
   if call.op == RESET:  # after a failed call, whose buffers may have been donated
     return programs.new_cache(), None

@@ -38,6 +38,7 @@ class Call:
   op: int
   kind: str = SAMPLE
   arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  limit: int = 0  # DECODE: at most this many steps in the dispatch (0: the program's K)
 
 
 class Channel:
@@ -81,7 +82,7 @@ class Channel:
     if call.op == PREFILL:
       batch, bucket = call.arrays["tokens"].shape
     elif call.op == DECODE:
-      batch = len(call.arrays["tokens"])
+      batch, bucket = len(call.arrays["tokens"]), call.limit  # a decode has no bucket: its step limit
     message[:_HEADER] = (call.op, KINDS.index(call.kind), batch, bucket)
     for i, (name, dtype) in enumerate(FIELDS.items()):
       values = call.arrays.get(name)
@@ -106,7 +107,7 @@ class Channel:
       arrays["tokens"] = np.zeros((batch, bucket), np.int32)
     if op == DECODE:
       arrays["stops"] = message[self._stops_at:self._stops_at + batch * STOP_SLOTS].reshape(batch, STOP_SLOTS).copy()
-    return Call(op, KINDS[kind], arrays)
+    return Call(op, KINDS[kind], arrays, limit=bucket if op == DECODE else 0)
 
 
 def _broadcast(array: np.ndarray) -> np.ndarray:

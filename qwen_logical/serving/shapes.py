@@ -8,6 +8,9 @@ rows, decode row counts, and the list of programs a warm-up makes.
 * A decode dispatch covers rows [0, n): n a power of two over the highest running row, a multiple
   of what splits the rows, at most the slots (1, 2, 4, 8 for 8 slots).
 The default serving config (8 slots, context 2048) thus warms up 1 + 6 + 4 = 11 programs.
+* A dispatch runs K decode steps (`decode_steps`) while every slot is taken, and at most
+  `join_steps` (default K / 8) while one is free, so a request that arrives waits that few steps
+  for its prefill (the step limit is a runtime value: no other program).
 """
 
 from __future__ import annotations
@@ -21,9 +24,16 @@ BUCKET_GROWTH = 4
 class EngineShapes:
   """The shapes of an engine of `slots` rows and `context` tokens over `programs`."""
 
-  def __init__(self, programs: CachePrograms, slots: int, context: int):
+  def __init__(self, programs: CachePrograms, slots: int, context: int, join_steps: int | None = None):
     self.programs, self.slots, self.context = programs, slots, context
     self.prefill_rows = programs.batch_multiple
+    self.join_steps = min(int(join_steps or max(1, programs.steps // 8)), programs.steps)
+    if self.join_steps < 1:
+      raise ValueError(f"join_steps={join_steps} must be a positive integer.")
+
+  def decode_limit(self, free_rows: int) -> int:
+    """Steps the next decode dispatch may run: K when no row is free, else join_steps."""
+    return self.join_steps if free_rows else self.programs.steps
 
   def bucket(self, prompt_length: int) -> int:
     """The prompt bucket P of a prompt, at most the cache's slots."""
