@@ -30,7 +30,7 @@ from qwen_logical.inference.programs import (CachePrograms, RowState, batch_mult
                                              slot_multiple)
 from qwen_logical.inference.results import (GenerationError, GenerationResult, GenerationStream, StreamEvent,
                                             Timings)
-from qwen_logical.inference.sampling import SamplingParams, kind_index
+from qwen_logical.inference.sampling import GREEDY, SamplingParams, kind_index
 from qwen_logical.sharding.partitioner import Params, Partitioner
 
 __all__ = ["GenerationError", "GenerationResult", "GenerationStream", "Generator", "StreamEvent", "Timings",
@@ -94,18 +94,19 @@ class Generator:
       raise GenerationError(f"decode_steps={decode_steps} must be a positive integer (tokens per dispatch).")
     self.planner = BatchPlanner(self.max_length, self.config.vocab_size, batch_multiple(partitioner),
                                 slot_multiple(partitioner))
-    self._programs: dict[tuple[int, int], CachePrograms] = {}  # per (rows, slots) of a plan
+    self._programs: dict[tuple[int, int, str], CachePrograms] = {}  # per (rows, slots) of a plan, sampler kind
 
   @property
   def compilations(self) -> int:
     """Programs compiled so far (cache, prefill and decode, every bucket)."""
     return sum(p.compilations for p in self._programs.values())
 
-  def programs(self, rows: int, slots: int) -> CachePrograms:
-    """The programs for a cache of `rows` x `slots` (a plan's batch and slots)."""
-    if (rows, slots) not in self._programs:
-      self._programs[rows, slots] = CachePrograms(self.partitioner, rows, slots, self.decode_steps)
-    return self._programs[rows, slots]
+  def programs(self, rows: int, slots: int, kind: str = GREEDY) -> CachePrograms:
+    """The programs for a cache of `rows` x `slots` (a plan's batch and slots) and one sampler kind
+    (a call has one setting, so its programs compile that sampler only)."""
+    if (rows, slots, kind) not in self._programs:
+      self._programs[rows, slots, kind] = CachePrograms(self.partitioner, rows, slots, self.decode_steps, kind)
+    return self._programs[rows, slots, kind]
 
   def generate(self, params: Params, prompts, **kwargs) -> GenerationResult:
     """Generates for every prompt; see `stream` for the arguments. `callback(StreamEvent)`, when
@@ -148,7 +149,7 @@ class Generator:
                              *stop_and_pad_ids(tokenizer, stop_ids, pad_id))
     timings = Timings(tokenize_s=time.perf_counter() - start, batch_shape=plan.shape,
                       prompt_tokens=plan.prompt_tokens)
-    programs = self._compile(plan, timings)
+    programs = self._compile(plan, sampling.kind, timings)
     rows = _Rows(plan, tokenizer if stream_text else None)
     for step, host_tokens in enumerate(self._steps(programs, params, plan, sampling, seed, timings)):
       yield rows.add(step, host_tokens)
@@ -164,10 +165,10 @@ class Generator:
     timings.total_s = time.perf_counter() - start
     return GenerationResult(rows.tokens, rows.reasons, plan.ids, timings, texts)
 
-  def _compile(self, plan: BatchPlan, timings: Timings) -> CachePrograms:
+  def _compile(self, plan: BatchPlan, kind: str, timings: Timings) -> CachePrograms:
     """The plan's programs, compiled on first use; timings get the cost."""
     self.partitioner.check_batch(plan.batch, plan.prompt)
-    programs = self.programs(plan.batch, plan.slots)
+    programs = self.programs(plan.batch, plan.slots, kind)
     before, start = programs.compilations, time.perf_counter()
     programs.cache_program()
     programs.prefill(plan.batch, plan.prompt)

@@ -39,7 +39,7 @@ import numpy as np
 
 from qwen_logical.inference import kv_cache
 from qwen_logical.inference.batch_plan import CACHE_GRANULE, STOP_SLOTS, round_up
-from qwen_logical.inference.sampling import sample_by_kind, stream_keys
+from qwen_logical.inference.sampling import sample_by_kind, sample_rows, stream_keys
 from qwen_logical.model import axes as ax
 from qwen_logical.model.model import Mode
 from qwen_logical.sharding import distributed
@@ -107,13 +107,16 @@ def row_count(count: int, multiple: int, limit: int | None = None) -> int:
 class CachePrograms:
   """The programs of one Partitioner for a cache of `rows` rows and `length` slots.
 
-  length: rounded up to `slot_multiple`; steps: decode steps per dispatch (K).
+  length: rounded up to `slot_multiple`; steps: decode steps per dispatch (K); kind: None (the
+  sampler kind a runtime value: one program serves every kind, as the server needs) or one kind
+  compiled in (the `kind` argument then unused: a call of one setting compiles a smaller program).
   """
 
-  def __init__(self, partitioner: Partitioner, rows: int, length: int, steps: int):
+  def __init__(self, partitioner: Partitioner, rows: int, length: int, steps: int, kind: str | None = None):
     if steps < 1:
       raise ValueError(f"decode steps per dispatch must be >= 1, got {steps}")
     self.partitioner, self.rows, self.steps = partitioner, rows, int(steps)
+    self.kind = kind
     self.length = round_up(length, slot_multiple(partitioner))
     self.batch_multiple = batch_multiple(partitioner)
     kv_cache.check_cache(partitioner, rows, self.length)
@@ -156,6 +159,11 @@ class CachePrograms:
   def _cache_specs(self):
     return kv_cache.cache_shapes(self.partitioner.config, self.partitioner.layout, self.rows, self.length)
 
+  def _sample(self, logits, keys, temperature, top_k, top_p, kind):
+    if self.kind is None:
+      return sample_by_kind(logits, keys, temperature, top_k, top_p, kind)
+    return sample_rows(logits, keys, temperature, top_k, top_p, self.kind)
+
   def _cache_program(self):
     part = self.partitioner
     return part.program(lambda: kv_cache.zeros_in_jit(part, self.rows, self.length), in_axes=(),
@@ -170,13 +178,13 @@ class CachePrograms:
       logits, small = part.model.apply({"params": params}, tokens, mask, mode=Mode.PREFILL, cache=small,
                                        last_token_only=True)
       keys = stream_keys(seeds, streams, jnp.zeros_like(lengths))
-      first = sample_by_kind(logits[:, -1], keys, temperature, top_k, top_p, kind)
+      first = self._sample(logits[:, -1], keys, temperature, top_k, top_p, kind)
       cache = jax.tree_util.tree_map(lambda big, new, names: _insert(big, new, lengths, rows, names), cache, small,
                                      self.cache_axes)
       return cache, first
 
     return part.program(prefill, in_axes=(PARAMS, self.cache_axes, ax.TOKENS) + (ROW,) * 8,
-                        out_axes=(self.cache_axes, ROW), donate=(1,), name=f"prefill_{batch}x{bucket}", keep=True)
+                        out_axes=(self.cache_axes, ROW), donate=(1,), name=f"prefill_{batch}x{bucket}_{self.kind or 'any'}", keep=True)
 
   def _decode_program(self, rows: int):
     part, length, steps = self.partitioner, self.length, self.steps
@@ -187,7 +195,7 @@ class CachePrograms:
       mask = jnp.ones((rows, length), jnp.int32)  # the causal rule alone: rows fill slots [0, index]
       logits, cache = part.model.apply({"params": params}, st.tokens[:, None], mask, st.index[:, None],
                                        mode=Mode.DECODE, cache=cache, cache_index=st.index)
-      new = sample_by_kind(logits[:, 0], stream_keys(st.seeds, st.streams, st.steps), st.temperature, st.top_k,
+      new = self._sample(logits[:, 0], stream_keys(st.seeds, st.streams, st.steps), st.temperature, st.top_k,
                            st.top_p, kind)
       out = out.at[:, t].set(jnp.where(live, new, -1))
       stopped = jnp.any(new[:, None] == st.stops, axis=1)
@@ -203,7 +211,7 @@ class CachePrograms:
       return cache, state, out, jnp.sum(out >= 0, axis=1, dtype=jnp.int32)
 
     return part.program(decode, in_axes=(PARAMS, self.cache_axes, ROW, ROW, ROW),
-                        out_axes=(self.cache_axes, ROW, ROW, ROW), donate=(1,), name=f"decode_{rows}x{steps}",
+                        out_axes=(self.cache_axes, ROW, ROW, ROW), donate=(1,), name=f"decode_{rows}x{steps}_{self.kind or 'any'}",
                         keep=True)
 
   # --- running -------------------------------------------------------------------------------
