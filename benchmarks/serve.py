@@ -60,7 +60,8 @@ def start_server(mesh: str, port: int, args) -> subprocess.Popen:
   return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_healthy(base: str, server: subprocess.Popen, limit_s: float) -> None:
+def wait_healthy(base: str, server: subprocess.Popen, limit_s: float, poll_s: float = 1.0) -> float:
+  """Waits for the first 200 from /health; its time.perf_counter()."""
   deadline = time.monotonic() + limit_s
   while time.monotonic() < deadline:
     if server.poll() is not None:
@@ -68,10 +69,10 @@ def wait_healthy(base: str, server: subprocess.Popen, limit_s: float) -> None:
     try:
       with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
         if response.status == 200:
-          return
+          return time.perf_counter()
     except (urllib.error.URLError, ConnectionError, TimeoutError):
       pass
-    time.sleep(1)
+    time.sleep(poll_s)
   raise SystemExit(f"the server did not answer /health within {limit_s:.0f} s")
 
 

@@ -24,18 +24,12 @@ import time
 import urllib.request
 
 from results_file import write_results
+from serve import free_port, wait_healthy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 WARMUP_LINE = re.compile(r"Warm-up: (\d+) programs ready in ([\d.]+) s \(XLA: (\d+) compiled, (\d+) loaded")
 BARS = {"programs": 12, "first_start_s": 40.0, "second_start_s": 15.0}
-
-
-def free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def start(preset: str, mesh: str, cache_dir: str, log_path: str) -> dict:
@@ -48,7 +42,7 @@ def start(preset: str, mesh: str, cache_dir: str, log_path: str) -> dict:
   with open(log_path, "w") as log:
     server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-      ready = _wait_healthy(port, server, timeout_s=900)
+      ready = wait_healthy(f"http://127.0.0.1:{port}", server, limit_s=900, poll_s=0.1)
       completion = _complete(port)
     finally:
       server.terminate()
@@ -59,20 +53,6 @@ def start(preset: str, mesh: str, cache_dir: str, log_path: str) -> dict:
     raise RuntimeError(f"no warm-up line in {log_path}:\n{text[-3000:]}")
   return {"launch_to_health_s": ready - launched, "programs": int(match[1]), "warmup_s": float(match[2]),
           "xla_compiled": int(match[3]), "xla_loaded": int(match[4]), "completion_tokens": completion}
-
-
-def _wait_healthy(port: int, server: subprocess.Popen, timeout_s: float) -> float:
-  deadline = time.perf_counter() + timeout_s
-  while time.perf_counter() < deadline:
-    if server.poll() is not None:
-      raise RuntimeError(f"the server exited ({server.returncode}) before /health answered")
-    try:
-      with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-        if response.status == 200:
-          return time.perf_counter()
-    except OSError:
-      time.sleep(0.1)
-  raise RuntimeError("/health did not answer in time")
 
 
 def _complete(port: int) -> int:
