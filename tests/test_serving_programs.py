@@ -81,11 +81,11 @@ def test_a_step_of_the_first_rows_equals_their_own_cache_and_updates_the_cache_i
 
 
 def test_requests_take_the_lowest_rows_and_dispatches_run_the_rows_they_need(served):
-  """Rows: the lowest free row first; a dispatch covers rows [0, n), n the power of two over the
+  """Rows: the lowest free row first; a dispatch covers rows [0, n), n the power of 4 over the
   highest running row; the sampler kind GREEDY when no running row samples, SAMPLE / FILTERED when
   one does; a dispatch runs K steps when every slot is taken, join_steps while one is free."""
   engine = served[0]
-  assert engine.shapes.decode_sizes() == [1, 2, 4] and [engine.shapes.decode_rows(c) for c in (1, 2, 3, 4)] == [1, 2, 4, 4]
+  assert engine.shapes.decode_sizes() == [1, 4] and [engine.shapes.decode_rows(c) for c in (1, 2, 3, 4)] == [1, 4, 4, 4]
   rows = Rows(SLOTS)
   greedy, sampled, filtered = (REQUESTS[i] for i in (0, 2, 3))
   assert (greedy.sampling.kind, sampled.sampling.kind, filtered.sampling.kind) == ("greedy", "sample", "filtered")

@@ -98,9 +98,12 @@ def slot_multiple(partitioner: Partitioner) -> int:
   return math.lcm(CACHE_GRANULE, *(_shards(partitioner, n) for n in (ax.CACHE_SEQUENCE, ax.ACTIVATION_LENGTH)))
 
 
-def row_count(count: int, multiple: int, limit: int | None = None) -> int:
-  """Rows of a call that covers `count` rows: a power of two, a multiple of `multiple`, at most `limit`."""
-  rows = round_up(1 << max(count - 1, 0).bit_length(), multiple)
+def row_count(count: int, multiple: int, limit: int | None = None, growth: int = 2) -> int:
+  """Rows of a call that covers `count` rows: a power of `growth`, a multiple of `multiple`, at most `limit`."""
+  rows = 1
+  while rows < count:
+    rows *= growth
+  rows = round_up(rows, multiple)
   return rows if limit is None else min(rows, limit)
 
 
