@@ -127,7 +127,6 @@ class CachePrograms:
     self._programs: dict[tuple, object] = {}
     self._lock = threading.Lock()
     self.compilations = 0  # programs compiled (or loaded from the persistent cache) by this object
-    self.dispatches = 0  # decode dispatches run
 
   # --- programs ----------------------------------------------------------------------------
   def _get(self, key: tuple, make, specs):
@@ -231,7 +230,6 @@ class CachePrograms:
     """decode[n] on a RowState of n rows (host or device arrays), at most `limit` steps (default K):
     (cache, state, tokens, produced)."""
     program = self.decode(len(state.budget))
-    self.dispatches += 1
     state = jax.tree_util.tree_map(lambda a: a if isinstance(a, jax.Array) else self.host(a), state)
     limit = self.steps if limit is None else min(int(limit), self.steps)
     return program(params, cache, state, self.host(np.int32(kind)), self.host(np.int32(limit)))
