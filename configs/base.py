@@ -31,6 +31,14 @@ def get_config() -> ConfigDict:
   config.decode_steps = 0  # tokens per decode dispatch (K), on the device; 0 = the platform's default (8 CPU, 32 GPU/TPU)
   # Compiled programs are kept here, so a second start on this machine loads them instead of compiling; "" = off.
   config.compilation_cache_dir = "~/.cache/qwen_logical/xla"
+  # Speculative decoding: several tokens checked per pass over the weights; greedy output unchanged.
+  config.speculative = ConfigDict()
+  config.speculative.method = ""  # "" = off | prompt_lookup (drafts from the prompt and output) | draft
+  config.speculative.num_tokens = 7  # tokens drafted per round (K); K + 1 = 8 rows suit XLA:CPU's products
+  config.speculative.ngram = 3  # prompt_lookup: the tokens matched to find a continuation
+  config.speculative.draft_checkpoint = ""  # draft: an HF directory of a model with the same tokenizer
+  config.speculative.draft_rules = ""  # draft: its own rule table ("" = the target's)
+  config.speculative.draft_rule_overrides = ""
   config.export = ""  # write the params as an HF directory here (safetensors shards + index + config)
 
   # Several processes (one per host): all join one job and the mesh spans every process's devices.

@@ -31,6 +31,7 @@ from qwen_logical.inference.programs import (CachePrograms, RowState, batch_mult
 from qwen_logical.inference.results import (GenerationError, GenerationResult, GenerationStream, StreamEvent,
                                             Timings)
 from qwen_logical.inference.sampling import GREEDY, SamplingParams, kind_index
+from qwen_logical.inference.speculative import Speculation, SpeculativePrograms, speculative_steps
 from qwen_logical.sharding.partitioner import Params, Partitioner
 
 __all__ = ["GenerationError", "GenerationResult", "GenerationStream", "Generator", "StreamEvent", "Timings",
@@ -53,22 +54,25 @@ class _Rows:
     return all(self.finished)
 
   def add(self, step: int, host_tokens: np.ndarray) -> StreamEvent:
-    """Takes step `step`'s tokens int[B] (padding rows ignored) -> the event of the real rows."""
+    """Takes step `step`'s tokens int[B] (padding rows ignored; -1: the row has none at this
+    step) -> the event of the real rows (None for a row without a new token)."""
     new: list[int | None] = []
     texts: list[str | None] = []
     for r, was_finished in enumerate(self.finished):
-      if was_finished:
+      token = int(host_tokens[r])
+      if was_finished or token < 0:
         new.append(None)
         texts.append(None)
         continue
-      token = int(host_tokens[r])
       self.tokens[r].append(token)
       new.append(token)
       if token in self.stop_ids:
         self.finished[r], self.reasons[r] = True, "stop"
+      elif len(self.tokens[r]) > self.last_step:
+        self.finished[r] = True  # "length"
       if self.text is not None:
         delta = self.text[r].add(token)
-        texts.append(delta + self.text[r].finish() if self.finished[r] or step == self.last_step else delta)
+        texts.append(delta + self.text[r].finish() if self.finished[r] else delta)
     return StreamEvent(step, tuple(new), tuple(texts) if self.text is not None else None)
 
 
@@ -80,11 +84,18 @@ class Generator:
     max_length: the context, prompt plus new tokens (default: the config's
       max_position_embeddings).
     decode_steps: tokens each decode dispatch may draw per row (K; default per platform,
-      `programs.default_decode_steps`); greedy output is the same for every K.
+      `programs.default_decode_steps`); greedy output is the same for every K. With speculation,
+      the speculative rounds per dispatch.
+    speculation: a `speculative.Speculation` (default off): greedy output stays the same, sampled
+      output keeps its distribution.
   """
 
-  def __init__(self, partitioner: Partitioner, max_length: int | None = None, decode_steps: int | None = None):
+  def __init__(self, partitioner: Partitioner, max_length: int | None = None, decode_steps: int | None = None,
+               speculation: Speculation | None = None):
     self.partitioner = partitioner
+    self.speculation = speculation if speculation is not None and speculation.on else None
+    if self.speculation is not None:
+      self.speculation.check(partitioner)
     self.config = partitioner.config
     self.max_length = int(max_length or self.config.max_position_embeddings)
     if self.max_length <= 0:
@@ -105,7 +116,11 @@ class Generator:
     """The programs for a cache of `rows` x `slots` (a plan's batch and slots) and one sampler kind
     (a call has one setting, so its programs compile that sampler only)."""
     if (rows, slots, kind) not in self._programs:
-      self._programs[rows, slots, kind] = CachePrograms(self.partitioner, rows, slots, self.decode_steps, kind)
+      if self.speculation is None:
+        made = CachePrograms(self.partitioner, rows, slots, self.decode_steps, kind)
+      else:
+        made = SpeculativePrograms(self.partitioner, rows, slots, self.decode_steps, kind, self.speculation)
+      self._programs[rows, slots, kind] = made
     return self._programs[rows, slots, kind]
 
   def generate(self, params: Params, prompts, **kwargs) -> GenerationResult:
@@ -172,7 +187,12 @@ class Generator:
     before, start = programs.compilations, time.perf_counter()
     programs.cache_program()
     programs.prefill(plan.batch, plan.prompt)
-    if plan.max_new_tokens > 1:
+    if self.speculation is not None and plan.max_new_tokens > 1:
+      programs.speculate(plan.batch)
+      if programs.draft is not None:
+        programs.draft.cache_program()
+        programs.draft.prefill(plan.batch, plan.prompt)
+    elif plan.max_new_tokens > 1:
       programs.decode(plan.batch)
     timings.compilations = programs.compilations - before
     timings.compile_s = time.perf_counter() - start if timings.compilations else 0.0
@@ -202,6 +222,9 @@ class Generator:
       return
     real = np.arange(batch) < plan.real
     state.budget = np.where(real & ~np.isin(state.tokens, plan.stop_ids), plan.max_new_tokens - 1, 0).astype(np.int32)
+    if self.speculation is not None:
+      yield from speculative_steps(programs, params, cache, plan, state, lengths, timings, decode_start)
+      return
     last = plan.max_new_tokens - 1  # decode steps the longest row can need
     ahead, queued, steps = programs.run_decode(params, cache, state, kind), programs.steps, 0
     while ahead is not None:
@@ -239,13 +262,26 @@ def generator_for(partitioner: Partitioner) -> Generator:
   return _GENERATORS[partitioner]
 
 
+def _generator(partitioner: Partitioner, max_length, decode_steps, speculation) -> Generator:
+  """A Generator for these settings, kept (with its compiled programs) for the next call with the same."""
+  key = (partitioner, max_length, decode_steps, speculation, id(speculation.draft) if speculation else None)
+  if key not in _SETTINGS:
+    _SETTINGS.clear()  # one setting at a time: each holds compiled programs
+    _SETTINGS[key] = Generator(partitioner, max_length, decode_steps, speculation)
+  return _SETTINGS[key]
+
+
+_SETTINGS: dict = {}
+
+
 def generate(partitioner: Partitioner, params: Params, prompts, **kwargs) -> GenerationResult:
   """Generates for `prompts` with the partitioner's model; arguments as `Generator.stream`,
-  plus `callback(StreamEvent)`, `max_length` (the context; default the config's) and `decode_steps`
-  (tokens per decode dispatch; default per platform)."""
+  plus `callback(StreamEvent)`, `max_length` (the context; default the config's), `decode_steps`
+  (tokens per decode dispatch; default per platform) and `speculation` (`speculative.Speculation`)."""
   max_length, decode_steps = kwargs.pop("max_length", None), kwargs.pop("decode_steps", None)
-  if max_length is None and decode_steps is None:
+  speculation = kwargs.pop("speculation", None)
+  if max_length is None and decode_steps is None and not (speculation and speculation.on):
     gen = generator_for(partitioner)
   else:
-    gen = Generator(partitioner, max_length, decode_steps)
+    gen = _generator(partitioner, max_length, decode_steps, speculation)
   return gen.generate(params, prompts, **kwargs)

@@ -36,6 +36,9 @@ class Timings:
   decode_steps: int = 0
   dispatches: int = 0  # decode programs run (each draws up to K tokens per row)
   compilations: int = 0
+  speculative_rounds: int = 0  # speculative rounds, summed over the real rows (each a target pass)
+  drafted: int = 0  # draft tokens proposed (real rows)
+  accepted: int = 0  # draft tokens kept
   batch_shape: tuple[int, int, int] = (0, 0, 0)  # (padded batch B, prompt bucket P, cache slots S)
 
   @property
@@ -57,10 +60,28 @@ class Timings:
     """Decode dispatches per token a row generated (prefill's first token included): about 1/K."""
     return self.dispatches / (self.decode_steps + 1) if self.decode_steps else 0.0
 
+  def add_rounds(self, stats: np.ndarray) -> None:
+    """Adds speculative rounds' per-row counts i32[rows, 3] (rounds, drafted, accepted)."""
+    rounds, drafted, accepted = (int(x) for x in stats.sum(axis=0))
+    self.speculative_rounds += rounds
+    self.drafted += drafted
+    self.accepted += accepted
+
+  @property
+  def acceptance_rate(self) -> float:
+    """The share of drafted tokens that were kept."""
+    return self.accepted / self.drafted if self.drafted else 0.0
+
+  @property
+  def tokens_per_round(self) -> float:
+    """Mean tokens a row gained per speculative round (one target pass): 1 + accepted drafts."""
+    return (self.speculative_rounds + self.accepted) / self.speculative_rounds if self.speculative_rounds else 0.0
+
   def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     out.update(prefill_tokens_per_s=self.prefill_tokens_per_s, decode_steps_per_s=self.decode_steps_per_s,
-               decode_tokens_per_s=self.decode_tokens_per_s, dispatches_per_token=self.dispatches_per_token)
+               decode_tokens_per_s=self.decode_tokens_per_s, dispatches_per_token=self.dispatches_per_token,
+               acceptance_rate=self.acceptance_rate, tokens_per_round=self.tokens_per_round)
     return out
 
 

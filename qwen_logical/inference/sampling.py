@@ -112,7 +112,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
   hot = temperature > 0
   scaled = logits / jnp.where(hot, temperature, 1.0)[:, None]
   if kind == FILTERED:
-    scaled = jnp.where(scaled >= _threshold(scaled, top_k, top_p)[:, None], scaled, -jnp.inf)
+    scaled = jnp.where(scaled >= filter_threshold(scaled, top_k, top_p)[:, None], scaled, -jnp.inf)
   elif kind != SAMPLE:
     raise ValueError(f"unknown sampler kind {kind!r}; use {GREEDY!r}, {SAMPLE!r} or {FILTERED!r}")
   noise = gumbel_noise(keys, logits.shape[-1])
@@ -143,7 +143,7 @@ def _mix(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def _threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def filter_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
   """f32[B]: the smallest scaled logit each row keeps under its top_k, then top_p (-inf: all).
 
   The candidates are the row sorted in descending order; top-p counts the probability mass of

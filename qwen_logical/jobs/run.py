@@ -13,6 +13,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from qwen_logical.jobs.common import build
+from qwen_logical.jobs.common.speculation import speculation_from
 from qwen_logical.sharding import distributed
 from qwen_logical.sharding.mesh import parse_mesh_shape
 
@@ -74,9 +75,11 @@ def generate_text(config: ConfigDict, partitioner, params, request: Request) -> 
   if streamed:
     say(f"\n>>> {request.prompts[0]}\n")
   s = request.sampling
+  speculation = speculation_from(config, partitioner, request.tokenizer)
   result = generate(partitioner, params, request.inputs, tokenizer=request.tokenizer,
                     max_new_tokens=config.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                    top_p=s.top_p, seed=config.seed, callback=show, decode_steps=config.decode_steps or None)
+                    top_p=s.top_p, seed=config.seed, callback=show, decode_steps=config.decode_steps or None,
+                    speculation=speculation)
   if streamed:
     say()
   else:
@@ -86,6 +89,10 @@ def generate_text(config: ConfigDict, partitioner, params, request: Request) -> 
   say(f"\nGeneration: prefill {t.prefill_tokens_per_s:.1f} tokens/s, decode {t.decode_tokens_per_s:.1f} "
       f"tokens/s, compile {t.compile_s:.2f} s, {t.new_tokens} new tokens, {t.dispatches} decode dispatches "
       f"({t.dispatches_per_token:.3f} per token)")
+  if t.speculative_rounds:
+    say(f"Speculative ({config.speculative.method}, {config.speculative.num_tokens} drafted per round): acceptance "
+        f"{t.acceptance_rate:.1%}, {t.tokens_per_round:.2f} tokens per round (target pass), decode "
+        f"{t.decode_tokens_per_s:.1f} tokens/s")
   return {"texts": result.texts, "tokens": result.tokens, "finish_reasons": result.finish_reasons,
           "generation_timings": t.to_dict()}
 

@@ -40,8 +40,11 @@ def is_names(node) -> bool:
 
 def resolve(partitioner, axes) -> Any:
   """A tree of logical-name leaves -> the same tree of NamedSharding under the partitioner's table
-  (None leaves stay None: unspecified)."""
-  return jax.tree_util.tree_map(lambda names: partitioner.sharding(tuple(names)), axes, is_leaf=is_names)
+  (None leaves stay None: unspecified; Sharding leaves stay as they are: the arrays of another
+  partitioner on the same mesh, such as a draft model's)."""
+  keep = lambda node: isinstance(node, jax.sharding.Sharding)
+  return jax.tree_util.tree_map(lambda n: n if keep(n) else partitioner.sharding(tuple(n)), axes,
+                                is_leaf=lambda n: is_names(n) or keep(n))
 
 
 @dataclasses.dataclass
