@@ -77,3 +77,21 @@ def varied_text_model(seed=0):
   head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed + 1))
   model.lm_head.weight = torch.nn.Parameter(head)
   return model
+
+
+def copying_model(seed=0, pull=6.0):
+  """varied_text_model whose head also favours one successor per token (`walk`): its greedy text mostly
+  follows that walk and sometimes leaves it, so a prompt holding a stretch of the walk is partly copied."""
+  model = varied_text_model(seed=seed)
+  walk = walk_successors(model.config.vocab_size, seed)
+  with torch.no_grad():
+    embedding = model.model.embed_tokens.weight
+    unit = embedding / embedding.norm(dim=1, keepdim=True)
+    predecessor = torch.argsort(torch.as_tensor(walk))  # predecessor[v]: the token whose successor is v
+    model.lm_head.weight.add_(pull * np.sqrt(model.config.hidden_size) * unit[predecessor])
+  return model
+
+
+def walk_successors(vocab: int, seed=0) -> np.ndarray:
+  """int[V]: the token `copying_model` favours after each token (a random permutation)."""
+  return np.random.RandomState(seed + 7).permutation(vocab)

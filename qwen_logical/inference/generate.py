@@ -168,7 +168,7 @@ class Generator:
     rows = _Rows(plan, tokenizer if stream_text else None)
     for step, host_tokens in enumerate(self._steps(programs, params, plan, sampling, seed, timings)):
       yield rows.add(step, host_tokens)
-      if rows.all_finished or step == plan.max_new_tokens - 1:
+      if rows.all_finished:  # a row finishes on a stop id or at max_new_tokens
         break
     timings.new_tokens = sum(len(t) for t in rows.tokens)
     timings.decode_tokens = timings.new_tokens - plan.real
