@@ -57,6 +57,7 @@ def get_config() -> ConfigDict:
   config.model.param_dtype = ""
   config.model.dtype = "float32"
   config.model.quantization = ""  # "" = weights in param_dtype | "int8": weight-only, one scale per output channel
+  config.model.kv_cache_dtype = ""  # "" = the compute dtype | bfloat16 | int8 (a scale per token and KV head)
   # None = the fast layer form for the platform: unrolled on CPU and GPU (XLA copies each layer's slice of
   # scanned weights on every decode step: ~4x slower decode on CPU, 2.6x on an H100), scanned on TPU and
   # under tables that gather weights (fsdp).

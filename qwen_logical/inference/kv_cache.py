@@ -8,6 +8,10 @@ the same mesh axis as the k/v projections). `cache_shape` is the one place that 
 is made. The tree mirrors the parameters: scanned layers stack one array per kind,
 `[N, B, K, S, D]` with a leading `layers` axis; unrolled layers keep one [B, K, S, D]
 array per layer.
+
+`ModelConfig.kv_cache_dtype` sets what the cache stores: the compute dtype (""), float32,
+bfloat16, or int8 with one bfloat16 scale per token and KV head ('k_scale', 'v_scale':
+[.., B, K, S], logical `axes.KV_CACHE_SCALE`), a quarter of float32's bytes and the scales'.
 """
 
 from __future__ import annotations
@@ -17,19 +21,34 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen_logical.model import axes as ax
 from qwen_logical.sharding import validation
+from qwen_logical.model.cached_attention import SCALE_DTYPE, storage_dtype
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import KV, HeadLayout
 
 Cache = Any
 
 
+def layer_arrays(config: ModelConfig, layout: HeadLayout, batch: int, length: int) -> dict[str, tuple]:
+  """One layer's cache arrays: kind -> (shape, dtype, logical names); 'k' and 'v', plus their scales
+  when int8."""
+  shape = cache_shape(config, layout, batch, length)
+  arrays = {kind: (shape, storage_dtype(config), ax.KV_CACHE) for kind in ("k", "v")}
+  if config.kv_cache_dtype == "int8":
+    scale = (shape[:-1], np.dtype(SCALE_DTYPE), ax.KV_CACHE_SCALE)
+    arrays.update(k_scale=scale, v_scale=scale)
+  return arrays
+
+
 def _tree(config: ModelConfig, leaf_fn) -> Cache:
+  """leaf_fn(kind, leading sizes, leading names) per array of every layer."""
+  kinds = ("k", "v", "k_scale", "v_scale") if config.kv_cache_dtype == "int8" else ("k", "v")
   if config.scan_layers:
-    return {"layers": {kind: leaf_fn((config.num_layers,), (ax.LAYERS,)) for kind in ("k", "v")}}
-  return {f"layers_{i}": {kind: leaf_fn((), ()) for kind in ("k", "v")} for i in range(config.num_layers)}
+    return {"layers": {kind: leaf_fn(kind, (config.num_layers,), (ax.LAYERS,)) for kind in kinds}}
+  return {f"layers_{i}": {kind: leaf_fn(kind, (), ()) for kind in kinds} for i in range(config.num_layers)}
 
 
 def cache_shape(config: ModelConfig, layout: HeadLayout, batch: int, length: int) -> tuple[int, ...]:
@@ -40,14 +59,14 @@ def cache_shape(config: ModelConfig, layout: HeadLayout, batch: int, length: int
 
 
 def cache_shapes(config: ModelConfig, layout: HeadLayout, batch: int, length: int) -> Cache:
-  """Tree of jax.ShapeDtypeStruct for a cache of `batch` rows and `length` slots (compute dtype)."""
-  tail = cache_shape(config, layout, batch, length)
-  return _tree(config, lambda lead, _: jax.ShapeDtypeStruct(lead + tail, jnp.dtype(config.dtype)))
+  """Tree of jax.ShapeDtypeStruct for a cache of `batch` rows and `length` slots."""
+  arrays = layer_arrays(config, layout, batch, length)
+  return _tree(config, lambda kind, lead, _: jax.ShapeDtypeStruct(lead + arrays[kind][0], arrays[kind][1]))
 
 
 def cache_logical_axes(config: ModelConfig) -> Cache:
   """Tree of logical-name tuples, e.g. ('layers', 'cache_batch', 'cache_sequence', ...)."""
-  return _tree(config, lambda _, names: names + ax.KV_CACHE)
+  return _tree(config, lambda kind, _, names: names + (ax.KV_CACHE_SCALE if kind.endswith("_scale") else ax.KV_CACHE))
 
 
 def cache_shardings(partitioner, batch: int, length: int) -> Cache:
@@ -64,6 +83,11 @@ def cache_bytes(config: ModelConfig, layout: HeadLayout, batch: int, length: int
   """Bytes of the whole cache (all devices together)."""
   return sum(s.size * s.dtype.itemsize for s in jax.tree_util.tree_leaves(
       cache_shapes(config, layout, batch, length)))
+
+
+def bytes_per_slot(config: ModelConfig, layout: HeadLayout) -> int:
+  """Bytes one token's slot takes in every layer (keys, values and scales; layout KV heads)."""
+  return cache_bytes(config, layout, 1, 1)
 
 
 def check_cache(partitioner, batch: int, length: int) -> None:

@@ -267,18 +267,22 @@ def local(array: jax.Array) -> np.ndarray:
 
 
 def _insert(big: jax.Array, small: jax.Array, lengths: jax.Array, rows: jax.Array, names) -> jax.Array:
-  """Writes prefill row i's keys/values (small [.., b, K, P, D], its prompt at [P - lengths[i], P))
-  into big [.., R, K, S, D] row rows[i] at slots [0, lengths[i]); other rows keep theirs."""
-  batch_axis, slot_axis = big.ndim - 4, big.ndim - 2
+  """Writes prefill row i's keys/values (small [.., b, K, P, ...], its prompt at [P - lengths[i], P))
+  into big [.., R, K, S, ...] row rows[i] at slots [0, lengths[i]); other rows keep theirs. The axes
+  come from the logical `names` (keys/values and an int8 cache's scales alike)."""
+  batch_axis, slot_axis = names.index(ax.CACHE_BATCH), names.index(ax.CACHE_SEQUENCE)
   n, bucket = big.shape[batch_axis], small.shape[slot_axis]
   match = rows[None, :] == jnp.arange(n)[:, None]  # [R, b]
   source = jnp.argmax(match, axis=1)  # the prefill row each cache row takes (if any)
-  shape = lambda *sizes: (1,) * batch_axis + sizes  # broadcast over the leading layers axis, if any
-  moved = jnp.take(small, source, axis=batch_axis)  # [.., R, K, P, D]
+
+  def shape(**sizes):  # broadcast [R] or [R, P] over the other axes
+    return tuple(sizes.get({batch_axis: "rows", slot_axis: "slots"}.get(a, ""), 1) for a in range(big.ndim))
+
+  moved = jnp.take(small, source, axis=batch_axis)  # [.., R, K, P, ...]
   start = bucket - jnp.take(lengths, source)  # each row's left padding
   slots = jnp.minimum(jnp.arange(bucket)[None, :] + start[:, None], bucket - 1)  # [R, P]
-  moved = jnp.take_along_axis(moved, slots.reshape(shape(n, 1, bucket, 1)), axis=slot_axis)
+  moved = jnp.take_along_axis(moved, slots.reshape(shape(rows=n, slots=bucket)), axis=slot_axis)
   head = jax.lax.slice_in_dim(big, 0, bucket, axis=slot_axis)
-  head = jnp.where(match.any(axis=1).reshape(shape(n, 1, 1, 1)), moved.astype(big.dtype), head)
+  head = jnp.where(match.any(axis=1).reshape(shape(rows=n)), moved.astype(big.dtype), head)
   big = jax.lax.dynamic_update_slice_in_dim(big, head, 0, axis=slot_axis)
   return nn.with_logical_constraint(big, names)

@@ -64,3 +64,5 @@ LOGITS_ACTIVATION = (ACTIVATION_BATCH, ACTIVATION_LENGTH, ACTIVATION_VOCAB)
 TOKENS = (ACTIVATION_BATCH, ACTIVATION_LENGTH)
 # Heads before slots: with [B, S, K, D] XLA re-copied the cache on every decode step.
 KV_CACHE = (CACHE_BATCH, CACHE_KV_HEADS, CACHE_SEQUENCE, CACHE_HEAD_DIM)
+# An int8 cache's scales: one per token and KV head.
+KV_CACHE_SCALE = KV_CACHE[:-1]

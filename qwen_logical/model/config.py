@@ -21,6 +21,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 SUPPORTED_DTYPES = tuple(DTYPES)
 REMAT_POLICIES = ("none", "full", "dots")
+KV_CACHE_DTYPES = ("", "float32", "bfloat16", "int8")
 
 
 class ConfigError(QwenLogicalError):
@@ -72,6 +73,9 @@ class ModelConfig:
   # "" stores kernels in param_dtype; "int8": weight-only int8 kernels with float32 scales per output
   # channel (model.quantization). Not part of the HF config.
   quantization: str = ""
+  # How the KV cache stores keys and values: "" in the compute dtype, "float32", "bfloat16", or "int8"
+  # (one bfloat16 scale per token and KV head; `inference.kv_cache`). Not part of the HF config.
+  kv_cache_dtype: str = ""
   scan_layers: bool = False  # unrolled: the fast form on XLA:CPU; jobs pick per platform
   # Rematerialisation of each decoder layer in FORWARD calls (training): "none" keeps every
   # activation for the backward pass, "full" recomputes the layer, "dots" keeps the weight products only.
@@ -98,6 +102,9 @@ class ModelConfig:
       raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings.")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"ModelConfig.remat={self.remat!r} is not supported; use one of {REMAT_POLICIES}.")
+    if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+      raise ConfigError(f"ModelConfig.kv_cache_dtype={self.kv_cache_dtype!r} is not supported; use one of "
+                        f"{KV_CACHE_DTYPES} ('' stores the cache in the compute dtype).")
     if self.quantization not in QUANTIZATIONS:
       raise ConfigError(f"ModelConfig.quantization={self.quantization!r} is not supported; use one of "
                         f"{QUANTIZATIONS} ('' keeps weights in param_dtype).")

@@ -19,12 +19,12 @@ import jax.numpy as jnp
 
 from qwen_logical.model import axes as ax
 from qwen_logical.model import quantization as quant
-from qwen_logical.model.cached_attention import decode_attention, rows_of, write_slots
+from qwen_logical.model.cached_attention import decode_attention, quantize, stored, write_slots
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import HeadLayout
 from qwen_logical.model.projections import Kernel, dense
 
-KVCache = dict  # one layer's {'k': [B, K, S, D], 'v': [B, K, S, D]} (logical ax.KV_CACHE)
+KVCache = dict  # one layer's {'k': [B, K, S, D], 'v': [B, K, S, D]} (logical ax.KV_CACHE; int8: + 'k_scale', 'v_scale' [B, K, S])
 
 # The cache's dimension order: heads before slots, so attention reads each head's [S, D] block
 # contiguously and a decode step writes one [D] row per head in place (no per-step relayout).
@@ -178,11 +178,17 @@ class Attention(nn.Module):
     keys = "bskd"  # this call's keys [B, L, K, D]
     if self.mode is not Mode.FORWARD:
       index = 0 if self.mode is Mode.PREFILL else cache_index
-      write = lambda slots, new: constrain(write_slots(slots, new, index), ax.KV_CACHE)
-      cache = {"k": write(cache["k"], key), "v": write(cache["v"], value)}
+      write = lambda name, new, names=ax.KV_CACHE: constrain(write_slots(cache[name], new, index), names)
+      new_cache = {}
+      for name, new in (("k", key), ("v", value)):
+        if f"{name}_scale" in cache:  # int8: this call's attention uses its own keys unrounded
+          new, scale = quantize(new)
+          new_cache[f"{name}_scale"] = write(f"{name}_scale", scale, ax.KV_CACHE_SCALE)
+        new_cache[name] = write(name, new)
+      cache = new_cache
       if self.mode is Mode.DECODE:  # this call's rows are the cache's first rows
         rows = x.shape[0]
-        (key, value), keys = (rows_of(cache[n], rows).astype(dtype) for n in ("k", "v")), "bksd"
+        (key, value), keys = (stored(cache, n, rows, dtype) for n in ("k", "v")), "bksd"
 
     b, l = q.shape[:2]
     grouped = q.reshape(b, l, k, h // k, d)  # layout head j uses KV head j // (h // k)

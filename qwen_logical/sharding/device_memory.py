@@ -5,6 +5,7 @@ figures and a split that loads some devices more than others shows at once:
 
 * parameters: every parameter's block on the device, in its stored dtype (int8 scales included);
 * KV cache: keys and values of every layer, each one array of `cache_shape` (`axes.KV_CACHE` order)
+  in the cache's dtype (an int8 cache adds its scales)
   in the compute dtype;
 * activation: the largest single activation the model constrains (hidden states, queries, keys or
   values, the MLP's hidden layer, the logits) for a [batch, length] token batch, in the compute
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 
 from qwen_logical.model import axes as ax
+from qwen_logical.model.cached_attention import SCALE_DTYPE, storage_dtype
 from qwen_logical.model.quantization import storage_bytes
 from qwen_logical.sharding import validation
 
@@ -78,7 +80,10 @@ def even_share(partitioner, cache_shape: Sequence[int] | None = None) -> dict[st
   if cache_shape is not None:
     canonical = [p.config.num_kv_heads if name == ax.CACHE_KV_HEADS else size
                  for name, size in zip(ax.KV_CACHE, cache_shape)]
-    share["kv_cache"] = 2 * p.config.num_layers * math.prod(canonical) * np.dtype(p.config.dtype).itemsize // devices
+    per_element = storage_dtype(p.config).itemsize
+    if p.config.kv_cache_dtype == "int8":  # plus one scale per head_dim elements
+      per_element += np.dtype(SCALE_DTYPE).itemsize / canonical[-1]
+    share["kv_cache"] = int(2 * p.config.num_layers * math.prod(canonical) * per_element) // devices
   return share
 
 
@@ -94,8 +99,12 @@ def device_memory(partitioner, batch: int, length: int, cache_shape: Sequence[in
   cache: dict[int, int] = defaultdict(int)
   if cache_shape is not None and not validation.check_array("kv cache", cache_shape, ax.KV_CACHE, p.table,
                                                             p.mesh_shape):
-    for device, nbytes in block_bytes(cache_shape, p.config.dtype, p.sharding(ax.KV_CACHE)).items():
-      cache[device] = 2 * p.config.num_layers * nbytes
+    arrays = [(cache_shape, storage_dtype(p.config), ax.KV_CACHE)]
+    if p.config.kv_cache_dtype == "int8":
+      arrays.append((tuple(cache_shape[:-1]), np.dtype(SCALE_DTYPE), ax.KV_CACHE_SCALE))
+    for shape, dtype, names in arrays:
+      for device, nbytes in block_bytes(shape, dtype, p.sharding(names)).items():
+        cache[device] += 2 * p.config.num_layers * nbytes
   activation: dict[int, int] = defaultdict(int)
   largest, label = -1, "none"
   for name, (shape, logical) in activation_shapes(p, batch, length).items():

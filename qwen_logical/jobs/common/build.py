@@ -32,7 +32,7 @@ from qwen_logical.sharding.partitioner import Partitioner
 # ModelConfig fields a run config sets that are numerics and structure, not architecture: a
 # checkpoint accepts them; every other ModelConfig field under config.model is an architecture
 # override (the placeholders in configs/base.py say which).
-NUMERICS = ("param_dtype", "dtype", "quantization", "scan_layers")
+NUMERICS = ("param_dtype", "dtype", "quantization", "kv_cache_dtype", "scan_layers")
 _NOT_OVERRIDES = NUMERICS + ("name",)
 
 
@@ -70,6 +70,7 @@ def numerics(config: ConfigDict, gathers: bool = False) -> dict[str, Any]:
   scan_layers_for)."""
   m = config.model
   return {"param_dtype": m.param_dtype or "float32", "dtype": m.dtype, "quantization": m.get("quantization", ""),
+          "kv_cache_dtype": m.get("kv_cache_dtype", ""),
           "scan_layers": scan_layers_for(m.scan_layers, jax.default_backend(), gathers)}
 
 
