@@ -167,15 +167,19 @@ def test_main_generates_text_from_a_checkpoint(tmp_path, instruct_checkpoint, ch
 
 
 def test_main_batches_prompts(tmp_path, instruct_checkpoint):
+  """Three prompts at once, drafting by prompt lookup: HF's greedy tokens."""
   directory, model = instruct_checkpoint
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("Hello world\nprint('x')\n東京\n")
-  _, report = _main(tmp_path, "--config=configs/tp8.py", f"--config.checkpoint={directory}",
-                    f"--config.prompts={prompts}", "--config.max_new_tokens=6")
+  result, report = _main(tmp_path, "--config=configs/tp8.py", f"--config.checkpoint={directory}",
+                         f"--config.prompts={prompts}", "--config.max_new_tokens=12",
+                         "--config.speculative.method=prompt_lookup", "--config.speculative.ngram=1")
+  assert "Speculative (prompt_lookup, 7 drafted per round): acceptance" in result.stdout
+  assert report["summary"]["generation_timings"]["drafted"] > 0
   from qwen_logical.checkpoints.tokenizer import Tokenizer
   tokenizer = Tokenizer.from_directory(directory)
   for text, got in zip(["Hello world", "print('x')", "東京"], report["summary"]["tokens"]):
-    expected = _hf_greedy(model, tokenizer.encode(text), 6)
+    expected = _hf_greedy(model, tokenizer.encode(text), 12)
     assert got == expected[:len(got)]
 
 
@@ -228,3 +232,13 @@ def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
   monkeypatch.setattr(entry, "run_job", mistake)
   assert entry.exit_status(None) == 2
   assert capsys.readouterr().err == "error: --config.something: use another value.\n"
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(tmp_path, instruct_checkpoint):
+  from tokenizer_files import train_tokenizer, write_tokenizer_dir
+  directory = instruct_checkpoint[0]
+  other = tmp_path / "draft"
+  write_tokenizer_dir(other, train_tokenizer(vocab_size=700))
+  result = _mistake("--config=configs/single.py", f"--config.checkpoint={directory}", "--config.prompt=Hi",
+                    "--config.speculative.method=draft", f"--config.speculative.draft_checkpoint={other}")
+  assert f"the draft model's tokenizer ({other}" in result.stderr and f"not the target's ({directory}" in result.stderr
