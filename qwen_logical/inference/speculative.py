@@ -121,7 +121,8 @@ class SpeculativePrograms(CachePrograms):
       return part.model.apply({"params": params}, tokens, ones, mode=Mode.DECODE, cache=cache, cache_index=index)
 
     def check(params, cache, st, drafts, count):
-      """The target over [last token, drafts]; with prompt lookup, one token when no row drafted."""
+      """f32 logits [n, K+1, V] of the target over [last token, drafts]; with prompt lookup, of the
+      last token alone (padded) when no row drafted."""
       feed = jnp.concatenate([st.tokens[:, None], drafts], axis=1)
       full = lambda c: target(params, c, feed, st.index)
       if self.draft is not None:
@@ -131,7 +132,19 @@ class SpeculativePrograms(CachePrograms):
         logits, c = target(params, c, st.tokens[:, None], st.index)
         return jnp.pad(logits, ((0, 0), (0, k), (0, 0))), c
 
-      return jax.lax.cond(jnp.any(count > 0), full, single, cache)
+      # Each branch is a loop of 0 or 1 trips: a loop updates the cache in place, where lax.cond
+      # copied it (2026-12-04, 0.5B shape, free text: 0.91x plain decode with lax.cond, 1.01x so).
+      def once(run):
+        def body(carry):
+          logits, c = run(carry[1])
+          return jnp.bool_(False), c, logits.astype(jnp.float32)
+        return body
+
+      drafted = jnp.any(count > 0)
+      empty = jnp.zeros((rows, k + 1, part.config.vocab_size), jnp.float32)
+      _, cache, logits = jax.lax.while_loop(lambda c: c[0], once(full), (drafted, cache, empty))
+      _, cache, logits = jax.lax.while_loop(lambda c: c[0], once(single), (~drafted, cache, logits))
+      return logits, cache
 
     def round_(params, dparams, carry):
       t, cache, dcache, st, history, out, made_total, stats = carry
