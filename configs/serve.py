@@ -16,7 +16,7 @@ def get_config():
   config.serve.host = "127.0.0.1"
   config.serve.port = 8000
   config.serve.model_name = ""  # the `model` clients send; "" = the checkpoint directory's name, else the preset's
-  config.serve.slots = 8  # requests decoded together
+  config.serve.slots = 8  # requests decoded together (their KV cache must fit); 0 = as many as fit, at most 64
   config.serve.queue_size = 64  # requests waiting for a slot; one more gets HTTP 429
   config.serve.context = 2048  # prompt + new tokens per request (at most the model's max_position_embeddings)
   config.serve.max_body_bytes = 4 << 20  # a larger request body gets HTTP 413 (checked while it is read)

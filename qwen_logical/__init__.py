@@ -34,6 +34,7 @@ from qwen_logical.inference import kv_cache
 from qwen_logical.inference.generate import (GenerationError, GenerationResult, GenerationStream, Generator, StreamEvent,
                                    Timings, generate)
 from qwen_logical.inference.sampling import SamplingError, SamplingParams
+from qwen_logical.inference.speculative import DraftModel, Speculation, SpeculationError
 
 __all__ = [
     "axes", "PRESETS", "ConfigError", "ModelConfig", "as_dtype", "from_hf_config", "preset", "to_hf_config",
@@ -43,5 +44,5 @@ __all__ = [
     "RuleTable", "get_table", "parse_overrides", "count_collectives", "Checkpoint", "export_checkpoint",
     "load_checkpoint", "load_params", "open_checkpoint", "Tokenizer", "TokenizerError",
     "kv_cache", "GenerationError", "GenerationResult", "GenerationStream", "Generator", "StreamEvent",
-    "Timings", "generate", "SamplingError", "SamplingParams",
+    "Timings", "generate", "SamplingError", "SamplingParams", "DraftModel", "Speculation", "SpeculationError",
 ]

@@ -100,3 +100,18 @@ def test_speculative_checks_read_an_int8_cache_as_decode_does():
 def test_unknown_cache_dtype_is_named():
   with pytest.raises(ConfigError, match="kv_cache_dtype='int4'.*'int8'"):
     model_config(varied_text_model(seed=3), kv_cache_dtype="int4")
+
+
+def test_serving_fits_its_slots_in_the_free_memory(monkeypatch):
+  from ml_collections import ConfigDict
+  from qwen_logical.jobs import serve
+  from qwen_logical.jobs.common.build import JobError
+  part, _ = model("int8")
+  per_request = kv_cache.bytes_per_slot(part.config, part.layout) * 64
+  monkeypatch.setattr(serve, "free_bytes_per_device", lambda p: int(per_request * 3.5 / 0.9))
+  config = ConfigDict({"serve": {"slots": 0}, "host_memory_fraction": 0.9})
+  assert serve.fit_slots(config, part, 64) == 3
+  config.serve.slots = 8
+  with pytest.raises(JobError, match=r"slots=8 needs .* of KV cache \(80 bytes per token slot in int8.*3 requests fit.*"
+                                     r"kv_cache_dtype=int8"):
+    serve.fit_slots(config, part, 64)

@@ -16,7 +16,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from qwen_logical.jobs import run
-from qwen_logical.jobs.common import build
+from qwen_logical.jobs.common import build, host_memory
 from qwen_logical.sharding import distributed
 
 devices_needed = run.devices_needed
@@ -45,6 +45,48 @@ def context_for(config: ConfigDict, model_config) -> int:
                  model_config.max_position_embeddings)
     context = model_config.max_position_embeddings
   return context
+
+
+def free_bytes_per_device(partitioner) -> int:
+  """Memory a device has left for the KV cache once the weights are placed: on an accelerator what
+  its allocator has not handed out, on CPU the host's available memory (shared by the simulated
+  devices) split over them; --config.host_memory_fraction of either."""
+  import jax
+  device = partitioner.mesh.devices.flat[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  return host_memory.allowance_bytes(1.0) // jax.local_device_count()
+
+
+def fit_slots(config: ConfigDict, partitioner, context: int) -> int:
+  """--config.serve.slots, or (0) as many as fit the memory that is there; logs the cache's size.
+  Raises JobError when the asked slots do not fit, naming the sizes and the fixes."""
+  from qwen_logical.inference import kv_cache
+  from qwen_logical.inference.programs import batch_multiple, slot_multiple
+  cfg, layout = partitioner.config, partitioner.layout
+  per_slot = kv_cache.bytes_per_slot(cfg, layout)
+  devices = partitioner.mesh.devices.size
+  free = int(free_bytes_per_device(partitioner) * config.host_memory_fraction) * devices
+  length = -(-context // slot_multiple(partitioner)) * slot_multiple(partitioner)
+  per_request = per_slot * length  # all devices together; the cache splits over them
+  fits = free // per_request
+  slots = int(config.serve.slots)
+  if slots == 0:
+    multiple = batch_multiple(partitioner)
+    slots = min(64, fits // multiple * multiple)
+    if slots < 1:
+      slots = 0
+  dtype = cfg.kv_cache_dtype or f"{cfg.dtype} (the compute dtype)"
+  if slots < 1 or slots > fits:
+    raise build.JobError(
+        f"--config.serve.slots={config.serve.slots} needs {host_memory.size_text(max(slots, 1) * per_request)} of KV "
+        f"cache ({per_slot} bytes per token slot in {dtype}, context {context}) but "
+        f"{host_memory.size_text(free)} is free after the weights ({fits} requests fit): use fewer slots, a "
+        "shorter --config.serve.context, or --config.model.kv_cache_dtype=int8 (a quarter of float32's bytes).")
+  logging.info("KV cache: %d slots x %d tokens, %d bytes per token slot (%s): %s of %s free", slots, length,
+               per_slot, dtype, host_memory.size_text(slots * per_request), host_memory.size_text(free))
+  return slots
 
 
 def model_name(config: ConfigDict, model_config) -> str:
@@ -86,6 +128,9 @@ def main(config: ConfigDict) -> dict[str, Any]:
   from qwen_logical.sharding.mesh import make_mesh
   from qwen_logical.sharding.rules import get_table
 
+  if config.speculative.method:
+    raise build.JobError(f"--config.speculative.method={config.speculative.method!r}: the server does not "
+                         "decode speculatively yet; generation from main.py and the library does.")
   table = get_table(config.rules, config.rule_overrides)
   tokenizer = open_tokenizer(config)
   mesh = make_mesh(config.mesh)
@@ -93,7 +138,9 @@ def main(config: ConfigDict) -> dict[str, Any]:
   partitioner = build.make_partitioner(source, mesh, table)
   params, _ = source.weights(partitioner)
   s = config.serve
-  engine = Engine(partitioner, params, slots=s.slots, context=context_for(config, partitioner.config),
+  context = context_for(config, partitioner.config)
+  slots = fit_slots(config, partitioner, context)
+  engine = Engine(partitioner, params, slots=slots, context=context,
                   queue_size=s.queue_size, decode_steps=config.decode_steps or None,
                   join_steps=s.join_steps or None)
   if s.warmup:
@@ -103,7 +150,7 @@ def main(config: ConfigDict) -> dict[str, Any]:
     return {"ok": True, "summary": {"served": False}}
   engine.start()
   try:
-    summary = _serve(config, engine, partitioner.config, tokenizer)
+    summary = _serve(config, engine, partitioner.config, tokenizer, slots)
   finally:
     engine.stop(0.0)
   if source.note:
@@ -111,7 +158,7 @@ def main(config: ConfigDict) -> dict[str, Any]:
   return {"ok": True, "summary": summary}
 
 
-def _serve(config: ConfigDict, engine, model_config, tokenizer) -> dict[str, Any]:
+def _serve(config: ConfigDict, engine, model_config, tokenizer, slots: int) -> dict[str, Any]:
   from qwen_logical.serving.guard import RequestLimits
   from qwen_logical.serving.http_app import create_app
   from qwen_logical.serving.openai_api import ServedModel
@@ -121,7 +168,7 @@ def _serve(config: ConfigDict, engine, model_config, tokenizer) -> dict[str, Any
   server = DrainingServer(uvicorn.Config(app, host=s.host, port=s.port, log_level="info", access_log=False,
                                          timeout_graceful_shutdown=5), app.state.serving, s.drain_seconds)
   logging.info("Serving %s on http://%s:%d/v1 (%d slots, context %d, queue %d%s)", served.name, s.host, s.port,
-               s.slots, engine.context, s.queue_size, "" if tokenizer else ", token ids only")
+               slots, engine.context, s.queue_size, "" if tokenizer else ", token ids only")
   try:
     server.run()
   except SystemExit as e:  # uvicorn exits when it cannot listen (it logged why)
