@@ -19,6 +19,7 @@ from hf_reference import hf_tensors, model_config, varied_text_model
 from qwen_logical.checkpoints.hf_names import flax_from_hf
 from qwen_logical.inference.generate import generate
 from qwen_logical.inference.sampling import SamplingParams
+from qwen_logical.inference.speculative import Speculation
 from qwen_logical.serving.engine import Engine, EngineRequest, QueueFullError, ServingError
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.rules import get_table
@@ -220,6 +221,26 @@ def test_a_table_that_splits_the_cache_rows_gives_the_1x1_tokens(served):
   finally:
     engine.stop(0)
   assert engine.stats().prefills >= 3  # rows were freed and taken again
+
+
+def test_prompt_lookup_rounds_give_the_plain_greedy_tokens(served):
+  """Speculative rounds in the engine: every sampler kind in one program (the kind a runtime value);
+  greedy requests get their plain tokens, sampled ones their length."""
+  _, _, first, _, _ = served
+  part, params = setup("1x1", "tensor_parallel")
+  engine = Engine(part, params, slots=SLOTS, context=CONTEXT, queue_size=len(REQUESTS),
+                  speculation=Speculation("prompt_lookup", num_tokens=3, ngram=1))
+  collector, rids = submit_all(engine, REQUESTS)
+  engine.start()
+  try:
+    got = collector.wait(rids)
+  finally:
+    engine.stop(0)
+  kinds = {r.sampling.kind for r in REQUESTS}
+  assert kinds == {"greedy", "sample", "filtered"}
+  for request, plain, speculative in zip(REQUESTS, first, got):
+    assert speculative == plain if request.sampling.greedy else len(speculative) == request.max_new_tokens
+  assert "speculate" in " ".join(str(key) for key in engine.programs._programs)
 
 
 # --- two processes ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from qwen_logical.inference import speculative_accept as acc
 from qwen_logical.inference.batch_plan import round_up
 from qwen_logical.inference.programs import ROW, CachePrograms, RowState, local, slot_multiple
 from qwen_logical.inference.results import Timings
-from qwen_logical.inference.sampling import GREEDY, stream_keys
+from qwen_logical.inference.sampling import GREEDY, KINDS, stream_keys
 from qwen_logical.model.model import Mode
 from qwen_logical.sharding.programs import PARAMS
 
@@ -93,9 +93,10 @@ class Speculation:
 class SpeculativePrograms(CachePrograms):
   """CachePrograms plus speculate[n] for one Speculation and one sampler kind (compiled in)."""
 
-  def __init__(self, partitioner, rows: int, length: int, steps: int, kind: str, speculation: Speculation):
-    if kind is None:
-      raise SpeculationError("speculative programs compile one sampler kind; pass kind=")
+  def __init__(self, partitioner, rows: int, length: int, steps: int, kind: str | None, speculation: Speculation):
+    if kind is None and speculation.draft is not None:
+      raise SpeculationError("the draft method runs with one sampler kind per call (generate); a server "
+                             "(every kind at once) drafts by prompt lookup.")
     speculation.check(partitioner)
     self.spec, k = speculation, speculation.num_tokens
     draft = speculation.draft.partitioner if speculation.draft else None
@@ -106,7 +107,8 @@ class SpeculativePrograms(CachePrograms):
   def speculate(self, rows: int):
     state = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), RowState.empty(rows))
     specs = [self.partitioner.param_shapes, self._cache_specs(), state,
-             jax.ShapeDtypeStruct((rows, self.length), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)]
+             jax.ShapeDtypeStruct((rows, self.length), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+             jax.ShapeDtypeStruct((), jnp.int32)]
     if self.draft is not None:
       specs += [self.draft.partitioner.param_shapes, self.draft._cache_specs()]
     return self._get(("speculate", rows), lambda: self._speculate_program(rows), specs)
@@ -146,7 +148,7 @@ class SpeculativePrograms(CachePrograms):
       _, cache, logits = jax.lax.while_loop(lambda c: c[0], once(single), (~drafted, cache, logits))
       return logits, cache
 
-    def round_(params, dparams, carry):
+    def round_(params, dparams, kind_arg, carry):
       t, cache, dcache, st, history, out, made_total, stats = carry
       live = st.budget > 0
       keys = stream_keys(st.seeds, st.streams, st.steps)
@@ -158,11 +160,18 @@ class SpeculativePrograms(CachePrograms):
         count = jnp.full((rows,), k, jnp.int32)
       count = jnp.where(live, count, 0)
       logits, cache = check(params, cache, st, drafts, count)
-      if kind == GREEDY:
-        tokens, accepted = acc.accept_greedy(logits, drafts, count)
-      else:
+
+      def accept(kind, logits):
+        if kind == GREEDY:
+          return acc.accept_greedy(logits, drafts, count)
         probs = acc.sampler_probs(logits, st.temperature, st.top_k, st.top_p, kind)
-        tokens, accepted = acc.accept_sampled(probs, drafts, count, draft_probs, keys)
+        return acc.accept_sampled(probs, drafts, count, draft_probs, keys)
+
+      if kind is None:  # the kind a runtime value (serving): only its branch runs
+        branches = [lambda l, k=k: accept(k, l) for k in KINDS]
+        tokens, accepted = jax.lax.switch(kind_arg, branches, logits)
+      else:
+        tokens, accepted = accept(kind, logits)
       made, stopped = acc.finish(tokens, accepted + 1, st.budget, st.stops)
       j = jnp.arange(k + 1)[None]
       valid = j < made[:, None]
@@ -174,24 +183,24 @@ class SpeculativePrograms(CachePrograms):
       stats = stats + jnp.stack([live.astype(jnp.int32), count, jnp.minimum(accepted, made)], axis=1)
       return t + 1, cache, dcache, st, history, out, made_total + made, stats
 
-    def speculate(params, cache, state, history, limit, dparams=None, dcache=None):
+    def speculate(params, cache, state, history, kind_arg, limit, dparams=None, dcache=None):
       carry = (jnp.int32(0), cache, dcache, state, history, jnp.full((rows, width), -1, jnp.int32),
                jnp.zeros((rows,), jnp.int32), jnp.zeros((rows, 3), jnp.int32))
       going = lambda c: (c[0] < jnp.minimum(steps, limit)) & jnp.any(c[3].budget > 0)
       _, cache, dcache, state, history, out, made, stats = jax.lax.while_loop(
-          going, lambda c: round_(params, dparams, c), carry)
+          going, lambda c: round_(params, dparams, kind_arg, c), carry)
       results = (cache, state, history, out, made, stats)
       return results if self.draft is None else results + (dcache,)
 
-    in_axes = [PARAMS, self.cache_axes, ROW, ROW, ROW]
+    in_axes = [PARAMS, self.cache_axes, ROW, ROW, ROW, ROW]
     out_axes = [self.cache_axes, ROW, ROW, ROW, ROW, ROW]
     if self.draft is not None:
       draft = self.draft.partitioner
       in_axes += [draft.param_shardings, kv_cache.cache_shardings(draft, self.rows, length)]
       out_axes += [in_axes[-1]]
-    name = f"speculate_{rows}x{steps}_{spec.method}{k}n{spec.ngram}_{kind}"
+    name = f"speculate_{rows}x{steps}_{spec.method}{k}n{spec.ngram}_{kind or 'any'}"
     return part.program(speculate, in_axes=tuple(in_axes), out_axes=tuple(out_axes),
-                        donate=(1,) if self.draft is None else (1, 6), name=name)
+                        donate=(1,) if self.draft is None else (1, 7), name=name)
 
   def _draft_tokens(self, dparams, dcache, st: RowState, history, keys):
     """K tokens from the draft model, sampled as the target's sampler would from the draft's
@@ -229,15 +238,16 @@ class SpeculativePrograms(CachePrograms):
 
   # --- running -------------------------------------------------------------------------------
   def run_speculate(self, params, cache, state: RowState, history, limit: int | None = None, draft_params=None,
-                    draft_cache=None):
-    """speculate[n] on a RowState of n rows and their history i32[n, S] (host or device arrays):
+                    draft_cache=None, kind: int = 0):
+    """speculate[n] on a RowState of n rows and their history i32[n, S] (host or device arrays), the
+    sampler `kind` (an index into sampling.KINDS; used when the programs' kind is None):
     (cache, state, history, tokens i32[n, steps*(K+1)] (-1 pad), made i32[n], stats i32[n, 3]
     (rounds, drafted, accepted)[, draft cache])."""
     program = self.speculate(len(state.budget))
     lift = lambda a: a if isinstance(a, jax.Array) else self.host(a)
     state = jax.tree_util.tree_map(lift, state)
     limit = self.steps if limit is None else min(int(limit), self.steps)
-    args = [params, cache, state, lift(history), self.host(np.int32(limit))]
+    args = [params, cache, state, lift(history), self.host(np.int32(kind)), self.host(np.int32(limit))]
     if self.draft is not None:
       args += [draft_params, draft_cache]
     return program(*args)

@@ -126,7 +126,7 @@ def export(config: ConfigDict, partitioner, params, timings: dict[str, float]) -
 def main(config: ConfigDict) -> dict[str, Any]:
   """Runs the job; returns the JSON report: {'ok', 'summary', 'sharding', 'layouts'}."""
   import jax
-  from qwen_logical.inference.kv_cache import cache_shape
+  from qwen_logical.inference.kv_cache import bytes_per_slot, cache_shape
   from qwen_logical.sharding.layout_draw import draw
   from qwen_logical.sharding.layout_view import sharding_view
   from qwen_logical.sharding.mesh import make_mesh
@@ -150,7 +150,12 @@ def main(config: ConfigDict) -> dict[str, Any]:
     say("\n" + draw(layouts))
 
   cfg = partitioner.config
+  per_slot = bytes_per_slot(cfg, partitioner.layout)
+  say(f"KV cache: {per_slot:,} bytes per token slot ({cfg.kv_cache_dtype or cfg.dtype}"
+      f"{', with a float16 scale per token and KV head' if cfg.kv_cache_dtype == 'int8' else ''}; "
+      f"--config.model.kv_cache_dtype), all layers and devices together")
   summary: dict[str, Any] = {
+      "kv_cache_bytes_per_slot": per_slot,
       "model": cfg.name, "num_layers": cfg.num_layers, "scan_layers": cfg.scan_layers, "mesh": config.mesh,
       "rules": table.name, "devices": int(mesh.devices.size), "backend": jax.default_backend(),
       "note": source.note, "head_plan": partitioner.layout.describe(), "timings": timings,

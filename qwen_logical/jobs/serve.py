@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 
 from qwen_logical.jobs import run
 from qwen_logical.jobs.common import build, host_memory
+from qwen_logical.jobs.common.speculation import speculation_from
 from qwen_logical.sharding import distributed
 
 devices_needed = run.devices_needed
@@ -128,9 +129,9 @@ def main(config: ConfigDict) -> dict[str, Any]:
   from qwen_logical.sharding.mesh import make_mesh
   from qwen_logical.sharding.rules import get_table
 
-  if config.speculative.method:
-    raise build.JobError(f"--config.speculative.method={config.speculative.method!r}: the server does not "
-                         "decode speculatively yet; generation from main.py and the library does.")
+  if config.speculative.method == "draft":
+    raise build.JobError("--config.speculative.method='draft': the server drafts by prompt lookup only "
+                         "(method=prompt_lookup); main.py and the library draft with a model too.")
   table = get_table(config.rules, config.rule_overrides)
   tokenizer = open_tokenizer(config)
   mesh = make_mesh(config.mesh)
@@ -142,7 +143,7 @@ def main(config: ConfigDict) -> dict[str, Any]:
   slots = fit_slots(config, partitioner, context)
   engine = Engine(partitioner, params, slots=slots, context=context,
                   queue_size=s.queue_size, decode_steps=config.decode_steps or None,
-                  join_steps=s.join_steps or None)
+                  join_steps=s.join_steps or None, speculation=speculation_from(config, partitioner, tokenizer))
   if s.warmup:
     engine.warmup()
   if not distributed.is_main_process():

@@ -7,13 +7,13 @@
 
 Each round of the scheduler (one thread): cancelled requests leave (their slot is free at once);
 waiting requests take the free slots (lowest first), first come first served, prefilled (one call
-per request where the mesh allows, `shapes`) and inserted into their cache rows; then one decode dispatch advances every
-running slot by up to K tokens (`decode_steps`, stops checked on the device), over rows [0, n) only
-(n: the decode size covering the highest running row): new requests join between dispatches.
-Each new token goes to the request's callback as a TokenEvent (from the engine thread); a stop
-id or max_new_tokens ends the request and frees its slot. Requests beyond the free slots wait in
-a queue of `queue_size` (QueueFullError beyond it). The programs are inference's (shared with
-`generate`), their shapes in `shapes`, the host state in `scheduler`; nothing compiles after `warmup`.
+per request where the mesh allows, `shapes`) into their cache rows; then one decode dispatch
+advances every running slot by up to K steps (`decode_steps`, stops checked on the device; a
+step is one token, or a speculative round), over rows [0, n) only (n: the decode size covering the
+highest running row). Each new token goes to the request's callback as a TokenEvent; a stop id or
+max_new_tokens ends the request and frees its slot. Requests beyond the free slots wait in a queue
+of `queue_size` (QueueFullError beyond it). Programs: inference's (`executor`), shapes: `shapes`,
+host state: `scheduler`; nothing compiles after `warmup`.
 
 Multi-process: process 0 builds the Engine and serves; every other process builds it the same
 way and calls `follow()`, which runs the calls process 0 sends (`protocol`) until it stops.
@@ -30,7 +30,8 @@ from absl import logging
 
 from qwen_logical.common.host import is_main_process
 from qwen_logical.inference.programs import CachePrograms, default_decode_steps
-from qwen_logical.serving.executor import execute
+from qwen_logical.inference.speculative import Speculation, SpeculativePrograms
+from qwen_logical.serving.executor import execute, new_cache
 from qwen_logical.serving.protocol import DECODE, NOOP, PREFILL, RESET, STOP, Call, Channel
 from qwen_logical.serving.requests import (EngineRequest, EngineStats, QueueFullError, ServingError, TokenEvent,
                                            check_request, check_settings)
@@ -46,30 +47,29 @@ class Engine:
   """Serves EngineRequests on `slots` cache rows of `context` tokens (prompt plus new tokens).
 
   slots must be a multiple of what splits the cache rows over the mesh (programs.batch_multiple).
-  decode_steps / join_steps: steps per decode dispatch (K; default per platform) / while a slot is free.
-  log_every_s: seconds between progress lines; keepalive_s: how often process 0 tells idle peers
-  it is alive (a dead peer is noticed within about that long).
+  decode_steps / join_steps: steps per decode dispatch (K; default per platform) / while a slot is free;
+  speculation: prompt lookup (`inference.speculative`), a step is then a round.
+  log_every_s: seconds between progress lines; keepalive_s: how often process 0 tells idle peers it lives.
   """
 
   def __init__(self, partitioner: Partitioner, params: Params, slots: int = 8, context: int = 2048,
                queue_size: int = 64, *, decode_steps: int | None = None, join_steps: int | None = None,
-               log_every_s: float = 5.0, keepalive_s: float = 1.0):
+               log_every_s: float = 5.0, keepalive_s: float = 1.0, speculation: Speculation | None = None):
     check_settings(partitioner, slots, context, queue_size)
     self.partitioner, self.params, self.context = partitioner, params, int(context)
     self.slots, self.queue_size = int(slots), int(queue_size)
-    self.programs = CachePrograms(partitioner, self.slots, self.context, decode_steps or default_decode_steps())
+    steps, on = decode_steps or default_decode_steps(), speculation is not None and speculation.on
+    self.programs = (SpeculativePrograms(partitioner, self.slots, self.context, steps, None, speculation) if on
+                     else CachePrograms(partitioner, self.slots, self.context, steps))
     self.shapes = EngineShapes(self.programs, self.slots, self.context, join_steps)
-    self.rows = Rows(self.slots)
-    largest = self.shapes.prefill_rows
+    self.rows, largest = Rows(self.slots), self.shapes.prefill_rows
     self.channel = Channel(max(self.slots, largest), (largest, self.programs.length))
-    self.log_every_s, self.keepalive_s = log_every_s, keepalive_s
-    self._cv = threading.Condition()
+    self.log_every_s, self.keepalive_s, self._cv = log_every_s, keepalive_s, threading.Condition()
     self._queue: collections.deque[Pending] = collections.deque()
     self._cancels: set[int] = set()
     self._next_rid = self._active = 0  # ids given so far; rows running a request
-    self._stopping, self._deadline, self._failed = False, 0.0, None
-    self._thread: threading.Thread | None = None
-    self._cache = None  # the device cache, made when the scheduler (or follow) starts
+    self._stopping, self._deadline, self._failed, self._thread = False, 0.0, None, None
+    self._cache = None  # the device cache (and history), made when the scheduler (or follow) starts
     self._counts = collections.Counter()
     self._last_log, self._rate = (time.monotonic(), 0), 0.0  # (time, tokens_total) of the last log; tokens/s
 
@@ -145,7 +145,7 @@ class Engine:
 
   # --- the scheduler ------------------------------------------------------------------------
   def _follow(self) -> None:
-    self._cache = self.programs.new_cache()
+    self._cache = new_cache(self.programs)
     while (call := self.channel.receive()).op != STOP:
       self._execute(call)
 
@@ -160,7 +160,7 @@ class Engine:
       self.channel.send(Call(STOP))
 
   def _loop(self) -> None:
-    self._cache = self.programs.new_cache()
+    self._cache = new_cache(self.programs)
     while self._round():
       self._log()
     self._end_all("cancelled")

@@ -58,7 +58,7 @@ class EngineShapes:
 
   def warmup_builds(self) -> list:
     """Callables that make every program the engine can need: the empty cache, a prefill per
-    bucket, a decode per row count."""
+    bucket, a decode (or speculative rounds) per row count."""
     p = self.programs
     return ([p.cache_program] + [lambda b=b: p.prefill(self.prefill_rows, b) for b in self.buckets()]
-            + [lambda n=n: p.decode(n) for n in self.decode_sizes()])
+            + [lambda n=n: getattr(p, "speculate", p.decode)(n) for n in self.decode_sizes()])
