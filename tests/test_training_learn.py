@@ -13,8 +13,8 @@ from qwen_logical.training.optimizer import OptimizerSettings, make_optimizer
 from qwen_logical.training.state import init_state
 from qwen_logical.training.step import make_train_step
 
-STEPS = 100
-LOSS_BOUND = 0.1  # nats per trained token; measured 0.004 (2x4) and 0.02 (1x1); 5.8 at the start
+STEPS = 150  # at 100 a change of float32 summation order left one answer's first token unlearned
+LOSS_BOUND = 0.1  # nats per trained token; 5.8 at the start
 
 
 def test_tiny_model_learns_conversations_and_generates_the_answers():

@@ -56,14 +56,20 @@ def test_every_mesh_and_table_trains_like_one_device(mesh, table, scan):
   initial = canonical_initial()
   for name in expected_grads:
     assert relative_error(grads[name], expected_grads[name]) <= tolerance, f"gradient of {name}"
-    # The same parameters after the steps. Adam divides each gradient element by its own magnitude, so
-    # elements near zero turn the gradients' float32 differences into larger update differences: the
-    # updates agree to 1% (measured <= 0.4%), every element within 5% of the most the steps can move it
-    # (measured <= 3%), the parameters to 1e-4 (measured 1.2e-5).
+    # The same parameters after the steps. Adam divides each gradient element by its own magnitude, so an
+    # element whose gradient is near its float32 error may move either way, by up to the learning rate
+    # per step, in either run: the parameters agree to 1e-4 and the updates to 1% as norms. An element
+    # whose gradient is 100x its difference between the two runs has a relative error under 1%, so
+    # Adam's ratio m / sqrt(v) (at most 1 per step) moves by under 2%: each such element is within 5% of
+    # the most the steps can move it.
     assert relative_error(params[name], expected_params[name]) <= 1e-4, f"parameter {name}"
     moved = expected_params[name] - initial[name]
     assert relative_error(params[name] - initial[name], moved) <= 1e-2, f"update of {name}"
-    assert np.abs(params[name] - expected_params[name]).max() <= 0.05 * SETTINGS.learning_rate * STEPS, name
+    g = np.asarray(expected_grads[name], np.float64)
+    settled = np.abs(g) >= 100 * np.abs(np.asarray(grads[name], np.float64) - g)
+    assert settled.mean() > 0.5 or np.abs(g).max() == 0, name  # most elements
+    deviation = np.abs(params[name] - expected_params[name])[settled]
+    assert deviation.max(initial=0) <= 0.05 * SETTINGS.learning_rate * STEPS, name
   _check_moments_sharded_like_params(part, state)
 
 
