@@ -83,7 +83,7 @@ def test_draft_model_gives_plain_greedy_tokens(mesh, table, draft_table):
 
 
 # --- sampling: the distribution of the tokens after the first, against exact probabilities ---------
-VOCAB, DRAWS = 12, 2048
+VOCAB, DRAWS = 12, 1024
 
 
 @functools.lru_cache(maxsize=None)
