@@ -63,7 +63,8 @@ def walk_tensors(cfg, walk: np.ndarray, seed: int = 1) -> dict[str, np.ndarray]:
   for n in range(cfg.num_layers):
     p = f"model.layers.{n}."
     tensors.update({
-        p + "input_layernorm.weight": np.ones(e, np.float32), p + "post_attention_layernorm.weight": np.ones(e, np.float32),
+        p + "input_layernorm.weight": np.ones(e, np.float32),
+        p + "post_attention_layernorm.weight": np.ones(e, np.float32),
         p + "self_attn.q_proj.weight": normal(q, e), p + "self_attn.q_proj.bias": np.zeros(q, np.float32),
         p + "self_attn.k_proj.weight": normal(kv, e), p + "self_attn.k_proj.bias": np.zeros(kv, np.float32),
         p + "self_attn.v_proj.weight": normal(kv, e), p + "self_attn.v_proj.bias": np.zeros(kv, np.float32),
@@ -79,8 +80,8 @@ def walk_model(name: str, walk: np.ndarray, kv_dtype: str = ""):
   part = Partitioner(cfg, make_mesh("1x1"), get_table("tensor_parallel"))
   start = time.perf_counter()
   params = part.place(flax_from_hf(walk_tensors(cfg, walk), cfg, part.layout))
-  print(f"{name}: {cfg.num_parameters / 1e9:.2f}B parameters (untied head) built in {time.perf_counter() - start:.0f} s",
-        flush=True)
+  seconds = time.perf_counter() - start
+  print(f"{name}: {cfg.num_parameters / 1e9:.2f}B parameters (untied head) built in {seconds:.0f} s", flush=True)
   return part, params
 
 

@@ -33,6 +33,18 @@ def eight_devices():
   return jax.devices()
 
 
+@pytest.fixture
+def without_jax_cache():
+  """JAX's persistent compilation cache off for one test (every program compiled from scratch)."""
+  from jax._src import compilation_cache
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", previous)
+  compilation_cache.reset_cache()
+
+
 def compile_events():
   """(a list that gets one entry per XLA compilation from now on, a function that stops counting)."""
   events = []

@@ -57,7 +57,7 @@ def test_only_the_builder_builds_programs_and_only_sharding_builds_shardings():
   assert shardings == []
 
 
-def test_a_kept_program_is_loaded_for_the_same_key_only(tmp_path, monkeypatch):
+def test_a_kept_program_is_loaded_for_the_same_key_only(tmp_path, monkeypatch, without_jax_cache):
   store = ProgramStore(str(tmp_path))
   monkeypatch.setattr(programs, "_STORE", store)
   part, program = _double_rows()
@@ -89,7 +89,7 @@ def test_a_kept_program_is_loaded_for_the_same_key_only(tmp_path, monkeypatch):
   assert store.load(entry, devices) is not None
 
 
-def test_kept_inference_programs_are_named_by_every_size_they_close_over(tmp_path, monkeypatch):
+def test_kept_inference_programs_are_named_by_every_size_they_close_over(tmp_path, monkeypatch, without_jax_cache):
   """The empty cache takes no argument: its name carries its rows and slots, so caches of two sizes
   are two entries (one name for both once loaded a 64-slot cache where 192 were needed)."""
   from qwen_logical.inference.programs import CachePrograms

@@ -85,9 +85,11 @@ class Speculation:
     if self.draft is None:
       return
     draft = self.draft.partitioner
-    if list(draft.mesh.devices.flat) != list(partitioner.mesh.devices.flat) or draft.mesh.shape != partitioner.mesh.shape:
+    same = list(draft.mesh.devices.flat) == list(partitioner.mesh.devices.flat)
+    if not same or draft.mesh.shape != partitioner.mesh.shape:
       raise SpeculationError(f"the draft model runs on mesh {dict(draft.mesh.shape)} but the target on "
-                             f"{dict(partitioner.mesh.shape)}; build both on the same mesh (their rule tables may differ).")
+                             f"{dict(partitioner.mesh.shape)}; build both on the same mesh (their rule tables "
+                             "may differ).")
 
 
 class SpeculativePrograms(CachePrograms):
@@ -168,7 +170,7 @@ class SpeculativePrograms(CachePrograms):
         return acc.accept_sampled(probs, drafts, count, draft_probs, keys)
 
       if kind is None:  # the kind a runtime value (serving): only its branch runs
-        branches = [lambda l, k=k: accept(k, l) for k in KINDS]
+        branches = [lambda l, name=name: accept(name, l) for name in KINDS]
         tokens, accepted = jax.lax.switch(kind_arg, branches, logits)
       else:
         tokens, accepted = accept(kind, logits)
@@ -200,7 +202,7 @@ class SpeculativePrograms(CachePrograms):
       out_axes += [in_axes[-1]]
     name = f"speculate_{rows}x{steps}_{spec.method}{k}n{spec.ngram}_{kind or 'any'}"
     return part.program(speculate, in_axes=tuple(in_axes), out_axes=tuple(out_axes),
-                        donate=(1,) if self.draft is None else (1, 7), name=name)
+                        donate=(1,) if self.draft is None else (1, 7), name=name, keep=self.draft is None)
 
   def _draft_tokens(self, dparams, dcache, st: RowState, history, keys):
     """K tokens from the draft model, sampled as the target's sampler would from the draft's
