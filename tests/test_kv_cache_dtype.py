@@ -4,7 +4,6 @@ share of float32's bytes, int8 gives the same tokens on sharded meshes, and both
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
