@@ -109,15 +109,23 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
   best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if kind == GREEDY:
     return best
+  scaled = scaled_logits(logits, temperature, top_k, top_p, kind)
+  noise = gumbel_noise(keys, logits.shape[-1])
+  drawn = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+  return jnp.where(temperature > 0, drawn, best)
+
+
+def scaled_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                  kind: str) -> jax.Array:
+  """f32[B, V]: each row's logits over its temperature (rows at 0 unscaled), and under FILTERED
+  every token its top_k / top_p drop at -inf. A row with temperature > 0 draws from their softmax."""
   hot = temperature > 0
   scaled = logits / jnp.where(hot, temperature, 1.0)[:, None]
   if kind == FILTERED:
     scaled = jnp.where(scaled >= filter_threshold(scaled, top_k, top_p)[:, None], scaled, -jnp.inf)
   elif kind != SAMPLE:
     raise ValueError(f"unknown sampler kind {kind!r}; use {GREEDY!r}, {SAMPLE!r} or {FILTERED!r}")
-  noise = gumbel_noise(keys, logits.shape[-1])
-  drawn = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
-  return jnp.where(hot, drawn, best)
+  return scaled
 
 
 def gumbel_noise(keys: jax.Array, vocab: int) -> jax.Array:

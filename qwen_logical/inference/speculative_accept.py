@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qwen_logical.inference.sampling import FILTERED, GREEDY, SAMPLE, filter_threshold, gumbel_noise
+from qwen_logical.inference.sampling import GREEDY, gumbel_noise, scaled_logits
 
 # Key streams within a round's key (sampling.stream_keys(seed, stream, step)): drafts, acceptance, residual.
 DRAFT_STREAM, ACCEPT_STREAM, RESIDUAL_STREAM = 1 << 20, 2 << 20, 3 << 20
@@ -62,13 +62,8 @@ def sampler_probs(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
   best = jax.nn.one_hot(jnp.argmax(logits, axis=-1), shape[-1], dtype=jnp.float32)
   if kind == GREEDY:
     return best.reshape(shape)
-  hot = temperature > 0
-  scaled = logits / jnp.where(hot, temperature, 1.0)[:, None]
-  if kind == FILTERED:
-    scaled = jnp.where(scaled >= filter_threshold(scaled, top_k, top_p)[:, None], scaled, -jnp.inf)
-  elif kind != SAMPLE:
-    raise ValueError(f"unknown sampler kind {kind!r}")
-  return jnp.where(hot[:, None], jax.nn.softmax(scaled, axis=-1), best).reshape(shape)
+  scaled = scaled_logits(logits, temperature, top_k, top_p, kind)
+  return jnp.where((temperature > 0)[:, None], jax.nn.softmax(scaled, axis=-1), best).reshape(shape)
 
 
 def draw(probs: jax.Array, keys: jax.Array) -> jax.Array:
