@@ -255,14 +255,21 @@ class SpeculativePrograms(CachePrograms):
     return program(*args)
 
 
+def record_prompts(history: np.ndarray, rows, prompts, first) -> None:
+  """Starts each row's token history i32[R, S] (what prompt lookup reads): its prompt's ids at slots
+  [0, n), its first new token at slot n; rows >= R (padding) are skipped."""
+  for row, ids, token in zip(rows, prompts, first):
+    if row < history.shape[0]:
+      history[row, :len(ids)] = ids
+      history[row, len(ids)] = token
+
+
 def speculative_steps(programs: SpeculativePrograms, params, cache, plan, state: RowState,
                       lengths: np.ndarray, timings: Timings, decode_start: float) -> Iterator[np.ndarray]:
   """`Generator._steps` after prefill, in speculative rounds: each dispatch gives each row its own
   count of tokens; their columns are yielded in order (-1 where a row has fewer)."""
   history = np.zeros((plan.batch, programs.length), np.int32)
-  for r, ids in enumerate(plan.ids):
-    history[r, :len(ids)] = ids
-  history[np.arange(plan.batch), lengths] = state.tokens
+  record_prompts(history, range(plan.real), plan.ids, state.tokens)
   extra, draft_cache = [], None
   if programs.draft is not None:
     draft = programs.spec.draft

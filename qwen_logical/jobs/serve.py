@@ -75,9 +75,7 @@ def fit_slots(config: ConfigDict, partitioner, context: int) -> int:
   slots = int(config.serve.slots)
   if slots == 0:
     multiple = batch_multiple(partitioner)
-    slots = min(64, fits // multiple * multiple)
-    if slots < 1:
-      slots = 0
+    slots = min(64, fits // multiple * multiple)  # 0 when not even one fits: the error below
   dtype = cfg.kv_cache_dtype or f"{cfg.dtype} (the compute dtype)"
   if slots < 1 or slots > fits:
     raise build.JobError(

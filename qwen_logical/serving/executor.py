@@ -18,7 +18,7 @@ import numpy as np
 
 from qwen_logical.inference.programs import CachePrograms, RowState, local
 from qwen_logical.inference.sampling import kind_index
-from qwen_logical.inference.speculative import SpeculativePrograms
+from qwen_logical.inference.speculative import SpeculativePrograms, record_prompts
 from qwen_logical.serving.protocol import DECODE, DECODE_FIELDS, PREFILL, PREFILL_FIELDS, RESET, Call
 
 
@@ -38,7 +38,8 @@ def execute(programs: CachePrograms, params, cache, call: Call):
     kv, first = programs.run_prefill(params, kv, a["tokens"], *(a[n] for n in PREFILL_FIELDS), kind)
     first = local(first)
     if speculative:
-      _remember_prompts(history, a["tokens"], a["lengths"], a["rows"], first)
+      width = a["tokens"].shape[1]  # prompts are left-padded
+      record_prompts(history, a["rows"], [t[width - n:] for t, n in zip(a["tokens"], a["lengths"])], first)
     return (kv, history) if speculative else kv, first
   if call.op == DECODE:
     state = RowState(**{n: a[n] for n in DECODE_FIELDS}, stops=a["stops"])
@@ -54,12 +55,3 @@ def execute(programs: CachePrograms, params, cache, call: Call):
   if call.op == RESET:  # after a failed call, whose buffers may have been donated
     return new_cache(programs), None
   return cache, None
-
-
-def _remember_prompts(history: np.ndarray, tokens: np.ndarray, lengths, rows, first) -> None:
-  """Each prefilled row's history: its prompt (left-padded in `tokens` [b, P]) at slots [0, n), its
-  first token at slot n (rows >= R are padding)."""
-  for i, (row, n) in enumerate(zip(rows, lengths)):
-    if row < history.shape[0]:
-      history[row, :n] = tokens[i, tokens.shape[1] - n:]
-      history[row, n] = first[i]
