@@ -98,7 +98,7 @@ def test_kept_inference_programs_are_named_by_every_size_they_close_over(tmp_pat
   for _ in range(2):  # the second round loads what the first kept
     for slots in (64, 192):
       cache = CachePrograms(part, 2, slots, steps=4).new_cache()
-      assert {leaf.shape[-2] for leaf in jax.tree_util.tree_leaves(cache)} == {slots}
+      assert {leaf.shape[-2] for leaf in jax.tree_util.tree_leaves(cache["kv"])} == {slots}
   assert len(os.listdir(tmp_path)) == 2
 
 

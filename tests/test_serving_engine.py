@@ -133,7 +133,7 @@ def test_nothing_compiles_after_warmup(served):
   engine, warm, first, _, _ = served
   part = engine.partitioner
   assert engine.shapes.buckets() == [16, 64] and engine.shapes.decode_sizes() == [1, 4]
-  assert warm == 1 + 2 + 2  # the cache; a prefill per bucket; a decode loop per row count
+  assert warm == 1 + 1 + 2 + 2 + 2  # the cache; the row copy; a prefill and an extend per bucket; a decode loop per row count
   before = engine.compilations
   assert before == warm  # the first wave compiled nothing
   events, stop = compile_events()

@@ -8,6 +8,7 @@ import numpy as np
 
 from test_serving_engine import REQUESTS, SLOTS, CONTEXT, served, setup, submit_all  # noqa: F401 (fixture)
 from qwen_logical.inference import kv_cache
+from qwen_logical.inference.logit_processing import RowExtras
 from qwen_logical.inference.programs import CachePrograms
 from qwen_logical.model.model import Mode
 from qwen_logical.inference.sampling import SamplingParams
@@ -17,7 +18,14 @@ from qwen_logical.serving.scheduler import Pending, Rows
 
 
 def test_a_call_survives_its_message():
-  channel = protocol.Channel(rows=4, prompt_shape=(4, 64))
+  channel = protocol.Channel(rows=4, prompt_shape=(4, 64), vocab_size=300)
+  rng = np.random.RandomState(0)
+
+  def extras(n):  # every RowExtras field, random
+    x = RowExtras.empty(n, 300)
+    return {name: (rng.randint(-2 ** 31, 2 ** 31 - 1, v.shape) if v.dtype == np.int32 else rng.randn(*v.shape))
+            .astype(v.dtype) for name, v in vars(x).items()}
+
   stops = np.full((4, 8), -1, np.int32)
   stops[0, :2], stops[3, 0] = (7, 151645), 3
   decode = protocol.Call(protocol.DECODE, "filtered", dict(
@@ -25,21 +33,25 @@ def test_a_call_survives_its_message():
       seeds=np.array([0, 2 ** 32 - 1, 7, 2 ** 31], np.uint32), streams=np.array([0, 1, 0, 3], np.int32),
       steps=np.array([1, 0, 4, 2], np.int32), budget=np.array([4, 0, 1, 30], np.int32),
       temperature=np.array([0.0, 0.7, 1.5, 2.0], np.float32), top_k=np.array([0, 0, 20, 1], np.int32),
-      top_p=np.array([1.0, 0.9, 0.95, 1e-6], np.float32), stops=stops))
+      top_p=np.array([1.0, 0.9, 0.95, 1e-6], np.float32), stops=stops, **extras(4)), flag=1)
   prefill = protocol.Call(protocol.PREFILL, "sample", dict(
       tokens=np.arange(32, dtype=np.int32).reshape(2, 16), lengths=np.array([16, 3], np.int32),
       rows=np.array([1, 4], np.int32), seeds=np.array([9, 2 ** 32 - 2], np.uint32),
       streams=np.array([0, 0], np.int32), temperature=np.array([0.5, 0.0], np.float32),
-      top_k=np.array([3, 0], np.int32), top_p=np.array([1.0, 0.5], np.float32)))
+      top_k=np.array([3, 0], np.int32), top_p=np.array([1.0, 0.5], np.float32), stops=stops[:2], **extras(2)),
+      flag=1)
+  extend = protocol.Call(protocol.EXTEND, "greedy", dict(
+      {k: v for k, v in prefill.arrays.items() if k != "lengths"}, starts=np.array([32, 0], np.int32)))
   few = protocol.Call(protocol.DECODE, "greedy", {k: v[:2] for k, v in decode.arrays.items()}, limit=3)
-  for call in (decode, prefill, few):
+  copy = protocol.Call(protocol.COPY, "greedy", {}, limit=3, flag=1)
+  for call in (decode, prefill, extend, few, copy):
     message = channel.encode(call)
     assert message.shape == (channel.size,) and message.dtype == np.int32
     back = channel.decode(message)
     assert back.op == call.op and back.kind == call.kind and set(back.arrays) == set(call.arrays)
-    assert back.limit == call.limit
+    assert back.limit == call.limit and back.flag == call.flag
     for name, values in call.arrays.items():
-      prompts = call.op == protocol.PREFILL and name == "tokens"
+      prompts = call.op in (protocol.PREFILL, protocol.EXTEND) and name == "tokens"
       expected = np.zeros_like(values) if prompts else values  # the prompts follow in a second message
       assert back.arrays[name].dtype == values.dtype and back.arrays[name].tolist() == expected.tolist(), name
   assert channel.decode(channel.encode(protocol.Call(protocol.STOP))).op == protocol.STOP
@@ -77,7 +89,7 @@ def test_a_step_of_the_first_rows_equals_their_own_cache_and_updates_the_cache_i
     text = compiled.as_text()
     copies = [line for line in text.splitlines() if f"= {layer}" in line and (" copy(" in line or "copy-start" in line)]
     assert " while(" in text and not copies, (n, copies)  # K steps in one program; no copy of a cache layer
-    assert compiled.memory_analysis().alias_size_in_bytes == cache_bytes
+    assert compiled.memory_analysis().alias_size_in_bytes == cache_bytes + SLOTS * part.config.vocab_size * 4  # + occurrences
 
 
 def test_requests_take_the_lowest_rows_and_dispatches_run_the_rows_they_need(served):
@@ -86,7 +98,7 @@ def test_requests_take_the_lowest_rows_and_dispatches_run_the_rows_they_need(ser
   one does; a dispatch runs K steps when every slot is taken, join_steps while one is free."""
   engine = served[0]
   assert engine.shapes.decode_sizes() == [1, 4] and [engine.shapes.decode_rows(c) for c in (1, 2, 3, 4)] == [1, 4, 4, 4]
-  rows = Rows(SLOTS)
+  rows = Rows(SLOTS, 256, scratch=CONTEXT - 1)
   greedy, sampled, filtered = (REQUESTS[i] for i in (0, 2, 3))
   assert (greedy.sampling.kind, sampled.sampling.kind, filtered.sampling.kind) == ("greedy", "sample", "filtered")
   assert rows.highest() == 0

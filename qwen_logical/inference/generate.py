@@ -211,10 +211,10 @@ class Generator:
     state.stops[:] = _device_stops(plan.stop_ids)
     start = time.perf_counter()
     cache = programs.new_cache()
-    cache, first = programs.run_prefill(params, cache, plan.tokens, lengths, np.arange(batch, dtype=np.int32),
+    cache, drawn = programs.run_prefill(params, cache, plan.tokens, lengths, np.arange(batch, dtype=np.int32),
                                         state.seeds, state.streams, state.temperature, state.top_k, state.top_p,
                                         kind)
-    state.tokens = local(first)
+    state.tokens = local(drawn.tokens)
     timings.prefill_s = time.perf_counter() - start
     decode_start = time.perf_counter()
     yield state.tokens
@@ -228,11 +228,11 @@ class Generator:
     last = plan.max_new_tokens - 1  # decode steps the longest row can need
     ahead, queued, steps = programs.run_decode(params, cache, state, kind), programs.steps, 0
     while ahead is not None:
-      cache, state, tokens, produced = ahead
+      cache, state, drawn, produced = ahead
       ahead = None
       if queued < last:  # queue the next dispatch before reading this one
         ahead, queued = programs.run_decode(params, cache, state, kind), queued + programs.steps
-      tokens, produced = local(tokens), local(produced)
+      tokens, produced = local(drawn.tokens), local(produced)
       timings.dispatches += 1
       for j in range(int(produced.max(initial=0))):
         steps += 1

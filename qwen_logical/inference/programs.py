@@ -5,27 +5,33 @@ Each running sequence owns one cache row: its prompt fills slots [0, n) (moved t
 left-padded prefill), and its next token goes to slot `index` at position `index`, so attention
 needs no mask beyond the causal rule. Per-row state (`RowState`) comes in with each call.
 
-* new_cache() -> cache: zeros, sharded by the rule table's cache_* names (`kv_cache`).
+* new_cache() -> cache {"kv": zeros sharded by the rule table's cache_* names (`kv_cache`),
+    "seen": token occurrences i32[R, V] (`logit_processing`)}.
 * prefill[b, P](params, cache, tokens int[b, P] left-padded, lengths, rows, seeds, streams,
-    temperature, top_k, top_p [b], kind i32[]) -> (cache, first int[b]): runs the prompts
-    (Mode.PREFILL), draws each one's first token (step 0) and writes its keys/values into cache
-    row rows[i] at slots [0, lengths[i]); a row >= R (padding) writes nothing.
-* decode[n](params, cache, RowState of n rows, kind i32[], limit i32[]) -> (cache, RowState,
-    tokens int[n, K], produced int[n]): up to min(K, limit) decode steps in one dispatch
+    temperature, top_k, top_p [b], stops i32[b, T], RowExtras of b rows, kind i32[]) -> (cache,
+    Drawn [b]): runs the prompts (Mode.PREFILL), draws each one's first token (step 0) and writes
+    its keys/values into cache row rows[i] at slots [0, lengths[i]); a row >= R (padding) writes
+    nothing. The echo variant also returns each prompt token's log-probability (Drawn [b, P]).
+* extend[b, P](same arguments, `starts` in place of lengths): a prompt whose first tokens' keys are
+    in its row already (a cached prefix) runs its last P tokens at slots [starts, starts + P).
+* copy(cache, src, dst): row dst's keys and values become row src's (a shared prefix).
+* decode[n](params, cache, RowState of n rows, RowExtras, kind i32[], limit i32[]) -> (cache,
+    RowState, Drawn [n, K], produced int[n]): up to min(K, limit) decode steps in one dispatch
     (`lax.while_loop`; K = `steps`, compiled; limit a runtime value <= K) over cache
     rows [0, n): each step feeds every live row's token at its slot, draws the next one with key
     (seed, stream, step) (`sampling.stream_keys`) and ends a row on one of its stop ids or when its
     budget runs out; the loop ends after K steps or when no row is live. tokens[r, :produced[r]]
     are row r's new tokens (-1 after). The returned state continues where this one stopped, so the
-    next dispatch can be queued before this one's tokens are read.
+    next dispatch can be queued before this one's tokens are read. A row's grammar mask applies to
+    the dispatch's first step only (a constrained row runs one step per dispatch).
 The sampler kind (`sampling.KINDS`: greedy, sample, filtered) is a runtime value, so one program
-serves every mix of settings. Programs compile on first use or in `warmup`; the cache is donated.
+serves every mix of settings; so are every request's logit processing settings (`RowExtras`).
+Programs compile on first use or in `warmup`; the cache is donated.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import math
 import os
 import threading
@@ -38,43 +44,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_logical.inference import kv_cache
-from qwen_logical.inference.batch_plan import CACHE_GRANULE, STOP_SLOTS, round_up
-from qwen_logical.inference.sampling import sample_by_kind, sample_rows, stream_keys
+from qwen_logical.inference import program_bodies as bodies
+from qwen_logical.inference.batch_plan import CACHE_GRANULE, round_up
+from qwen_logical.inference.logit_processing import RowExtras
+from qwen_logical.inference.row_state import RowState
+from qwen_logical.inference.sampling import sample_by_kind, sample_rows
 from qwen_logical.model import axes as ax
-from qwen_logical.model.model import Mode
 from qwen_logical.sharding import distributed
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.programs import COUNTS, PARAMS, REPLICATED
 
 ROW = REPLICATED  # per-row host state is small: every device holds all of it
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class RowState:
-  """What each of n rows decodes next (host numpy or device arrays, all [n] but stops [n, T])."""
-
-  tokens: np.ndarray  # i32: the token to feed next
-  index: np.ndarray  # i32: its slot and position (the row holds tokens at slots [0, index))
-  seeds: np.ndarray  # u32
-  streams: np.ndarray  # i32: the key stream within the seed (generate: the batch row; serving: 0)
-  steps: np.ndarray  # i32: tokens drawn so far (the next draw's step)
-  budget: np.ndarray  # i32: tokens the row may still draw (0: not running)
-  temperature: np.ndarray  # f32
-  top_k: np.ndarray  # i32
-  top_p: np.ndarray  # f32
-  stops: np.ndarray  # i32[n, T]: ids that end the row (-1 pads)
-
-  @classmethod
-  def empty(cls, rows: int, stop_slots: int = STOP_SLOTS) -> "RowState":
-    zeros = lambda dtype: np.zeros(rows, dtype)
-    return cls(zeros(np.int32), zeros(np.int32), zeros(np.uint32), zeros(np.int32), zeros(np.int32),
-               zeros(np.int32), zeros(np.float32), zeros(np.int32), np.ones(rows, np.float32),
-               np.full((rows, stop_slots), -1, np.int32))
-
-  def head(self, rows: int) -> "RowState":
-    """Copies of rows [0, rows)."""
-    return jax.tree_util.tree_map(lambda a: np.array(a[:rows]), self)
 
 
 def default_decode_steps(platform: str | None = None) -> int:
@@ -122,11 +102,17 @@ class CachePrograms:
     self.kind = kind
     self.length = round_up(length, slot_multiple(partitioner))
     self.batch_multiple = batch_multiple(partitioner)
+    self.vocab_size = partitioner.config.vocab_size
     kv_cache.check_cache(partitioner, rows, self.length)
-    self.cache_axes = kv_cache.cache_logical_axes(partitioner.config)
+    self.cache_axes = {"kv": kv_cache.cache_logical_axes(partitioner.config), "seen": REPLICATED}
     self._programs: dict[tuple, object] = {}
     self._lock = threading.Lock()
     self.compilations = 0  # programs compiled (or loaded from the persistent cache) by this object
+
+  @property
+  def scratch(self) -> int:
+    """The slot rows without a request feed: their writes land past every token a row holds."""
+    return self.length - 1
 
   # --- programs ----------------------------------------------------------------------------
   def _get(self, key: tuple, make, specs):
@@ -147,92 +133,102 @@ class CachePrograms:
     """A zero cache on the mesh (every process calls this together)."""
     return self.cache_program()()
 
-  def prefill(self, batch: int, bucket: int):
+  def prefill(self, batch: int, bucket: int, echo: bool = False):
     self.partitioner.check_batch(batch, bucket, flag="the prefill rows")
-    specs = (self.partitioner.param_shapes, self._cache_specs(), _spec((batch, bucket), jnp.int32),
-             *(_spec((batch,), d) for d in _PREFILL_DTYPES), _spec((), jnp.int32))
-    return self._get(("prefill", batch, bucket), lambda: self._prefill_program(batch, bucket), specs)
+    name = f"prefill{'_echo' if echo else ''}_{batch}x{bucket}_{self.kind or 'any'}"
+    return self._get(("prefill", batch, bucket, echo), lambda: self._rows_program(
+        bodies.prefill(self, batch, bucket, echo), name, 3 if echo else 2), self._prefill_specs(batch, bucket))
+
+  def extend(self, batch: int, bucket: int):
+    """extend[b, P] (`program_bodies.extend`): P prompt tokens per row after a cached prefix."""
+    self.partitioner.check_batch(batch, bucket, flag="the prefill rows")
+    name = f"extend_{batch}x{bucket}_{self.kind or 'any'}"
+    return self._get(("extend", batch, bucket), lambda: self._rows_program(bodies.extend(self, batch, bucket), name, 2),
+                     self._prefill_specs(batch, bucket))
+
+  def copy(self):
+    """copy(cache, src, dst): cache row dst's keys and values become row src's."""
+    make = lambda: self.partitioner.program(bodies.copy_row(self), in_axes=(self.cache_axes, ROW, ROW),
+                                            out_axes=self.cache_axes, donate=(0,), name="copy_row", keep=True)
+    return self._get(("copy",), make, (self._cache_specs(), _spec((), jnp.int32), _spec((), jnp.int32)))
 
   def decode(self, rows: int):
-    state = jax.tree_util.tree_map(lambda a: _spec(a.shape, a.dtype), RowState.empty(rows))
-    specs = (self.partitioner.param_shapes, self._cache_specs(), state, _spec((), jnp.int32), _spec((), jnp.int32))
-    return self._get(("decode", rows), lambda: self._decode_program(rows), specs)
+    state = _specs_of(RowState.empty(rows))
+    specs = (self.partitioner.param_shapes, self._cache_specs(), state, _specs_of(RowExtras.empty(rows, self.vocab_size)),
+             _spec((), jnp.int32), _spec((), jnp.int32))
+    make = lambda: self.partitioner.program(
+        bodies.decode(self, rows), in_axes=(PARAMS, self.cache_axes, ROW, ROW, ROW, ROW),
+        out_axes=(self.cache_axes, ROW, ROW, ROW), donate=(1,), name=f"decode_{rows}x{self.steps}_{self.kind or 'any'}",
+        keep=True)
+    return self._get(("decode", rows), make, specs)
+
+  def _prefill_specs(self, batch: int, bucket: int):
+    stops = RowState.empty(batch).stops
+    return (self.partitioner.param_shapes, self._cache_specs(), _spec((batch, bucket), jnp.int32),
+            *(_spec((batch,), d) for d in _PREFILL_DTYPES), _spec(stops.shape, jnp.int32),
+            _specs_of(RowExtras.empty(batch, self.vocab_size)), _spec((), jnp.int32))
+
+  def _rows_program(self, fn, name: str, outputs: int):
+    return self.partitioner.program(fn, in_axes=(PARAMS, self.cache_axes, ax.TOKENS) + (ROW,) * 10,
+                                    out_axes=(self.cache_axes,) + (ROW,) * (outputs - 1), donate=(1,), name=name,
+                                    keep=True)
 
   def _cache_specs(self):
-    return kv_cache.cache_shapes(self.partitioner.config, self.partitioner.layout, self.rows, self.length)
+    kv = kv_cache.cache_shapes(self.partitioner.config, self.partitioner.layout, self.rows, self.length)
+    return {"kv": kv, "seen": _spec((self.rows, self.vocab_size), jnp.int32)}
 
-  def _sample(self, logits, keys, temperature, top_k, top_p, kind):
+  def sample(self, logits, keys, temperature, top_k, top_p, kind):
     if self.kind is None:
       return sample_by_kind(logits, keys, temperature, top_k, top_p, kind)
     return sample_rows(logits, keys, temperature, top_k, top_p, self.kind)
 
   def _cache_program(self):
     part = self.partitioner
-    return part.program(lambda: kv_cache.zeros_in_jit(part, self.rows, self.length), in_axes=(),
-                        out_axes=self.cache_axes, name=f"new_cache_{self.rows}x{self.length}", keep=True)
 
-  def _prefill_program(self, batch: int, bucket: int):
-    part = self.partitioner
+    def zeros():
+      seen = nn.with_logical_constraint(jnp.zeros((self.rows, self.vocab_size), jnp.int32), REPLICATED)
+      return {"kv": kv_cache.zeros_in_jit(part, self.rows, self.length), "seen": seen}
 
-    def prefill(params, cache, tokens, lengths, rows, seeds, streams, temperature, top_k, top_p, kind):
-      mask = (jnp.arange(bucket)[None, :] >= bucket - lengths[:, None]).astype(jnp.int32)
-      small = kv_cache.zeros_in_jit(part, batch, bucket)
-      logits, small = part.model.apply({"params": params}, tokens, mask, mode=Mode.PREFILL, cache=small,
-                                       last_token_only=True)
-      keys = stream_keys(seeds, streams, jnp.zeros_like(lengths))
-      first = self._sample(logits[:, -1], keys, temperature, top_k, top_p, kind)
-      cache = jax.tree_util.tree_map(lambda big, new, names: _insert(big, new, lengths, rows, names), cache, small,
-                                     self.cache_axes)
-      return cache, first
-
-    return part.program(prefill, in_axes=(PARAMS, self.cache_axes, ax.TOKENS) + (ROW,) * 8,
-                        out_axes=(self.cache_axes, ROW), donate=(1,), name=f"prefill_{batch}x{bucket}_{self.kind or 'any'}", keep=True)
-
-  def _decode_program(self, rows: int):
-    part, length, steps = self.partitioner, self.length, self.steps
-
-    def step(params, carry, kind):
-      t, cache, st, out = carry
-      live = st.budget > 0
-      mask = jnp.ones((rows, length), jnp.int32)  # the causal rule alone: rows fill slots [0, index]
-      logits, cache = part.model.apply({"params": params}, st.tokens[:, None], mask, st.index[:, None],
-                                       mode=Mode.DECODE, cache=cache, cache_index=st.index)
-      new = self._sample(logits[:, 0], stream_keys(st.seeds, st.streams, st.steps), st.temperature, st.top_k,
-                           st.top_p, kind)
-      out = out.at[:, t].set(jnp.where(live, new, -1))
-      stopped = jnp.any(new[:, None] == st.stops, axis=1)
-      advance = live.astype(jnp.int32)
-      st = dataclasses.replace(st, tokens=jnp.where(live, new, st.tokens), index=st.index + advance,
-                               steps=st.steps + advance, budget=jnp.where(live & ~stopped, st.budget - 1, 0))
-      return t + 1, cache, st, out
-
-    def decode(params, cache, state, kind, limit):
-      out = jnp.full((rows, steps), -1, jnp.int32)
-      going = lambda carry: (carry[0] < jnp.minimum(steps, limit)) & jnp.any(carry[2].budget > 0)
-      _, cache, state, out = jax.lax.while_loop(going, lambda c: step(params, c, kind), (jnp.int32(0), cache, state, out))
-      return cache, state, out, jnp.sum(out >= 0, axis=1, dtype=jnp.int32)
-
-    return part.program(decode, in_axes=(PARAMS, self.cache_axes, ROW, ROW, ROW),
-                        out_axes=(self.cache_axes, ROW, ROW, ROW), donate=(1,), name=f"decode_{rows}x{steps}_{self.kind or 'any'}",
+    return part.program(zeros, in_axes=(), out_axes=self.cache_axes, name=f"new_cache_{self.rows}x{self.length}",
                         keep=True)
 
   # --- running -------------------------------------------------------------------------------
   def run_prefill(self, params, cache, tokens: np.ndarray, lengths, rows, seeds, streams, temperature, top_k,
-                  top_p, kind: int):
-    """prefill[b, P] on host arrays; (new cache, first tokens on the device)."""
-    part = self.partitioner
-    program = self.prefill(*tokens.shape)
-    args = [distributed.global_array(np.asarray(tokens, np.int32), part.sharding(ax.TOKENS))]
-    args += [self.host(a) for a in (lengths, rows, seeds, streams, temperature, top_k, top_p)]
-    return program(params, cache, *args, self.host(np.int32(kind)))
+                  top_p, kind: int, stops=None, extras: RowExtras | None = None, echo: bool = False):
+    """prefill[b, P] on host arrays: (new cache, Drawn of [b] on the device[, the prompts' Drawn [b, P]
+    with echo]). stops default to none, extras to no processing."""
+    program = self.prefill(*tokens.shape, echo=echo)
+    return program(params, cache, *self._row_args(tokens, (lengths, rows, seeds, streams, temperature, top_k, top_p),
+                                                  stops, extras), self.host(np.int32(kind)))
 
-  def run_decode(self, params, cache, state: RowState, kind: int, limit: int | None = None):
+  def run_extend(self, params, cache, tokens: np.ndarray, starts, rows, seeds, streams, temperature, top_k, top_p,
+                 kind: int, stops=None, extras: RowExtras | None = None):
+    """extend[b, P] on host arrays: (new cache, Drawn of [b] on the device)."""
+    program = self.extend(*tokens.shape)
+    return program(params, cache, *self._row_args(tokens, (starts, rows, seeds, streams, temperature, top_k, top_p),
+                                                  stops, extras), self.host(np.int32(kind)))
+
+  def run_copy(self, cache, src: int, dst: int):
+    return self.copy()(cache, self.host(np.int32(src)), self.host(np.int32(dst)))
+
+  def _row_args(self, tokens, fields, stops, extras):
+    b = tokens.shape[0]
+    stops = RowState.empty(b).stops if stops is None else stops
+    extras = RowExtras.empty(b, self.vocab_size) if extras is None else extras
+    args = [distributed.global_array(np.asarray(tokens, np.int32), self.partitioner.sharding(ax.TOKENS))]
+    return args + [self.host(a) for a in fields] + [self.host(stops), jax.tree_util.tree_map(self.host, extras)]
+
+  def run_decode(self, params, cache, state: RowState, kind: int, limit: int | None = None,
+                 extras: RowExtras | None = None):
     """decode[n] on a RowState of n rows (host or device arrays), at most `limit` steps (default K):
-    (cache, state, tokens, produced)."""
-    program = self.decode(len(state.budget))
-    state = jax.tree_util.tree_map(lambda a: a if isinstance(a, jax.Array) else self.host(a), state)
+    (cache, state, Drawn of [n, K] (tokens -1 past each row's end), produced i32[n])."""
+    n = len(state.budget)
+    program = self.decode(n)
+    lift = lambda a: a if isinstance(a, jax.Array) else self.host(a)
+    state = jax.tree_util.tree_map(lift, state)
+    extras = jax.tree_util.tree_map(lift, RowExtras.empty(n, self.vocab_size) if extras is None else extras)
     limit = self.steps if limit is None else min(int(limit), self.steps)
-    return program(params, cache, state, self.host(np.int32(kind)), self.host(np.int32(limit)))
+    return program(params, cache, state, extras, self.host(np.int32(kind)), self.host(np.int32(limit)))
 
   def host(self, array) -> jax.Array:
     """A host array replicated on the mesh (every process passes the same values)."""
@@ -261,28 +257,10 @@ def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
+def _specs_of(tree):
+  return jax.tree_util.tree_map(lambda a: _spec(a.shape, a.dtype), tree)
+
+
 def local(array: jax.Array) -> np.ndarray:
   """A replicated global array's value, read from this process's own copy (no collective)."""
   return np.asarray(array.addressable_data(0))
-
-
-def _insert(big: jax.Array, small: jax.Array, lengths: jax.Array, rows: jax.Array, names) -> jax.Array:
-  """Writes prefill row i's keys/values (small [.., b, K, P, ...], its prompt at [P - lengths[i], P))
-  into big [.., R, K, S, ...] row rows[i] at slots [0, lengths[i]); other rows keep theirs. The axes
-  come from the logical `names` (keys/values and an int8 cache's scales alike)."""
-  batch_axis, slot_axis = names.index(ax.CACHE_BATCH), names.index(ax.CACHE_SEQUENCE)
-  n, bucket = big.shape[batch_axis], small.shape[slot_axis]
-  match = rows[None, :] == jnp.arange(n)[:, None]  # [R, b]
-  source = jnp.argmax(match, axis=1)  # the prefill row each cache row takes (if any)
-
-  def shape(**sizes):  # broadcast [R] or [R, P] over the other axes
-    return tuple(sizes.get({batch_axis: "rows", slot_axis: "slots"}.get(a, ""), 1) for a in range(big.ndim))
-
-  moved = jnp.take(small, source, axis=batch_axis)  # [.., R, K, P, ...]
-  start = bucket - jnp.take(lengths, source)  # each row's left padding
-  slots = jnp.minimum(jnp.arange(bucket)[None, :] + start[:, None], bucket - 1)  # [R, P]
-  moved = jnp.take_along_axis(moved, slots.reshape(shape(rows=n, slots=bucket)), axis=slot_axis)
-  head = jax.lax.slice_in_dim(big, 0, bucket, axis=slot_axis)
-  head = jnp.where(match.any(axis=1).reshape(shape(rows=n)), moved.astype(big.dtype), head)
-  big = jax.lax.dynamic_update_slice_in_dim(big, head, 0, axis=slot_axis)
-  return nn.with_logical_constraint(big, names)

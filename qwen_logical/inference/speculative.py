@@ -106,13 +106,18 @@ class SpeculativePrograms(CachePrograms):
     super().__init__(partitioner, rows, round_up(length + k + 1, multiple), steps, kind)
     self.draft = None if draft is None else CachePrograms(draft, rows, self.length, steps, kind)
 
+  @property
+  def scratch(self) -> int:
+    """Rows without a request feed K + 1 slots from here (the cache's spare slots)."""
+    return self.length - self.spec.num_tokens - 1
+
   def speculate(self, rows: int):
     state = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), RowState.empty(rows))
     specs = [self.partitioner.param_shapes, self._cache_specs(), state,
              jax.ShapeDtypeStruct((rows, self.length), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
              jax.ShapeDtypeStruct((), jnp.int32)]
     if self.draft is not None:
-      specs += [self.draft.partitioner.param_shapes, self.draft._cache_specs()]
+      specs += [self.draft.partitioner.param_shapes, self.draft._cache_specs()["kv"]]
     return self._get(("speculate", rows), lambda: self._speculate_program(rows), specs)
 
   def _speculate_program(self, rows: int):
@@ -186,12 +191,12 @@ class SpeculativePrograms(CachePrograms):
       return t + 1, cache, dcache, st, history, out, made_total + made, stats
 
     def speculate(params, cache, state, history, kind_arg, limit, dparams=None, dcache=None):
-      carry = (jnp.int32(0), cache, dcache, state, history, jnp.full((rows, width), -1, jnp.int32),
+      carry = (jnp.int32(0), cache["kv"], dcache, state, history, jnp.full((rows, width), -1, jnp.int32),
                jnp.zeros((rows,), jnp.int32), jnp.zeros((rows, 3), jnp.int32))
       going = lambda c: (c[0] < jnp.minimum(steps, limit)) & jnp.any(c[3].budget > 0)
-      _, cache, dcache, state, history, out, made, stats = jax.lax.while_loop(
+      _, kv, dcache, state, history, out, made, stats = jax.lax.while_loop(
           going, lambda c: round_(params, dparams, kind_arg, c), carry)
-      results = (cache, state, history, out, made, stats)
+      results = ({"kv": kv, "seen": cache["seen"]}, state, history, out, made, stats)
       return results if self.draft is None else results + (dcache,)
 
     in_axes = [PARAMS, self.cache_axes, ROW, ROW, ROW, ROW]
@@ -273,9 +278,10 @@ def speculative_steps(programs: SpeculativePrograms, params, cache, plan, state:
   extra, draft_cache = [], None
   if programs.draft is not None:
     draft = programs.spec.draft
-    draft_cache, _ = programs.draft.run_prefill(
+    prefilled, _ = programs.draft.run_prefill(
         draft.params, programs.draft.new_cache(), plan.tokens, lengths, np.arange(plan.batch, dtype=np.int32),
         state.seeds, state.streams, state.temperature, state.top_k, state.top_p, 0)
+    draft_cache = prefilled["kv"]  # the draft samples by itself: occurrences unused
     extra = [draft.params]
   made_rows = np.zeros(plan.batch, np.int64)
   ahead = programs.run_speculate(params, cache, state, history, None, *extra, draft_cache)

@@ -27,15 +27,19 @@ import time
 from typing import Callable
 
 from absl import logging
+import numpy as np
 
 from qwen_logical.common.host import is_main_process
 from qwen_logical.inference.programs import CachePrograms, default_decode_steps
 from qwen_logical.inference.speculative import Speculation, SpeculativePrograms
+from qwen_logical.serving import events
+from qwen_logical.serving.admission import plan_round
 from qwen_logical.serving.executor import execute, new_cache
-from qwen_logical.serving.protocol import DECODE, NOOP, PREFILL, RESET, STOP, Call, Channel
+from qwen_logical.serving.prefix_cache import PrefixCache
+from qwen_logical.serving.protocol import COPY, DECODE, EXTEND, NOOP, PREFILL, RESET, STOP, Call, Channel
 from qwen_logical.serving.requests import (EngineRequest, EngineStats, QueueFullError, ServingError, TokenEvent,
                                            check_request, check_settings)
-from qwen_logical.serving.scheduler import Pending, Rows, plan_prefills
+from qwen_logical.serving.scheduler import Pending, Rows, row_arrays
 from qwen_logical.serving.shapes import EngineShapes
 from qwen_logical.sharding import distributed
 from qwen_logical.sharding.partitioner import Params, Partitioner
@@ -62,8 +66,10 @@ class Engine:
     self.programs = (SpeculativePrograms(partitioner, self.slots, self.context, steps, None, speculation) if on
                      else CachePrograms(partitioner, self.slots, self.context, steps))
     self.shapes = EngineShapes(self.programs, self.slots, self.context, join_steps)
-    self.rows, largest = Rows(self.slots), self.shapes.prefill_rows
-    self.channel = Channel(max(self.slots, largest), (largest, self.programs.length))
+    self.vocab_size = partitioner.config.vocab_size
+    self.rows, largest = Rows(self.slots, self.vocab_size, self.programs.scratch), self.shapes.prefill_rows
+    self.prefix = PrefixCache(self.slots, self.programs.scratch)
+    self.channel = Channel(max(self.slots, largest), (largest, self.programs.length), self.vocab_size)
     self.log_every_s, self.keepalive_s, self._cv = log_every_s, keepalive_s, threading.Condition()
     self._queue: collections.deque[Pending] = collections.deque()
     self._cancels: set[int] = set()
@@ -131,11 +137,13 @@ class Engine:
 
   def stats(self) -> EngineStats:
     with self._cv:
-      c = self._counts
-      return EngineStats(queued=len(self._queue), active=self._active, slots=self.slots, context=self.context,
-                         tokens_total=c["tokens"], prompt_tokens_total=c["prompt_tokens"],
-                         requests_total=c["requests"], finished_total=c["finished"], prefills=c["prefills"],
-                         decode_steps=c["decode_steps"], dispatches=c["dispatches"], compilations=self.compilations, tokens_per_s=self._rate)
+      c, x = self._counts, self.prefix
+      return EngineStats(
+          queued=len(self._queue), active=self._active, slots=self.slots, context=self.context,
+          tokens_total=c["tokens"], prompt_tokens_total=c["prompt_tokens"], requests_total=c["requests"],
+          finished_total=c["finished"], prefills=c["prefills"], prefix_queries=x.queries, prefix_hits=x.hits,
+          prefix_prompt_tokens=x.prompt_tokens, prefix_cached_tokens=x.cached_tokens, decode_steps=c["decode_steps"],
+          dispatches=c["dispatches"], compilations=self.compilations, tokens_per_s=self._rate)
 
   def follow(self) -> None:
     """On every process but 0: runs process 0's program calls until it stops."""
@@ -185,7 +193,10 @@ class Engine:
     if not waiting and not self.rows.active():
       self.channel.send(Call(NOOP))
       return True
-    for prefill in plan_prefills(waiting, self.rows.free(), self.shapes.bucket, self.shapes.prefill_rows):
+    hits, prefills = plan_round(waiting, self.rows.free(), self.prefix, self.shapes)
+    for hit in hits:
+      self._extend(hit)
+    for prefill in prefills:
       self._admit(prefill)
     if self.rows.active():
       self._decode()
@@ -194,28 +205,59 @@ class Engine:
   def _has_work(self) -> bool:
     return bool(self._queue or self._cancels or self._active)
 
-  def _admit(self, prefill) -> None:
+  def _take(self, requests, rows) -> None:
     with self._cv:
-      for p in prefill.requests:
+      for p in requests:
         self._queue.remove(p)
-      self._active += len(prefill.requests)
+      self._active += len(requests)
       self._counts["prefills"] += 1
-      self._counts["prompt_tokens"] += sum(len(p.request.tokens) for p in prefill.requests)
-    for row, p in zip(prefill.rows, prefill.requests):
+      self._counts["prompt_tokens"] += sum(len(p.request.tokens) for p in requests)
+    for row, p in zip(rows, requests):
       self.rows.start(row, p)
-    first = self._call(Call(PREFILL, prefill.kind, prefill.arrays(padding_row=self.slots)))
-    for i, row in enumerate(prefill.rows if first is not None else ()):
-      self.rows.first(row, int(first[i]), finished=False)
-      self._deliver(row, int(first[i]))
+      self.prefix.hold(row, p.request.tokens)
+
+  def _admit(self, prefill) -> None:
+    self._take(prefill.requests, prefill.rows)
+    echo = any(p.request.echo for p in prefill.requests)
+    result = self._call(Call(PREFILL, prefill.kind, prefill.arrays(self.slots, self.vocab_size), flag=int(echo)))
+    drawn, prompts = result if echo and result is not None else (result, None)
+    for i, (row, p) in enumerate(zip(prefill.rows, prefill.requests) if result is not None else ()):
+      scores = events.prompt_logprobs(prompts, i, p.request) if p.request.echo else None
+      self._first(row, drawn, i, scores)
+
+  def _extend(self, hit) -> None:
+    """A prefix-cache hit: the donor row's keys copied (unless the row is the donor's), the rest computed."""
+    p, bucket = hit.pending, hit.bucket
+    if hit.copy and self._call(Call(COPY, limit=hit.donor, flag=hit.row)) is False:
+      return
+    self._take([p], [hit.row])
+    p.cached = hit.start
+    batch = self.shapes.prefill_rows
+    tokens = np.zeros((batch, bucket), np.int32)
+    tokens[0] = p.request.tokens[hit.start:]
+    arrays = row_arrays([p], [hit.row], batch, self.slots, self.vocab_size)
+    drawn = self._call(Call(EXTEND, p.request.sampling.kind, dict(tokens=tokens, starts=np.full(batch, hit.start, np.int32),
+                                                                   **arrays)))
+    if drawn is not None:
+      self._first(hit.row, drawn, 0, None)
+
+  def _first(self, row: int, drawn, i: int, prompt_logprobs) -> None:
+    token = int(drawn.tokens[i])
+    self.rows.first(row, token, finished=False)
+    self._deliver(row, token, events.token_logprobs(drawn, (i,), self.rows.running[row].request), prompt_logprobs)
 
   def _decode(self) -> None:
     n = self.shapes.decode_rows(self.rows.highest())
     running = {row: self.rows.running[row] for row in self.rows.active()}
-    limit = self.shapes.decode_limit(len(self.rows.free()))
-    result = self._call(Call(DECODE, self.rows.kind(), dict(vars(self.rows.state.head(n))), limit))
+    constrained = self.rows.constrained()
+    for row in constrained:  # the grammar's mask for the next token: one step per dispatch
+      running[row].request.grammar.fill(self.rows.extras.mask[row])
+    limit = 1 if constrained else self.shapes.decode_limit(len(self.rows.free()))
+    arrays = {**vars(self.rows.state.head(n)), **vars(self.rows.extras.head(n))}
+    result = self._call(Call(DECODE, self.rows.kind(), arrays, limit, flag=int(self.rows.plain())))
     if result is None:
       return
-    tokens, produced, state = result
+    drawn, produced, state = result
     self.rows.advance(n, state)
     with self._cv:
       self._counts["decode_steps"] += int(produced.max(initial=0))
@@ -223,7 +265,7 @@ class Engine:
     for j in range(int(produced.max(initial=0))):  # in step order, as the tokens were drawn
       for row, pending in running.items():
         if j < produced[row] and self.rows.running[row] is pending:
-          self._deliver(row, int(tokens[row, j]))
+          self._deliver(row, int(drawn.tokens[row, j]), events.token_logprobs(drawn, (row, j), pending.request))
 
   def _call(self, call: Call):
     """Sends `call` to the followers and runs it; its tokens on the host, or None if it failed
@@ -234,12 +276,15 @@ class Engine:
     except Exception as e:  # noqa: BLE001 (a peer failure goes up; anything else fails the requests)
       if distributed.peer_failure(e):
         raise
-      logging.exception("A %s program failed", "prefill" if call.op == PREFILL else "decode")
+      logging.exception("A %s program failed", {PREFILL: "prefill", EXTEND: "extend", COPY: "copy"}.get(call.op,
+                                                                                                   "decode"))
       for row in self.rows.active():
         self._finish(self._release(row), "error", f"{type(e).__name__}: {e}")
       self.channel.send(Call(RESET))
       self._execute(Call(RESET))
-      return None
+      for row in range(self.slots):  # the cache restarts from zeros: no row holds a prefix
+        self.prefix.hold(row, ())
+      return False if call.op == COPY else None
 
   def _execute(self, call: Call):
     if call.op == RESET:
@@ -248,12 +293,15 @@ class Engine:
     return result
 
   # --- requests ---------------------------------------------------------------------------
-  def _deliver(self, row: int, token: int) -> None:
+  def _deliver(self, row: int, token: int, logprobs=(None, ()), prompt_logprobs=None) -> None:
     pending = self.rows.running[row]
     reason = pending.add(token)
+    if pending.request.grammar is not None:
+      pending.request.grammar.accept(token)
     with self._cv:
       self._counts["tokens"] += 1
-    self._notify(pending, TokenEvent(pending.rid, token, reason, len(pending.request.tokens), pending.produced))
+    self._notify(pending, TokenEvent(pending.rid, token, reason, len(pending.request.tokens), pending.produced,
+                                     None, *logprobs, prompt_logprobs, pending.cached))
     if reason is not None:
       self._release(row)
       with self._cv:
@@ -262,14 +310,17 @@ class Engine:
   def _release(self, row: int) -> Pending:
     with self._cv:
       self._active -= 1
-    return self.rows.release(row)
+    pending = self.rows.release(row)
+    self.prefix.extend(row, pending.tokens[:-1])  # the row keeps every token it was fed
+    self.prefix.touch(row)
+    return pending
 
   def _finish(self, pending: Pending, reason: str, error: str | None = None) -> None:
     """The final event of a request that ends without a token."""
     with self._cv:
       self._counts["finished"] += 1
     self._notify(pending, TokenEvent(pending.rid, None, reason, len(pending.request.tokens), pending.produced,
-                                     error))
+                                     error, cached_tokens=pending.cached))
 
   def _end_all(self, reason: str, error: str | None = None) -> None:
     with self._cv:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import Any
 
 from qwen_logical.common.errors import QwenLogicalError
 from qwen_logical.inference.batch_plan import prompt_problem
+from qwen_logical.inference.logit_processing import TOP_LOGPROBS, Processing
 from qwen_logical.inference.programs import batch_multiple
 from qwen_logical.inference.sampling import SamplingError, SamplingParams
 
@@ -40,6 +42,11 @@ class EngineRequest:
   Sampled rows draw from (seed, step) only, so a request gets the same tokens alone or batched,
   and the same as `qwen_logical.inference.generate` for the prompt alone with this seed.
   A token in `stop_ids` ends the request (finish_reason "stop"; the stop id is its last token).
+  processing: logit bias, penalties, min_tokens (`logit_processing.Processing`).
+  logprobs: None, or each new token's log-probability with this many top alternatives (0..20).
+  echo: the first event also carries the prompt's own log-probabilities (no prefix cache then).
+  grammar: None, or a matcher whose token mask every draw obeys (`serving.structured`; it must
+    have fill(words), accept(token) and a `words` count); the engine feeds it each new token.
   """
 
   tokens: tuple[int, ...]
@@ -47,6 +54,10 @@ class EngineRequest:
   sampling: SamplingParams = SamplingParams()
   seed: int = 0
   stop_ids: tuple[int, ...] = ()
+  processing: Processing = Processing()
+  logprobs: int | None = None
+  echo: bool = False
+  grammar: Any = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +67,11 @@ class TokenEvent:
   token: the new token id; None on a final event that carries no token (cancelled, error).
   finish_reason: None while running; "stop" | "length" | "cancelled" | "error" on the last event.
   completion_tokens: tokens generated so far (a stop id counts).
+  logprob, top_logprobs: the token's log-probability and ((id, log-probability), ...) of the most
+    likely tokens (when the request asked for logprobs).
+  prompt_logprobs: on the first event of an echo request, per prompt token (None for the first,
+    then (log-probability, ((id, log-probability), ...)).
+  cached_tokens: prompt tokens whose keys came from the prefix cache (every event).
   """
 
   request_id: int
@@ -64,6 +80,10 @@ class TokenEvent:
   prompt_tokens: int
   completion_tokens: int
   error: str | None = None
+  logprob: float | None = None
+  top_logprobs: tuple = ()
+  prompt_logprobs: tuple | None = None
+  cached_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +99,10 @@ class EngineStats:
   requests_total: int  # requests accepted
   finished_total: int  # requests ended (any reason)
   prefills: int  # prefill programs run
+  prefix_queries: int  # prompts looked up in the prefix cache
+  prefix_hits: int  # of them, found a cached prefix
+  prefix_prompt_tokens: int  # tokens of the prompts looked up
+  prefix_cached_tokens: int  # of them, reused from the cache
   decode_steps: int  # decode steps run (up to K per dispatch)
   dispatches: int  # decode programs run
   compilations: int  # programs compiled (none in steady state after warm-up)
@@ -108,6 +132,15 @@ def check_request(request: EngineRequest, context: int, vocab_size: int) -> None
     raise ServingError(f"seed={request.seed!r} must be an integer.", "seed")
   if not isinstance(request.stop_ids, (tuple, list)) or not all(_is_int(s) for s in request.stop_ids):
     raise ServingError(f"stop_ids={request.stop_ids!r} must be a sequence of token ids.", "stop_ids")
+  if not isinstance(request.processing, Processing):
+    raise ServingError("processing must be a qwen_logical.inference.logit_processing.Processing.", "processing")
+  problem = request.processing.problem(vocab_size)
+  if problem:
+    raise ServingError(problem[1], problem[0])
+  if request.logprobs is not None and not (_is_int(request.logprobs) and 0 <= request.logprobs <= TOP_LOGPROBS):
+    raise ServingError(f"logprobs={request.logprobs!r} must be an integer in [0, {TOP_LOGPROBS}].", "logprobs")
+  if request.grammar is not None and not all(hasattr(request.grammar, n) for n in ("fill", "accept")):
+    raise ServingError("grammar must be a matcher with fill(words) and accept(token).", "grammar")
 
 
 def check_settings(partitioner, slots, context, queue_size) -> None:

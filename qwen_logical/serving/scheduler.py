@@ -3,8 +3,9 @@
 Row r's state (`programs.RowState`, one entry per cache row, passed to every decode dispatch): the
 token to feed, the slot it goes to (`index`: the row holds tokens at slots [0, index), so the
 position is index too), the request's seed and the step of the next draw (tokens drawn so far),
-how many more it may draw (`budget`), its sampling settings and stop ids. A free row has budget 0:
-the device draws nothing for it, and nothing reads what it writes.
+how many more it may draw (`budget`), its sampling settings and stop ids, and its logit processing
+(`RowExtras`). A free row has budget 0 and feeds the cache's scratch slot: the device draws nothing
+for it, and what it writes there overwrites no cached prefix.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from qwen_logical.inference.logit_processing import RowExtras
 from qwen_logical.inference.programs import RowState
 from qwen_logical.inference.sampling import SamplingParams, kind_of, row_values
 from qwen_logical.serving.requests import EngineRequest
@@ -27,10 +29,13 @@ class Pending:
   request: EngineRequest
   callback: Callable
   produced: int = 0  # tokens generated so far
+  cached: int = 0  # prompt tokens that came from the prefix cache
+  tokens: list = dataclasses.field(default_factory=list)  # the tokens generated so far
 
   def add(self, token: int) -> str | None:
     """Counts a new token; its finish reason ("stop", "length") or None if the request goes on."""
     self.produced += 1
+    self.tokens.append(token)
     if token in self.request.stop_ids:
       return "stop"
     return "length" if self.produced >= self.request.max_new_tokens else None
@@ -50,33 +55,57 @@ class Prefill:
     """The cheapest sampler kind that serves every request of the call."""
     return kind_of(p.request.sampling for p in self.requests)
 
-  def arrays(self, padding_row: int) -> dict[str, np.ndarray]:
+  def arrays(self, padding_row: int, vocab_size: int) -> dict[str, np.ndarray]:
     """Host arguments of the prefill program: tokens int[b, P] left-padded with 0, lengths, rows,
-    seeds, streams, temperature, top_k, top_p [b]. Padding rows: one token, cache row `padding_row`
-    (none)."""
+    seeds, streams, temperature, top_k, top_p [b], stops [b, T] and the RowExtras fields. Padding
+    rows: one token, cache row `padding_row` (none)."""
     b, count = self.batch, len(self.requests)
     tokens = np.zeros((b, self.bucket), np.int32)
     for i, p in enumerate(self.requests):
       tokens[i, self.bucket - len(p.request.tokens):] = p.request.tokens
     lengths = np.ones(b, np.int32)
     lengths[:count] = [len(p.request.tokens) for p in self.requests]
-    rows = np.full(b, padding_row, np.int32)
-    rows[:count] = self.rows
-    seeds = np.zeros(b, np.uint32)
-    seeds[:count] = [p.request.seed % 2 ** 32 for p in self.requests]
-    settings = [p.request.sampling for p in self.requests] + [SamplingParams()] * (b - count)
-    temperature, top_k, top_p = row_values(settings)
-    return dict(tokens=tokens, lengths=lengths, rows=rows, seeds=seeds, streams=np.zeros(b, np.int32),
-                temperature=temperature, top_k=top_k, top_p=top_p)
+    return dict(tokens=tokens, lengths=lengths, **row_arrays(self.requests, self.rows, b, padding_row, vocab_size))
+
+
+def row_arrays(requests, rows, batch: int, padding_row: int, vocab_size: int) -> dict[str, np.ndarray]:
+  """The per-row arguments of a prefill or extend call of `batch` rows for `requests` in cache `rows`."""
+  count = len(requests)
+  cache_rows = np.full(batch, padding_row, np.int32)
+  cache_rows[:count] = rows
+  seeds = np.zeros(batch, np.uint32)
+  seeds[:count] = [p.request.seed % 2 ** 32 for p in requests]
+  settings = [p.request.sampling for p in requests] + [SamplingParams()] * (batch - count)
+  temperature, top_k, top_p = row_values(settings)
+  state, extras = RowState.empty(batch), RowExtras.empty(batch, vocab_size)
+  for i, p in enumerate(requests):
+    set_row(state, extras, i, p.request)
+  return dict(rows=cache_rows, seeds=seeds, streams=np.zeros(batch, np.int32), temperature=temperature, top_k=top_k,
+              top_p=top_p, stops=state.stops, **vars(extras))
+
+
+def set_row(state: RowState, extras: RowExtras, row: int, request: EngineRequest) -> None:
+  """Row `row`'s stop ids and logit processing from `request` (host arrays)."""
+  state.stops[row] = -1
+  head = list(request.stop_ids)[:state.stops.shape[1]]  # the device checks these; the host checks all
+  state.stops[row, :len(head)] = head
+  x = request.processing
+  extras.set_row(row, x.presence_penalty, x.frequency_penalty, x.repetition_penalty, x.min_tokens, x.logit_bias,
+                 request.logprobs or 0)
+  if request.grammar is not None:
+    extras.constrained[row] = 1
+    request.grammar.fill(extras.mask[row])
 
 
 class Rows:
   """The N cache rows: which request each runs and the RowState of the next decode dispatch."""
 
-  def __init__(self, count: int):
-    self.count = count
+  def __init__(self, count: int, vocab_size: int, scratch: int):
+    self.count, self.scratch = count, scratch
     self.running: list[Pending | None] = [None] * count
     self.state = RowState.empty(count)
+    self.state.index[:] = scratch
+    self.extras = RowExtras.empty(count, vocab_size)
 
   def free(self) -> list[int]:
     return [r for r, p in enumerate(self.running) if p is None]
@@ -96,9 +125,7 @@ class Rows:
     st.seeds[row] = request.seed % 2 ** 32
     values = row_values([request.sampling])
     st.temperature[row], st.top_k[row], st.top_p[row] = (v[0] for v in values)
-    st.stops[row] = -1
-    head = list(request.stop_ids)[:st.stops.shape[1]]  # the device checks these; the host checks all
-    st.stops[row, :len(head)] = head
+    set_row(st, self.extras, row, request)
 
   def first(self, row: int, token: int, finished: bool) -> None:
     """The prefill drew `token`: the row feeds it next, and may draw max_new_tokens - 1 more."""
@@ -113,9 +140,19 @@ class Rows:
   def release(self, row: int) -> Pending:
     pending, self.running[row] = self.running[row], None
     empty = RowState.empty(1)
+    empty.index[:] = self.scratch
     for name, value in vars(empty).items():
       getattr(self.state, name)[row] = value[0]
+    self.extras.set_row(row)
     return pending
+
+  def constrained(self) -> list[int]:
+    """The running rows whose requests follow a grammar."""
+    return [r for r, p in enumerate(self.running) if p is not None and p.request.grammar is not None]
+
+  def plain(self) -> bool:
+    """Whether some running row needs plain decode steps (logit processing, log-probabilities or a grammar)."""
+    return any(p is not None and needs_plain_steps(p.request) for p in self.running)
 
   def kind(self) -> str:
     """The cheapest sampler kind the running rows need: GREEDY if none samples, FILTERED if one
@@ -125,6 +162,11 @@ class Rows:
   def highest(self) -> int:
     """1 + the highest running row (0 if none): decode dispatches cover rows [0, highest) at least."""
     return max((r + 1 for r, p in enumerate(self.running) if p is not None), default=0)
+
+
+def needs_plain_steps(request: EngineRequest) -> bool:
+  return (request.processing != type(request.processing)() or request.logprobs is not None
+          or request.grammar is not None)
 
 
 def plan_prefills(waiting: list[Pending], free: list[int], bucket: Callable[[int], int], size: int) -> list[Prefill]:

@@ -1,0 +1,71 @@
+"""Who gets a cache row this round, and how their prompts get there: a request whose prompt starts
+with a prefix some row holds (`prefix_cache`) has that row's keys copied into its own row (or takes
+the row itself when it is free) and computes only the rest (an `extend` call); any other request
+is prefilled whole (`scheduler.plan_prefills`).
+
+    hits, prefills = plan_round(waiting, free_rows, prefix, shapes)
+
+A request whose first block equals that of a prompt being prefilled this round waits one round,
+so it can reuse those keys: the choices of an `n > 1` request share one prefill this way.
+Requests that need every prompt position's logits (echo) or the prompt's tokens on the device
+(repetition penalty) are always prefilled whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qwen_logical.serving.prefix_cache import BLOCK, PrefixCache
+from qwen_logical.serving.scheduler import Pending, Prefill, plan_prefills
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+  """A request that reuses `donor`'s first slots in cache `row`, computing its prompt's last `bucket`
+  tokens from slot `start`; `copy` when the donor is another row."""
+
+  pending: Pending
+  row: int
+  donor: int
+  start: int
+  bucket: int
+
+  @property
+  def copy(self) -> bool:
+    return self.donor != self.row
+
+
+def cacheable(pending: Pending) -> bool:
+  request = pending.request
+  return not request.echo and request.processing.repetition_penalty == 1
+
+
+def _share_block(a, b) -> bool:
+  return min(len(a), len(b)) > BLOCK and tuple(a[:BLOCK]) == tuple(b[:BLOCK])
+
+
+def plan_round(waiting: list[Pending], free: list[int], prefix: PrefixCache, shapes) -> tuple[list[Hit], list[Prefill]]:
+  """The hits (one extend call each, after their copies) and prefill calls that start waiting
+  requests in the free rows this round, first come first served."""
+  available = prefix.order(free)
+  hits: list[Hit] = []
+  misses: list[tuple[int, Pending]] = []
+  for pending in waiting:
+    if not available:
+      break
+    prompt = pending.request.tokens
+    if any(_share_block(prompt, p.request.tokens) for _, p in misses):
+      continue  # its prefix is being computed now: next round it is cached
+    taken = [r for r, _ in misses] + [h.row for h in hits]
+    donor, length = prefix.match(prompt, exclude=taken) if cacheable(pending) else (None, 0)
+    bucket = shapes.extend_bucket(len(prompt) - length) if donor is not None else None
+    if bucket is not None and bucket <= len(prompt):
+      row = donor if donor in available else available[0]
+      available.remove(row)
+      hits.append(Hit(pending, row, donor, len(prompt) - bucket, bucket))
+      prefix.count(len(prompt), len(prompt) - bucket)
+    else:
+      misses.append((available.pop(0), pending))
+      prefix.count(len(prompt), 0)
+  prefills = plan_prefills([p for _, p in misses], [r for r, _ in misses], shapes.bucket, shapes.prefill_rows)
+  return hits, prefills
