@@ -45,6 +45,7 @@ def prefill(programs, batch: int, bucket: int, echo: bool):
                  top_p, kind, jnp.bool_(True))
     kv = jax.tree_util.tree_map(lambda big, new, names: insert(big, new, lengths, rows, names), cache["kv"], small,
                                 programs.cache_axes["kv"])
+    seen = lp.count(seen, drawn.tokens, jnp.ones_like(lengths, bool))  # the first new token counts too
     cache = {"kv": kv, "seen": _set_rows(cache["seen"], seen, rows)}
     return (cache, drawn, prompt_scores(logits, tokens, extras.top)) if echo else (cache, drawn)
 
@@ -119,6 +120,7 @@ def extend(programs, batch: int, bucket: int):
     drawn = draw(programs, logits[:, -1].astype(jnp.float32), seen, jnp.zeros_like(starts), stops, extras, keys,
                  temperature, top_k, top_p, kind, jnp.bool_(True))
     kv = jax.tree_util.tree_map(lambda big, new, n: _put_rows(big, new, rows, n), cache["kv"], small, names)
+    seen = lp.count(seen, drawn.tokens, jnp.ones_like(starts, bool))
     return {"kv": kv, "seen": _set_rows(cache["seen"], seen, rows)}, drawn
 
   return run
