@@ -45,7 +45,7 @@ class RowExtras:
   min_tokens: np.ndarray  # i32: stop ids are banned while the row has drawn fewer tokens than this
   bias_ids: np.ndarray  # i32[n, MAX_LOGIT_BIAS]: token ids (padding: a dropped id)
   bias_values: np.ndarray  # f32[n, MAX_LOGIT_BIAS]
-  top: np.ndarray  # i32: top log-probabilities wanted (0: the drawn token's only)
+  top: np.ndarray  # i32: top log-probabilities wanted (0: the drawn token's only; -1: none)
   constrained: np.ndarray  # i32: 1 if `mask` applies to the row's next token
   mask: np.ndarray  # i32[n, W]: allowed token bits (`mask_words`)
 
@@ -53,14 +53,14 @@ class RowExtras:
   def empty(cls, rows: int, vocab_size: int) -> "RowExtras":
     f32, i32 = (lambda v: np.full(rows, v, np.float32)), (lambda v: np.full(rows, v, np.int32))
     return cls(f32(0.0), f32(0.0), f32(1.0), i32(0), np.full((rows, MAX_LOGIT_BIAS), _DROPPED, np.int32),
-               np.zeros((rows, MAX_LOGIT_BIAS), np.float32), i32(0), i32(0),
+               np.zeros((rows, MAX_LOGIT_BIAS), np.float32), i32(-1), i32(0),
                np.full((rows, mask_words(vocab_size)), -1, np.int32))
 
   def head(self, rows: int) -> "RowExtras":
     return jax.tree_util.tree_map(lambda a: np.array(a[:rows]), self)
 
   def set_row(self, row: int, presence=0.0, frequency=0.0, repetition=1.0, min_tokens=0, logit_bias=(),
-              top=0) -> None:
+              top=-1) -> None:
     """Row `row`'s settings (host arrays); logit_bias: (token id, bias) pairs."""
     self.presence[row], self.frequency[row], self.repetition[row] = presence, frequency, repetition
     self.min_tokens[row], self.top[row], self.constrained[row] = min_tokens, top, 0
@@ -99,20 +99,25 @@ def adjust(logits: jax.Array, occurrences: jax.Array, steps: jax.Array, stops: j
 
 
 def logprobs(raw: jax.Array, tokens: jax.Array, top: jax.Array):
-  """raw f32[n, V], drawn tokens i32[n], top i32[n] -> (the tokens' log-probabilities f32[n],
-  the TOP_LOGPROBS most likely ids i32[n, T] and their log-probabilities f32[n, T]; zeros unless
-  some row wants top > 0)."""
-  lse = jax.nn.logsumexp(raw, axis=-1)
-  chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - lse
-
-  def best(raw):
-    ids, values = top_logits(raw)
-    return ids, values - lse[:, None]
-
+  """raw f32[n, V], drawn tokens i32[n], top i32[n] (-1: none) -> (the tokens' log-probabilities
+  f32[n], the TOP_LOGPROBS most likely ids i32[n, T] and their log-probabilities f32[n, T]); zeros
+  unless some row wants them (no pass over the vocabulary when none does)."""
   n = raw.shape[0]
-  zeros = lambda raw: (jnp.zeros((n, TOP_LOGPROBS), jnp.int32), jnp.zeros((n, TOP_LOGPROBS), jnp.float32))
-  ids, values = jax.lax.cond(jnp.any(top > 0), best, zeros, raw)
-  return chosen, ids, values
+  zeros = (jnp.zeros((n,), jnp.float32), jnp.zeros((n, TOP_LOGPROBS), jnp.int32),
+           jnp.zeros((n, TOP_LOGPROBS), jnp.float32))
+
+  def wanted(raw):
+    lse = jax.nn.logsumexp(raw, axis=-1)
+    chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - lse
+
+    def best(raw):
+      ids, values = top_logits(raw)
+      return ids, values - lse[:, None]
+
+    ids, values = jax.lax.cond(jnp.any(top > 0), best, lambda _: zeros[1:], raw)
+    return chosen, ids, values
+
+  return jax.lax.cond(jnp.any(top >= 0), wanted, lambda _: zeros, raw)
 
 
 def top_logits(logits: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -40,12 +40,13 @@ NO_TOKENIZER = ("this server has no tokenizer, so it takes token ids only: send 
                 "(a directory with tokenizer.json)")
 
 
-def chat_prompt(tokenizer, messages: Sequence[dict[str, Any]]) -> list[int]:
-  """Token ids of a conversation under the tokenizer's chat template, with the assistant header."""
+def chat_prompt(tokenizer, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None) -> list[int]:
+  """Token ids of a conversation (and the tools it may call) under the tokenizer's chat template,
+  with the assistant header."""
   if tokenizer is None:
     raise RequestError(f"Chat needs text: {NO_TOKENIZER}.", "messages")
   try:
-    return tokenizer.encode_chat(messages)
+    return tokenizer.encode_chat(messages, tools=tools) if tools else tokenizer.encode_chat(messages)
   except TokenizerError as e:
     raise RequestError(str(e), "messages") from e
   except _UNTAKEN as e:  # the template or the tokenizer choked on what the client sent
@@ -105,6 +106,9 @@ class Output:
   token_ids: the new token ids (the stop id included, as usage counts it).
   finish_reason: None while running; "stop" | "length", or the engine's "cancelled" | "error".
   prompt_tokens, completion_tokens: usage so far (tokens after a stop string are not counted).
+  logprobs: (token id, log-probability, top alternatives) per new token, when the request asked.
+  prompt_logprobs: the same per prompt token (the first's log-probability None), on an echo
+    request's first Output; cached_tokens: prompt tokens served from the prefix cache.
   """
 
   text: str
@@ -113,6 +117,9 @@ class Output:
   prompt_tokens: int
   completion_tokens: int
   error: str | None = None
+  logprobs: list = dataclasses.field(default_factory=list)
+  prompt_logprobs: list | None = None
+  cached_tokens: int = 0
 
 
 class Completion:
@@ -160,7 +167,13 @@ class Completion:
       self.engine.cancel(self.rid)  # the engine would go on: the text has ended
     if reason is not None:
       self.done, self.finish_reason = True, reason
-    return Output(text, new, reason, *self._usage, error=event.error)
+    logprobs = [(event.token, event.logprob, event.top_logprobs)] if event.logprob is not None else []
+    prompt = None
+    if event.prompt_logprobs is not None:
+      prompt = [(t, None if s is None else s[0], () if s is None else s[1])
+                for t, s in zip(self.request.tokens, event.prompt_logprobs)]
+    return Output(text, new, reason, *self._usage, error=event.error, logprobs=logprobs, prompt_logprobs=prompt,
+                  cached_tokens=event.cached_tokens)
 
   def _add(self, token: int) -> tuple[str, bool]:
     if self._text is None:
@@ -190,10 +203,14 @@ class Completion:
 
   def result(self, timeout: float | None = None) -> Output:
     """Runs the request to its end: one Output with the whole text and token ids and the final usage."""
-    texts: list[str] = []
-    ids: list[int] = []
-    last = None
-    for last in self.stream(timeout):
-      texts.append(last.text)
-      ids += last.token_ids
-    return Output("".join(texts), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error)
+    outputs = list(self.stream(timeout))
+    return merge(outputs)
+
+
+def merge(outputs: Sequence[Output]) -> Output:
+  """One Output of a whole completion from its Outputs in order (the last one's reason and usage)."""
+  last = outputs[-1]
+  prompt = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+  return Output("".join(o.text for o in outputs), [t for o in outputs for t in o.token_ids], last.finish_reason,
+                last.prompt_tokens, last.completion_tokens, last.error, [e for o in outputs for e in o.logprobs],
+                prompt, last.cached_tokens)

@@ -24,18 +24,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from qwen_logical.serving import openai_api
-from qwen_logical.serving.completions import Completion, Output, RequestError
+from qwen_logical.serving import openai_api, openai_bodies
+from qwen_logical.serving.choice_stream import stream_chunks
+from qwen_logical.serving.completions import Output, RequestError, merge
+from qwen_logical.serving.http_run import CLIENT_CLOSED, GONE, Run
 from qwen_logical.serving.engine import QueueFullError, ServingError
 from qwen_logical.serving.guard import OTHER_ENDPOINT, RequestGuard, RequestLimits
 from qwen_logical.serving.metrics import Metrics
-from qwen_logical.serving.openai_api import ParsedRequest, ServedModel
+from qwen_logical.serving.openai_api import ServedModel
 from qwen_logical.serving.openai_schema import request_body, request_schemas
 from qwen_logical.serving.request_body import decode_json
+from qwen_logical.serving.token_text import TokenPieces
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
-CLIENT_CLOSED = 499  # the status metrics count a request under when its client went away
-_GONE = object()  # queued when the client disconnects
 
 
 def _sse(body: dict | str) -> str:
@@ -43,61 +44,10 @@ def _sse(body: dict | str) -> str:
   return f"data: {data}\n\n"
 
 
-class _Run:
-  """One accepted request: its Completion, the queue its engine events arrive on, its metrics."""
-
-  def __init__(self, serving: "Serving", parsed: ParsedRequest, endpoint: str):
-    self.serving, self.parsed, self.endpoint = serving, parsed, endpoint
-    self.completion = Completion(serving.engine, parsed.request, serving.served.tokenizer, parsed.stop)
-    self.events: asyncio.Queue = asyncio.Queue()
-    self.timer = serving.metrics.timer()
-    self.last: Output | None = None
-    self.id, self.created = openai_api.new_id(parsed), int(time.time())
-    self._loop = asyncio.get_running_loop()
-    self._closed = False
-    self.gone = False  # the client disconnected
-    self.status = 200  # what the metrics count a streamed answer under
-
-  def notify(self, event) -> None:
-    """The engine's callback (engine thread); the arrival time goes along, for the latency metrics."""
-    try:
-      self._loop.call_soon_threadsafe(self.events.put_nowait, (event, time.perf_counter()))
-    except RuntimeError:  # the event loop has closed: nobody waits for this request any more
-      pass
-
-  async def next(self) -> Output | None:
-    """The next Output; None when an event adds nothing, or when the client has gone (then done)."""
-    event, at = await self.events.get()
-    if event is _GONE:
-      self.gone = True
-      self.completion.cancel()
-      return None
-    output = self.completion.on_event(event)
-    if output is not None:
-      self.last = output
-      if output.token_ids:
-        self.timer.token(len(output.token_ids), at)
-    return output
-
-  def close(self, status: int, count: bool = True) -> None:
-    """Ends the request (cancelled in the engine unless it finished) and counts it (unless `count` is
-    False: the guard counts the 500 of an exception); idempotent."""
-    if self._closed:
-      return
-    self._closed = True
-    if not self.completion.done:
-      self.completion.cancel()
-      status = CLIENT_CLOSED
-    self.serving.inflight -= 1
-    usage = (self.last.prompt_tokens, self.last.completion_tokens) if self.last else (0, 0)
-    if count:
-      self.serving.metrics.finished(self.endpoint, status, *usage)
-
-
 class _EventStream(StreamingResponse):
   """Server-sent events whose request is closed however the response ends (done, or client gone)."""
 
-  def __init__(self, content, run: _Run):
+  def __init__(self, content, run: Run):
     super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     self._run = run
 
@@ -113,6 +63,7 @@ class Serving:
 
   def __init__(self, engine, served: ServedModel, metrics: Metrics | None = None):
     self.engine, self.served = engine, served
+    self.pieces = TokenPieces(served.tokenizer)
     self.metrics = metrics or Metrics(engine.stats)
     self.draining = False
     self.inflight = 0  # requests accepted and not yet answered (changed on the event loop only)
@@ -131,7 +82,7 @@ class Serving:
   def error(self, endpoint: str, status: int, message: str, param: str | None = None,
             error_type: str = "invalid_request_error") -> JSONResponse:
     self.metrics.finished(endpoint, status)
-    return JSONResponse(openai_api.error_body(message, param, error_type), status_code=status)
+    return JSONResponse(openai_bodies.error_body(message, param, error_type), status_code=status)
 
   async def complete(self, request: Request, kind: str) -> Response:
     """POST /v1/chat/completions and /v1/completions."""
@@ -148,9 +99,9 @@ class Serving:
       return self.error(endpoint, 400, str(e), e.param)
     except ServingError as e:
       return self.error(endpoint, 400, str(e), openai_api.engine_param(parsed, e.field))
-    run = _Run(self, parsed, endpoint)
+    run = Run(self, parsed, endpoint)
     try:
-      run.completion.submit(run.notify)
+      run.submit()
     except QueueFullError as e:
       return self.error(endpoint, 429, f"The server is busy (its queue is full): retry later. {e}",
                         error_type="rate_limit_exceeded")
@@ -167,72 +118,73 @@ class Serving:
       run.close(500, count=not isinstance(e, Exception))
       raise
 
-  async def _events(self, run: _Run):
-    """The SSE body: a chunk per text delta, the finish reason, usage when asked for, [DONE]."""
-    parsed = run.parsed
-    if parsed.kind == "chat":
-      yield _sse(openai_api.chunk_body(parsed, run.id, run.created, first=True))
-    while not run.completion.done:
+  async def _events(self, run: Run):
+    """The SSE body: per choice a chunk per text delta (with its log-probabilities and tool-call
+    deltas), its finish reason; usage when asked for; [DONE]."""
+    parsed, pieces = run.parsed, self.pieces
+    offsets = [0] * len(run.choices)
+    for i in range(len(run.choices)):
+      if parsed.kind == "chat":
+        yield _sse(openai_bodies.chunk_body(parsed, run.id, run.created, i, first=True))
+    while not run.done:
       try:
-        output = await run.next()
+        got = await run.next()
       except Exception as e:  # noqa: BLE001 -- the stream has started: its last event says what happened
         logging.exception("Stream %s failed; ending it with an error event", run.id)
-        run.completion.cancel()
-        run.status, body = 500, openai_api.error_body(f"The server failed on this request ({run.id}): {e}",
-                                                      error_type="server_error")
+        for choice in run.choices:
+          choice.cancel()
+        run.status, body = 500, openai_bodies.error_body(f"The server failed on this request ({run.id}): {e}",
+                                                         error_type="server_error")
         yield _sse(body)
         break
-      if output is None:
+      if got is None:
         continue
+      i, output = got
       if output.finish_reason in ("cancelled", "error"):
         run.status, body = self._failure(output)
         yield _sse(body)
         break
-      if output.text or output.finish_reason or (parsed.return_token_ids and output.token_ids):
-        yield _sse(openai_api.chunk_body(parsed, run.id, run.created, output.text, output.finish_reason,
-                                         output.token_ids))
-    if parsed.include_usage and run.last is not None:
-      yield _sse(openai_api.usage_chunk(parsed, run.id, run.created, run.last))
+      for chunk in stream_chunks(parsed, run, i, output, pieces, offsets):
+        yield _sse(chunk)
+    if parsed.include_usage and run.last():
+      yield _sse(openai_bodies.usage_chunk(parsed, run.id, run.created, run.last()))
     yield _sse("[DONE]")
 
-  async def _whole(self, request: Request, run: _Run) -> Response:
+  async def _whole(self, request: Request, run: Run) -> Response:
     """The non-streamed answer; a client that disconnects meanwhile cancels the request."""
     watcher = asyncio.create_task(_watch_disconnect(request, run.events))
-    texts, ids = [], []
     try:
-      while not run.completion.done:
-        output = await run.next()
-        if output is not None:
-          texts.append(output.text)
-          ids += output.token_ids
+      while not run.done:
+        await run.next()
     finally:
       watcher.cancel()
-    last = run.last
     if run.gone:
       run.close(CLIENT_CLOSED)
       return Response(status_code=CLIENT_CLOSED)
-    if last.finish_reason in ("cancelled", "error"):
-      status, body = self._failure(last)
+    failed = next((o[-1] for o in run.outputs if o and o[-1].finish_reason in ("cancelled", "error")), None)
+    if failed is not None:
+      status, body = self._failure(failed)
       run.close(status)
       return JSONResponse(body, status_code=status)
     run.close(200)
-    whole = Output("".join(texts), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens)
-    return JSONResponse(openai_api.completion_body(run.parsed, run.id, run.created, whole))
+    whole = [merge(outputs) for outputs in run.outputs]
+    replies = [reply.whole(o.text) for reply, o in zip(run.replies, whole)] if run.parsed.tools else None
+    return JSONResponse(openai_bodies.completion_body(run.parsed, run.id, run.created, whole, self.pieces, replies))
 
   @staticmethod
   def _failure(output: Output) -> tuple[int, dict]:
     if output.finish_reason == "cancelled":
-      return 503, openai_api.error_body("The request was cancelled: the server is shutting down.",
+      return 503, openai_bodies.error_body("The request was cancelled: the server is shutting down.",
                                         error_type="server_error")
-    return 500, openai_api.error_body(f"The engine failed on this request: {output.error}", error_type="server_error")
+    return 500, openai_bodies.error_body(f"The engine failed on this request: {output.error}", error_type="server_error")
 
 
 async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
-  """Waits for the client to go away (the body was read already), then queues _GONE."""
+  """Waits for the client to go away (the body was read already), then queues GONE."""
   while True:
     message = await request.receive()
     if message["type"] == "http.disconnect":
-      events.put_nowait((_GONE, time.perf_counter()))
+      events.put_nowait((0, GONE, time.perf_counter()))
       return
 
 
@@ -254,7 +206,7 @@ def create_app(engine, served: ServedModel, metrics: Metrics | None = None,
     """Starlette's own refusals (404 no such route, 405 wrong method) in the OpenAI error shape."""
     path = request.url.path
     serving.metrics.finished(path if path in ROUTES else OTHER_ENDPOINT, error.status_code)
-    body = openai_api.error_body(f"{error.detail}: {request.method} {path} (the routes: {', '.join(ROUTES)}).")
+    body = openai_bodies.error_body(f"{error.detail}: {request.method} {path} (the routes: {', '.join(ROUTES)}).")
     return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
   @app.post("/v1/chat/completions", openapi_extra=request_body(schemas["chat"]))
@@ -268,7 +220,7 @@ def create_app(engine, served: ServedModel, metrics: Metrics | None = None,
   @app.get("/v1/models")
   async def models():
     serving.metrics.finished("/v1/models", 200)
-    return openai_api.models_body(served)
+    return openai_bodies.models_body(served)
 
   @app.get("/health")
   async def health():

@@ -54,6 +54,9 @@ class Metrics:
                                  ["endpoint", "status"], registry=r)
     self.prompt_tokens = prom.Counter(PREFIX + "prompt_tokens", "Prompt tokens of requests run.", registry=r)
     self.completion_tokens = prom.Counter(PREFIX + "completion_tokens", "Tokens generated.", registry=r)
+    self.cached_tokens = prom.Counter(PREFIX + "prompt_cached_tokens",
+                                      "Prompt tokens of answered requests whose keys came from the prefix cache.",
+                                      registry=r)
     self.ttft = prom.Histogram(PREFIX + "time_to_first_token_seconds",
                                "Seconds from a request's acceptance to its first token.", buckets=TTFT_BUCKETS,
                                registry=r)
@@ -63,22 +66,39 @@ class Metrics:
     if stats is not None:
       for name, attribute, doc in (("queue_length", "queued", "Requests waiting for a slot."),
                                    ("active_slots", "active", "Slots running a request."),
-                                   ("slots", "slots", "Slots of the engine.")):
+                                   ("slots", "slots", "Slots of the engine."),
+                                   ("prefix_cache_queries", "prefix_queries", "Prompts looked up in the prefix cache."),
+                                   ("prefix_cache_hits", "prefix_hits", "Prompts that found a cached prefix."),
+                                   ("prefix_cache_prompt_tokens", "prefix_prompt_tokens",
+                                    "Tokens of the prompts looked up in the prefix cache."),
+                                   ("prefix_cache_cached_tokens", "prefix_cached_tokens",
+                                    "Prompt tokens whose keys the prefix cache gave (not computed again).")):
         gauge = prom.Gauge(PREFIX + name, doc, registry=r)
-        gauge.set_function(lambda attribute=attribute: float(getattr(stats(), attribute)))
+        gauge.set_function(lambda attribute=attribute: float(getattr(stats(), attribute, 0)))
+      hit_rate = prom.Gauge(PREFIX + "prefix_cache_hit_rate",
+                            "Share of looked-up prompt tokens the prefix cache gave (0 before any lookup).", registry=r)
+      hit_rate.set_function(lambda: _rate(stats()))
 
   def timer(self) -> Timer:
     return Timer(self)
 
-  def finished(self, endpoint: str, status: int, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+  def finished(self, endpoint: str, status: int, prompt_tokens: int = 0, completion_tokens: int = 0,
+               cached_tokens: int = 0) -> None:
     """Counts one answered request (and the tokens it ran)."""
     self.requests.labels(endpoint=endpoint, status=str(status)).inc()
     if prompt_tokens:
       self.prompt_tokens.inc(prompt_tokens)
     if completion_tokens:
       self.completion_tokens.inc(completion_tokens)
+    if cached_tokens:
+      self.cached_tokens.inc(cached_tokens)
 
   def exposition(self) -> bytes:
     return prom.generate_latest(self.registry)
 
   content_type = prom.CONTENT_TYPE_LATEST
+
+
+def _rate(stats) -> float:
+  asked = getattr(stats, "prefix_prompt_tokens", 0)
+  return getattr(stats, "prefix_cached_tokens", 0) / asked if asked else 0.0

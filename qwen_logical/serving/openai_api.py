@@ -14,20 +14,24 @@ choice, and each chunk, carries `token_ids`; always on for a server without a to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 import time
 from typing import Any
 
-from qwen_logical.serving import completions
+from qwen_logical.serving import completions, openai_tools, structured_output
 from qwen_logical.serving.completions import RequestError
 from qwen_logical.serving.engine import EngineRequest
 from qwen_logical.serving.openai_fields import IGNORED_AT_DEFAULT, expect, optional_int, sampling_params
-from qwen_logical.serving.request_body import printable
+from qwen_logical.serving.openai_options import Options, parse_options
 
 ROLES = ("system", "user", "assistant", "tool")
 _SHARED = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-           "stream", "stream_options", "n", "return_token_ids")
-FIELDS = {"chat": frozenset(_SHARED + ("messages",)), "completion": frozenset(_SHARED + ("prompt",))}
+           "stream", "stream_options", "n", "return_token_ids", "presence_penalty", "frequency_penalty", "logit_bias",
+           "repetition_penalty", "min_tokens", "logprobs")
+FIELDS = {"chat": frozenset(_SHARED + ("messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+                                       "response_format")),
+          "completion": frozenset(_SHARED + ("prompt", "echo", "best_of", "response_format"))}
 MAX_STOP = 16  # stop strings per request (each is searched for in the text after every token)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 # EngineRequest / ServingError field names -> the OpenAI parameter a client sent.
@@ -49,10 +53,19 @@ class ServedModel:
   def stop_ids(self) -> tuple[int, ...]:
     return tuple(getattr(self.tokenizer, "stop_ids", ()) or ())
 
+  @functools.cached_property
+  def grammars(self):
+    """The grammar compiler over this tokenizer (`serving.structured`), built on first use."""
+    from qwen_logical.serving.structured import GrammarCompiler
+    return GrammarCompiler(self.tokenizer, self.vocab_size)
+
 
 @dataclasses.dataclass(frozen=True)
 class ParsedRequest:
-  """A validated request: `kind` "chat" | "completion", the EngineRequest, the text-side options."""
+  """A validated request: `kind` "chat" | "completion", the EngineRequest (of choice 0), the text-side
+  options; `options` (n, logprobs, echo, logit processing), `tools` (a ToolRequest or None),
+  `grammar` (what every choice's reply must match, or None), `score_only` (max_tokens 0 with echo:
+  the prompt's log-probabilities only), `prompt_text` (what echo puts before the completion)."""
 
   kind: str
   model: str
@@ -61,10 +74,20 @@ class ParsedRequest:
   stream: bool
   include_usage: bool
   return_token_ids: bool
+  options: Options = Options()
+  tools: Any = None
+  grammar: Any = None
+  score_only: bool = False
+  prompt_text: str = ""
 
   @property
   def prompt_param(self) -> str:
     return "messages" if self.kind == "chat" else "prompt"
+
+  def choice(self, i: int) -> EngineRequest:
+    """The engine request of choice i: its own seed and its own grammar matcher."""
+    grammar = self.grammar.matcher() if self.grammar is not None else None
+    return dataclasses.replace(self.request, seed=(self.request.seed + i) % 2**32, grammar=grammar)
 
 
 def engine_param(parsed: ParsedRequest | None, field: str | None) -> str | None:
@@ -83,8 +106,7 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
   if model != served.name:
     raise RequestError(f"The model `{model}` does not exist: this server serves `{served.name}` (GET /v1/models).",
                        "model")
-  if expect(body, "n", int, default=1) != 1:
-    raise RequestError("Only n=1 is supported: send one request per completion you want.", "n")
+  options = parse_options(kind, body, served.vocab_size)
   stream = expect(body, "stream", bool, default=False)
   include_usage = _stream_options(body, stream)
   stop = _stop(body, served)
@@ -93,11 +115,31 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
   if seed is None:
     seed = secrets.randbits(31) if not sampling.greedy else 0
   token_ids = expect(body, "return_token_ids", bool, default=False) or served.tokenizer is None  # no text without
-  asked = _asked_max_tokens(body)
-  tokens = _chat_tokens(body, served) if kind == "chat" else _prompt_tokens(body, served)
-  max_new = _max_tokens(kind, asked, len(tokens), served.context, "messages" if kind == "chat" else "prompt")
-  request = EngineRequest(tuple(tokens), max_new, sampling, seed=seed % 2**32, stop_ids=served.stop_ids)
-  return ParsedRequest(kind, model, request, stop, stream, include_usage, token_ids)
+  asked = _asked_max_tokens(body, options.echo)
+  tools = openai_tools.parse_tools(body) if kind == "chat" else None
+  grammar = structured_output.grammar_for(body, tools, served)
+  tokens = _chat_tokens(body, served, tools) if kind == "chat" else _prompt_tokens(body, served)
+  score_only = asked[1] == 0
+  max_new = _max_tokens(kind, (asked[0], asked[1] or None) if score_only else asked, len(tokens), served.context,
+                        "messages" if kind == "chat" else "prompt")
+  if score_only:
+    max_new = 1  # the engine draws one token; the answer leaves it out
+  if options.processing.min_tokens > max_new:
+    raise RequestError(f"min_tokens={options.processing.min_tokens} exceeds the {max_new} tokens this request may "
+                       "generate (max_tokens).", "min_tokens")
+  request = EngineRequest(tuple(tokens), max_new, sampling, seed=seed % 2**32, stop_ids=served.stop_ids,
+                          processing=options.processing, logprobs=options.logprobs, echo=options.echo)
+  prompt_text = _prompt_text(body, tokens, served) if options.echo else ""
+  return ParsedRequest(kind, model, request, stop, stream, include_usage, token_ids, options, tools, grammar,
+                       score_only, prompt_text)
+
+
+def _prompt_text(body: dict, tokens: list[int], served: ServedModel) -> str:
+  prompt = body.get("prompt")
+  prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str) else prompt
+  if isinstance(prompt, str):
+    return prompt
+  return served.tokenizer.decode(tokens) if served.tokenizer is not None else ""
 
 
 def _check_fields(kind: str, body: dict) -> None:
@@ -111,7 +153,7 @@ def _check_fields(kind: str, body: dict) -> None:
     raise RequestError(f"Unrecognized request argument supplied: {name}", name)
 
 
-def _chat_tokens(body: dict, served: ServedModel) -> list[int]:
+def _chat_tokens(body: dict, served: ServedModel, tools=None) -> list[int]:
   messages = expect(body, "messages", list, required=True)
   if not messages:
     raise RequestError("`messages` is empty: send at least one message, e.g. {\"role\": \"user\", "
@@ -128,7 +170,9 @@ def _chat_tokens(body: dict, served: ServedModel) -> list[int]:
       raise RequestError(f"{where}.role is {role!r}: use one of {', '.join(ROLES)} (or developer).",
                          f"{where}.role")
     plain.append({**message, "role": role, "content": _content(message.get("content"), f"{where}.content")})
-  return _checked_ids(completions.chat_prompt(served.tokenizer, plain), served, "messages")
+  plain = openai_tools.plain_messages(plain)
+  listed = tools.tools_for_template if tools is not None else None
+  return _checked_ids(completions.chat_prompt(served.tokenizer, plain, listed), served, "messages")
 
 
 def _content(content: Any, where: str) -> str:
@@ -196,16 +240,17 @@ def _stop(body: dict, served: ServedModel) -> tuple[str, ...]:
   return tuple(stops)
 
 
-def _asked_max_tokens(body: dict) -> tuple[str, int | None]:
-  """(the parameter used, its value or None): max_completion_tokens or the older max_tokens."""
+def _asked_max_tokens(body: dict, echo: bool = False) -> tuple[str, int | None]:
+  """(the parameter used, its value or None): max_completion_tokens or the older max_tokens (0 only
+  with echo: the prompt scored, nothing generated)."""
   param, value = "max_completion_tokens", optional_int(body, "max_completion_tokens")
   legacy = optional_int(body, "max_tokens")
   if value is None:
     param, value = "max_tokens", legacy
   elif legacy is not None and legacy != value:
     raise RequestError("max_tokens and max_completion_tokens differ: send only one.", "max_tokens")
-  if value is not None and value < 1:
-    raise RequestError(f"{param}={value} is invalid: it must be at least 1.", param)
+  if value is not None and value < (0 if echo else 1):
+    raise RequestError(f"{param}={value} is invalid: it must be at least 1 (0 only with echo=true).", param)
   return param, value
 
 
@@ -221,68 +266,3 @@ def _max_tokens(kind: str, asked: tuple[str, int | None], prompt_len: int, conte
                        f"{prompt_len + value} tokens ({prompt_len} in the {prompt_param}, {value} in the "
                        f"completion). Reduce the {prompt_param} or {param} (at most {room} here).", param)
   return value
-
-
-# ----------------------------------------------------------------------------- response bodies
-
-
-def new_id(parsed: ParsedRequest) -> str:
-  return ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + secrets.token_hex(12)
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-          "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _envelope(parsed: ParsedRequest, request_id: str, created: int, chunk: bool) -> dict[str, Any]:
-  kind = {"chat": "chat.completion", "completion": "text_completion"}[parsed.kind]
-  return {"id": request_id, "object": kind + (".chunk" if chunk and parsed.kind == "chat" else ""),
-          "created": created, "model": parsed.model, "system_fingerprint": None}
-
-
-def completion_body(parsed: ParsedRequest, request_id: str, created: int, output: completions.Output) -> dict:
-  """The non-streamed response: one choice with the whole text, finish_reason and usage."""
-  if parsed.kind == "chat":
-    choice = {"index": 0, "message": {"role": "assistant", "content": output.text}, "logprobs": None,
-              "finish_reason": output.finish_reason}
-  else:
-    choice = {"index": 0, "text": output.text, "logprobs": None, "finish_reason": output.finish_reason}
-  if parsed.return_token_ids:
-    choice["token_ids"] = output.token_ids
-  return {**_envelope(parsed, request_id, created, False), "choices": [choice],
-          "usage": usage(output.prompt_tokens, output.completion_tokens)}
-
-
-def chunk_body(parsed: ParsedRequest, request_id: str, created: int, text: str | None = None,
-               finish_reason: str | None = None, token_ids: list[int] | None = None, first: bool = False) -> dict:
-  """One streamed chunk: a text delta and/or the finish reason (chat: `first` carries the role)."""
-  if parsed.kind == "chat":
-    delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-  else:
-    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-  if parsed.return_token_ids:
-    choice["token_ids"] = token_ids or []
-  body = {**_envelope(parsed, request_id, created, True), "choices": [choice]}
-  if parsed.include_usage:
-    body["usage"] = None
-  return body
-
-
-def usage_chunk(parsed: ParsedRequest, request_id: str, created: int, output: completions.Output) -> dict:
-  """The last chunk with stream_options.include_usage: no choices, the usage."""
-  return {**_envelope(parsed, request_id, created, True), "choices": [],
-          "usage": usage(output.prompt_tokens, output.completion_tokens)}
-
-
-def error_body(message: str, param: str | None = None, error_type: str = "invalid_request_error",
-               code: str | None = None) -> dict:
-  """The OpenAI error shape; text that came from the client is escaped where UTF-8 could not carry it."""
-  return {"error": {"message": printable(message), "type": error_type,
-                    "param": None if param is None else printable(param), "code": code}}
-
-
-def models_body(served: ServedModel) -> dict:
-  return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
-                                      "owned_by": "qwen_logical", "max_model_len": served.context}]}

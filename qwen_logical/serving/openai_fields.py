@@ -79,8 +79,5 @@ def _anything(value: Any) -> bool:
 
 IGNORED_AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
     "user": _anything, "metadata": _anything, "store": _is(False), "service_tier": _anything,
-    "presence_penalty": _is(0, 0.0), "frequency_penalty": _is(0, 0.0), "logit_bias": _is({}),
-    "logprobs": _is(False, 0), "top_logprobs": _is(0), "echo": _is(False), "best_of": _is(1), "suffix": _is(""),
-    "response_format": lambda v: v is None or v == {"type": "text"}, "tools": _is([]), "tool_choice": _is("none"),
-    "parallel_tool_calls": _anything, "modalities": _is(["text"]),
+    "suffix": _is(""), "modalities": _is(["text"]),
 }

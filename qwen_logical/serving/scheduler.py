@@ -91,7 +91,7 @@ def set_row(state: RowState, extras: RowExtras, row: int, request: EngineRequest
   state.stops[row, :len(head)] = head
   x = request.processing
   extras.set_row(row, x.presence_penalty, x.frequency_penalty, x.repetition_penalty, x.min_tokens, x.logit_bias,
-                 request.logprobs or 0)
+                 -1 if request.logprobs is None else request.logprobs)
   if request.grammar is not None:
     extras.constrained[row] = 1
     request.grammar.fill(extras.mask[row])
