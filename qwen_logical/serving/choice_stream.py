@@ -1,0 +1,58 @@
+"""What each choice of a request shows: its text split into content and tool calls, and the
+streamed chunks of each Output (text delta, log-probabilities, tool-call deltas, finish reason).
+
+    reply = ChoiceReply(parsed.tools)            # per choice
+    for chunk in stream_chunks(parsed, run, i, output, pieces, offsets): ...
+    content, calls = reply.whole(text)           # the non-streamed reply
+"""
+
+from __future__ import annotations
+
+from qwen_logical.serving import openai_bodies, tool_calls
+
+
+class ChoiceReply:
+  """A choice's reply under the request's tools (None or tool_choice "none": all text is content)."""
+
+  def __init__(self, tools):
+    self.on = tools is not None and tools.choice != "none"
+    self.names = tools.names if self.on else ()
+    self._stream = tool_calls.ToolCallStream(self.names) if self.on else None
+    self.called = False  # a tool call was streamed
+
+  def push(self, text: str, last: bool) -> tuple[str, list]:
+    """(content delta, tool-call deltas) of a text delta; `last`: the reply ends here."""
+    if not self.on:
+      return text, []
+    deltas = self._stream.push(text) + (self._stream.finish() if last else [])
+    content = "".join(d.text for d in deltas if d.text)
+    calls = [d.call for d in deltas if d.call is not None]
+    self.called = self.called or bool(calls)
+    return content, calls
+
+  def whole(self, text: str) -> tuple[str | None, list]:
+    """(content or None, ToolCalls) of a whole reply."""
+    if not self.on:
+      return text, []
+    return tool_calls.parse_reply(text, self.names)
+
+
+def stream_chunks(parsed, run, i: int, output, pieces, offsets: list[int]):
+  """The chunks of choice i's Output: the echoed prompt first (completions with echo), then its delta."""
+  body = lambda **kw: openai_bodies.chunk_body(parsed, run.id, run.created, i, **kw)
+  if parsed.kind == "completion" and parsed.options.echo and output.prompt_logprobs is not None:
+    yield body(text=parsed.prompt_text, logprobs=openai_bodies.logprobs_of(parsed, pieces, output.prompt_logprobs, 0))
+    offsets[i] = len(parsed.prompt_text)
+  if parsed.score_only:
+    if output.finish_reason:
+      yield body(finish_reason=output.finish_reason)
+    return
+  reply = run.replies[i]
+  text, calls = reply.push(output.text, output.finish_reason is not None)
+  logprobs = openai_bodies.logprobs_of(parsed, pieces, output.logprobs, offsets[i]) if output.logprobs else None
+  offsets[i] += len(output.text)
+  reason = output.finish_reason
+  if reason == "stop" and reply.called:
+    reason = "tool_calls"
+  if text or reason or logprobs or calls or (parsed.return_token_ids and output.token_ids):
+    yield body(text=text, finish_reason=reason, token_ids=output.token_ids, logprobs=logprobs, tool_calls=calls)

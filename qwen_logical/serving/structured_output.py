@@ -1,0 +1,58 @@
+"""Which grammar a request's replies must follow: `response_format` (json_object, json_schema) or a
+forced tool call (`tool_choice` "required" or a named function), compiled by the server's grammar
+compiler (`serving.structured`, built on first use) into a Grammar whose matchers mask each draw.
+
+    grammar = grammar_for(body, tools, served)     # None: free text
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qwen_logical.serving.completions import RequestError
+from qwen_logical.serving.openai_fields import expect
+
+TOOL_CALL_PREFIX, TOOL_CALL_SUFFIX = "<tool_call>\n", "\n</tool_call>"
+
+
+def grammar_for(body: dict, tools: Any, served) -> Any:
+  """The Grammar the request's replies must match, or None; RequestError names the field at fault."""
+  response_format = expect(body, "response_format", dict)
+  kind, schema, strict = _response_format(response_format)
+  forced = tools is not None and tools.choice not in ("none", "auto")
+  if forced and kind is not None:
+    raise RequestError("response_format and a forced tool call (tool_choice \"required\" or a named function) "
+                       "cannot both shape the reply: send one of them.", "response_format")
+  if kind is None and not forced:
+    return None
+  if served.tokenizer is None:
+    raise RequestError("Structured output needs the tokenizer (the grammar is over its tokens): restart the server "
+                       "with --config.checkpoint=DIR or --config.tokenizer=DIR.",
+                       "response_format" if kind else "tool_choice")
+  compiler = served.grammars
+  if forced:
+    return compiler.compile("json_schema", schema=tools.call_schema(), strict=True, param="tools",
+                            prefix=TOOL_CALL_PREFIX, suffix=TOOL_CALL_SUFFIX)
+  return compiler.compile(kind, schema=schema, strict=strict, param="response_format.json_schema.schema")
+
+
+def _response_format(value: dict | None) -> tuple[str | None, dict | None, bool]:
+  """(None | "json_object" | "json_schema", the schema, strict) of a response_format."""
+  if value is None:
+    return None, None, False
+  kind = expect(value, "type", str, required=True, where="response_format")
+  if kind == "text":
+    return None, None, False
+  if kind == "json_object":
+    return kind, None, False
+  if kind != "json_schema":
+    raise RequestError(f"response_format.type={kind!r} is not supported: use \"text\", \"json_object\" or "
+                       "\"json_schema\".", "response_format.type")
+  spec = expect(value, "json_schema", dict, required=True, where="response_format")
+  name = expect(spec, "name", str, required=True, where="response_format.json_schema")
+  if not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
+    raise RequestError(f"response_format.json_schema.name={name!r} must be 1-64 letters, digits, _ or -.",
+                       "response_format.json_schema.name")
+  schema = expect(spec, "schema", dict, default={}, where="response_format.json_schema")
+  strict = expect(spec, "strict", bool, default=False, where="response_format.json_schema")
+  return kind, schema, strict
