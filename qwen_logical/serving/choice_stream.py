@@ -15,9 +15,9 @@ class ChoiceReply:
   """A choice's reply under the request's tools (None or tool_choice "none": all text is content)."""
 
   def __init__(self, tools):
-    self.on = tools is not None and tools.choice != "none"
-    self.names = tools.names if self.on else ()
-    self._stream = tool_calls.ToolCallStream(self.names) if self.on else None
+    self.on = tools is not None and tools.parses_calls
+    self.names, self.max_calls = (tools.names, tools.max_calls) if self.on else ((), None)
+    self._stream = tool_calls.ToolCallStream(self.names, self.max_calls) if self.on else None
     self.called = False  # a tool call was streamed
 
   def push(self, text: str, last: bool) -> tuple[str, list]:
@@ -34,7 +34,7 @@ class ChoiceReply:
     """(content or None, ToolCalls) of a whole reply."""
     if not self.on:
       return text, []
-    return tool_calls.parse_reply(text, self.names)
+    return tool_calls.parse_reply(text, self.names, self.max_calls)
 
 
 def stream_chunks(parsed, run, i: int, output, pieces, offsets: list[int]):

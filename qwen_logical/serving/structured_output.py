@@ -12,14 +12,12 @@ from typing import Any
 from qwen_logical.serving.completions import RequestError
 from qwen_logical.serving.openai_fields import expect
 
-TOOL_CALL_PREFIX, TOOL_CALL_SUFFIX = "<tool_call>\n", "\n</tool_call>"
-
 
 def grammar_for(body: dict, tools: Any, served) -> Any:
   """The Grammar the request's replies must match, or None; RequestError names the field at fault."""
   response_format = expect(body, "response_format", dict)
   kind, schema, strict = _response_format(response_format)
-  forced = tools is not None and tools.choice not in ("none", "auto")
+  forced = tools is not None and tools.forced
   if forced and kind is not None:
     raise RequestError("response_format and a forced tool call (tool_choice \"required\" or a named function) "
                        "cannot both shape the reply: send one of them.", "response_format")
@@ -32,7 +30,7 @@ def grammar_for(body: dict, tools: Any, served) -> Any:
   compiler = served.grammars
   if forced:
     return compiler.compile("json_schema", schema=tools.call_schema(), strict=True, param="tools",
-                            prefix=TOOL_CALL_PREFIX, suffix=TOOL_CALL_SUFFIX)
+                            prefix=tools.required_prefix, suffix=tools.required_suffix)
   return compiler.compile(kind, schema=schema, strict=strict, param="response_format.json_schema.schema")
 
 
