@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
+from qwen_logical.serving import events
 from qwen_logical.serving.prefix_cache import BLOCK, PrefixCache
-from qwen_logical.serving.scheduler import Pending, Prefill, plan_prefills
+from qwen_logical.serving.protocol import COPY, EXTEND, PREFILL, Call
+from qwen_logical.serving.scheduler import Pending, Prefill, plan_prefills, row_arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,3 +73,48 @@ def plan_round(waiting: list[Pending], free: list[int], prefix: PrefixCache, sha
       prefix.count(len(prompt), 0)
   prefills = plan_prefills([p for _, p in misses], [r for r, _ in misses], shapes.bucket, shapes.prefill_rows)
   return hits, prefills
+
+
+class Admissions:
+  """The Engine's admission calls (the engine thread): prefills, and prefix-cache hits (copy, extend)."""
+
+  def _take(self, requests, rows) -> None:
+    with self._cv:
+      for p in requests:
+        self._queue.remove(p)
+      self._active += len(requests)
+      self._counts["prefills"] += 1
+      self._counts["prompt_tokens"] += sum(len(p.request.tokens) for p in requests)
+    for row, p in zip(rows, requests):
+      self.rows.start(row, p)
+      self.prefix.hold(row, p.request.tokens)
+
+  def _admit(self, prefill) -> None:
+    self._take(prefill.requests, prefill.rows)
+    echo = any(p.request.echo for p in prefill.requests)
+    result = self._call(Call(PREFILL, prefill.kind, prefill.arrays(self.slots, self.vocab_size), flag=int(echo)))
+    drawn, prompts = result if echo and result is not None else (result, None)
+    for i, (row, p) in enumerate(zip(prefill.rows, prefill.requests) if result is not None else ()):
+      scores = events.prompt_logprobs(prompts, i, p.request) if p.request.echo else None
+      self._first(row, drawn, i, scores)
+
+  def _extend(self, hit) -> None:
+    """A prefix-cache hit: the donor row's keys copied (unless the row is the donor's), the rest computed."""
+    p, bucket = hit.pending, hit.bucket
+    if hit.copy and self._call(Call(COPY, limit=hit.donor, flag=hit.row)) is False:
+      return
+    self._take([p], [hit.row])
+    p.cached = hit.start
+    batch = self.shapes.prefill_rows
+    tokens = np.zeros((batch, bucket), np.int32)
+    tokens[0] = p.request.tokens[hit.start:]
+    arrays = row_arrays([p], [hit.row], batch, self.slots, self.vocab_size)
+    drawn = self._call(Call(EXTEND, p.request.sampling.kind, dict(tokens=tokens, starts=np.full(batch, hit.start, np.int32),
+                                                                   **arrays)))
+    if drawn is not None:
+      self._first(hit.row, drawn, 0, None)
+
+  def _first(self, row: int, drawn, i: int, prompt_logprobs) -> None:
+    token = int(drawn.tokens[i])
+    self.rows.first(row, token, finished=False)
+    self._deliver(row, token, events.token_logprobs(drawn, (i,), self.rows.running[row].request), prompt_logprobs)

@@ -6,12 +6,17 @@
     engine.cancel(rid); engine.stats(); engine.stop(deadline_s=10)
 
 Each round of the scheduler (one thread): cancelled requests leave (their slot is free at once);
-waiting requests take the free slots (lowest first), first come first served, prefilled (one call
-per request where the mesh allows, `shapes`) into their cache rows; then one decode dispatch
+waiting requests take the free slots, first come first served: a prompt whose first blocks a row
+holds (the prefix cache: finished requests leave their keys in their rows, least recently used
+given up first) copies them and computes only the rest, any other is prefilled (one call per
+request where the mesh allows, `shapes`) into its cache row (`admission`); then one decode dispatch
 advances every running slot by up to K steps (`decode_steps`, stops checked on the device; a
 step is one token, or a speculative round), over rows [0, n) only (n: the decode size covering the
 highest running row). Each new token goes to the request's callback as a TokenEvent; a stop id or
-max_new_tokens ends the request and frees its slot. Requests beyond the free slots wait in a queue
+max_new_tokens ends the request and frees its slot. A request may ask for log-probabilities, logit
+processing (penalties, logit bias, min_tokens) and a grammar mask (`EngineRequest`); rows that do
+take plain steps (not speculative rounds), and a grammar's row one step per dispatch, its mask
+filled on the host between steps. Requests beyond the free slots wait in a queue
 of `queue_size` (QueueFullError beyond it). Programs: inference's (`executor`), shapes: `shapes`,
 host state: `scheduler`; nothing compiles after `warmup`.
 
@@ -27,19 +32,19 @@ import time
 from typing import Callable
 
 from absl import logging
-import numpy as np
 
 from qwen_logical.common.host import is_main_process
 from qwen_logical.inference.programs import CachePrograms, default_decode_steps
 from qwen_logical.inference.speculative import Speculation, SpeculativePrograms
 from qwen_logical.serving import events
-from qwen_logical.serving.admission import plan_round
+from qwen_logical.serving.admission import Admissions, plan_round
+from qwen_logical.serving.delivery import Deliveries
 from qwen_logical.serving.executor import execute, new_cache
 from qwen_logical.serving.prefix_cache import PrefixCache
 from qwen_logical.serving.protocol import COPY, DECODE, EXTEND, NOOP, PREFILL, RESET, STOP, Call, Channel
 from qwen_logical.serving.requests import (EngineRequest, EngineStats, QueueFullError, ServingError, TokenEvent,
                                            check_request, check_settings)
-from qwen_logical.serving.scheduler import Pending, Rows, row_arrays
+from qwen_logical.serving.scheduler import Pending, Rows
 from qwen_logical.serving.shapes import EngineShapes
 from qwen_logical.sharding import distributed
 from qwen_logical.sharding.partitioner import Params, Partitioner
@@ -47,7 +52,7 @@ from qwen_logical.sharding.partitioner import Params, Partitioner
 __all__ = ["Engine", "EngineRequest", "EngineStats", "QueueFullError", "ServingError", "TokenEvent"]
 
 
-class Engine:
+class Engine(Admissions, Deliveries):
   """Serves EngineRequests on `slots` cache rows of `context` tokens (prompt plus new tokens).
 
   slots must be a multiple of what splits the cache rows over the mesh (programs.batch_multiple).
@@ -205,47 +210,6 @@ class Engine:
   def _has_work(self) -> bool:
     return bool(self._queue or self._cancels or self._active)
 
-  def _take(self, requests, rows) -> None:
-    with self._cv:
-      for p in requests:
-        self._queue.remove(p)
-      self._active += len(requests)
-      self._counts["prefills"] += 1
-      self._counts["prompt_tokens"] += sum(len(p.request.tokens) for p in requests)
-    for row, p in zip(rows, requests):
-      self.rows.start(row, p)
-      self.prefix.hold(row, p.request.tokens)
-
-  def _admit(self, prefill) -> None:
-    self._take(prefill.requests, prefill.rows)
-    echo = any(p.request.echo for p in prefill.requests)
-    result = self._call(Call(PREFILL, prefill.kind, prefill.arrays(self.slots, self.vocab_size), flag=int(echo)))
-    drawn, prompts = result if echo and result is not None else (result, None)
-    for i, (row, p) in enumerate(zip(prefill.rows, prefill.requests) if result is not None else ()):
-      scores = events.prompt_logprobs(prompts, i, p.request) if p.request.echo else None
-      self._first(row, drawn, i, scores)
-
-  def _extend(self, hit) -> None:
-    """A prefix-cache hit: the donor row's keys copied (unless the row is the donor's), the rest computed."""
-    p, bucket = hit.pending, hit.bucket
-    if hit.copy and self._call(Call(COPY, limit=hit.donor, flag=hit.row)) is False:
-      return
-    self._take([p], [hit.row])
-    p.cached = hit.start
-    batch = self.shapes.prefill_rows
-    tokens = np.zeros((batch, bucket), np.int32)
-    tokens[0] = p.request.tokens[hit.start:]
-    arrays = row_arrays([p], [hit.row], batch, self.slots, self.vocab_size)
-    drawn = self._call(Call(EXTEND, p.request.sampling.kind, dict(tokens=tokens, starts=np.full(batch, hit.start, np.int32),
-                                                                   **arrays)))
-    if drawn is not None:
-      self._first(hit.row, drawn, 0, None)
-
-  def _first(self, row: int, drawn, i: int, prompt_logprobs) -> None:
-    token = int(drawn.tokens[i])
-    self.rows.first(row, token, finished=False)
-    self._deliver(row, token, events.token_logprobs(drawn, (i,), self.rows.running[row].request), prompt_logprobs)
-
   def _decode(self) -> None:
     n = self.shapes.decode_rows(self.rows.highest())
     running = {row: self.rows.running[row] for row in self.rows.active()}
@@ -291,51 +255,6 @@ class Engine:
       self._cache = None  # the old buffers may have been donated to the failed call
     self._cache, result = execute(self.programs, self.params, self._cache, call)
     return result
-
-  # --- requests ---------------------------------------------------------------------------
-  def _deliver(self, row: int, token: int, logprobs=(None, ()), prompt_logprobs=None) -> None:
-    pending = self.rows.running[row]
-    reason = pending.add(token)
-    if pending.request.grammar is not None:
-      pending.request.grammar.accept(token)
-    with self._cv:
-      self._counts["tokens"] += 1
-    self._notify(pending, TokenEvent(pending.rid, token, reason, len(pending.request.tokens), pending.produced,
-                                     None, *logprobs, prompt_logprobs, pending.cached))
-    if reason is not None:
-      self._release(row)
-      with self._cv:
-        self._counts["finished"] += 1
-
-  def _release(self, row: int) -> Pending:
-    with self._cv:
-      self._active -= 1
-    pending = self.rows.release(row)
-    self.prefix.extend(row, pending.tokens[:-1])  # the row keeps every token it was fed
-    self.prefix.touch(row)
-    return pending
-
-  def _finish(self, pending: Pending, reason: str, error: str | None = None) -> None:
-    """The final event of a request that ends without a token."""
-    with self._cv:
-      self._counts["finished"] += 1
-    self._notify(pending, TokenEvent(pending.rid, None, reason, len(pending.request.tokens), pending.produced,
-                                     error, cached_tokens=pending.cached))
-
-  def _end_all(self, reason: str, error: str | None = None) -> None:
-    with self._cv:
-      waiting, self._queue = list(self._queue), collections.deque()
-    for p in waiting:
-      self._finish(p, reason, error)
-    for row in self.rows.active():
-      self._finish(self._release(row), reason, error)
-
-  @staticmethod
-  def _notify(pending: Pending, event: TokenEvent) -> None:
-    try:
-      pending.callback(event)
-    except Exception:  # noqa: BLE001 (one caller's broken callback must not stop the others)
-      logging.exception("The callback of request %d failed on %s", pending.rid, event)
 
   def _log(self) -> None:
     now, (last, tokens) = time.monotonic(), self._last_log

@@ -2,13 +2,17 @@
 
     parsed = parse_request("chat", body, served)       # RequestError(message, param) on bad input
     parsed.request                                      # the EngineRequest (chat-templated token ids)
-    completion_body(parsed, ids, output), chunk_body(parsed, ids, text=..., finish_reason=...)
+    parsed.choice(i)                                    # choice i's EngineRequest (its seed, its grammar matcher)
 
 `served` (ServedModel) says what the server runs: its model name, tokenizer (None: token-id prompts
-only), context and vocabulary size. Fields OpenAI defines but this server does not implement are
-accepted at their default values (presence_penalty 0, logprobs off, ...) and refused otherwise;
-unknown fields are refused. Extensions: `top_k` (0 or -1: off) and `return_token_ids` (each
-choice, and each chunk, carries `token_ids`; always on for a server without a tokenizer).
+only), context and vocabulary size. Beyond prompt and sampling, a request may ask for `n` choices,
+log-probabilities (chat `logprobs` + `top_logprobs`, completions `logprobs` and `echo`, with
+`max_tokens` 0 to score a prompt), penalties and `logit_bias` (`openai_options`), `tools` and
+`tool_choice` (`openai_tools`), and `response_format` (`structured_output`). Fields OpenAI defines
+but this server does not implement are accepted at their default values and refused otherwise;
+unknown fields are refused. Extensions: `top_k` (0 or -1: off), `repetition_penalty`, `min_tokens`
+and `return_token_ids` (each choice, and each chunk, carries `token_ids`; always on for a server
+without a tokenizer).
 """
 
 from __future__ import annotations
