@@ -128,7 +128,7 @@ def test_parse_defaults_and_extensions(tokenizer):
     ({"model": "tiny", "prompt": [1, 320]}, "prompt"),
     ({"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"model": "tiny", "prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 25}, "logprobs"),
     ({"model": "tiny", "prompt": "x", "temperature": float("nan")}, "temperature"),
     ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.[0].content"),
 ])
