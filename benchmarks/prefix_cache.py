@@ -9,14 +9,13 @@ The model is the Qwen2.5-0.5B shape in float32 whose greedy text follows a walk 
 and a text that does not repeat). The engine runs as the server runs it (`serving.engine.Engine`,
 default decode steps), with 2 slots and a context of prefix + 256. Each round sends:
 
-* "uncached": a fresh prefix + a suffix, asked with echo (never served from the cache): the whole
-  prompt is prefilled;
+* "uncached": a fresh prefix + a suffix (nothing of it cached): the whole prompt is prefilled;
 * "cached": a prefix sent before (with another suffix) + a suffix: its whole blocks come from the
   cache and only the rest (a bucket of 16 or 64 tokens) is computed over them.
 
 Time to first token is the time from submit to the first TokenEvent. Both are measured after a
 round that compiles every program involved. The cached request's tokens must equal the tokens of
-the same prompt computed whole. Prints a table and writes benchmarks/results/prefix_cache.json.
+the same prompt computed whole (asked with echo, which never reads the cache). Prints a table and writes benchmarks/results/prefix_cache.json.
 """
 
 from __future__ import annotations
@@ -80,7 +79,7 @@ def main() -> None:
   try:
     for round_ in range(args.rounds + 1):  # round 0 compiles every program involved
       prefix = fresh(args.prefix)
-      uncached_s, _, none = ask(engine, np.concatenate([fresh(args.prefix), fresh(args.suffix)]), args.new, echo=True)
+      uncached_s, _, none = ask(engine, np.concatenate([fresh(args.prefix), fresh(args.suffix)]), args.new)
       ask(engine, np.concatenate([prefix, fresh(args.suffix)]), args.new)  # the prefix is cached from here
       prompt = np.concatenate([prefix, fresh(args.suffix)])
       cached_s, tokens, cached = ask(engine, prompt, args.new)
