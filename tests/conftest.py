@@ -6,6 +6,8 @@ import socket
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
@@ -13,7 +15,9 @@ import pytest  # noqa: E402
 
 # One persistent compilation cache per test run: tests build the same programs on the same meshes many
 # times (each Partitioner, Generator or Engine compiles its own), and a program seen before loads instead.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="qwen_logical_tests_xla_"))
+_XLA_CACHE = tempfile.mkdtemp(prefix="qwen_logical_tests_xla_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)  # the run's cache goes with the run
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
