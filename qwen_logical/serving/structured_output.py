@@ -27,11 +27,16 @@ def grammar_for(body: dict, tools: Any, served) -> Any:
     raise RequestError("Structured output needs the tokenizer (the grammar is over its tokens): restart the server "
                        "with --config.checkpoint=DIR or --config.tokenizer=DIR.",
                        "response_format" if kind else "tool_choice")
-  compiler = served.grammars
-  if forced:
-    return compiler.compile("json_schema", schema=tools.call_schema(), strict=True, param="tools",
-                            prefix=tools.required_prefix, suffix=tools.required_suffix)
-  return compiler.compile(kind, schema=schema, strict=strict, param="response_format.json_schema.schema")
+  compiler, param = served.grammars, "tools" if forced else "response_format.json_schema.schema"
+  try:
+    if forced:
+      return compiler.compile("json_schema", schema=tools.call_schema(), strict=True, param=param,
+                              prefix=tools.required_prefix, suffix=tools.required_suffix)
+    return compiler.compile(kind, schema=schema, strict=strict, param=param)
+  except RequestError:
+    raise
+  except (ValueError, TypeError, KeyError, RuntimeError, RecursionError) as e:  # the client's schema, not a bug
+    raise RequestError(f"The schema cannot be compiled into a grammar: {type(e).__name__}: {e}", param) from e
 
 
 def _response_format(value: dict | None) -> tuple[str | None, dict | None, bool]:
