@@ -146,8 +146,11 @@ def test_the_prefix_cache_gives_the_tokens_of_a_full_prefill(engine):
   assert first[-1].cached_tokens == 0
   assert second[0][-1].cached_tokens == len(longer) - 16  # 64 cached; the last 16 (a bucket) computed
   assert again[0][-1].cached_tokens == len(PROMPT) - 16
+  penalised = run(engine, EngineRequest(longer, 6, processing=Processing(repetition_penalty=1.8)))[0]
+  assert penalised[-1].cached_tokens > 0  # the prompt's tokens still count for the penalty
+  assert tokens_of(penalised) == hf_generate(longer, 6, repetition_penalty=1.8) != tokens_of(second[0])
   after = engine.stats()
-  assert after.prefix_hits - before.prefix_hits == 2 and after.prefix_queries - before.prefix_queries == 3
+  assert after.prefix_hits - before.prefix_hits == 3 and after.prefix_queries - before.prefix_queries == 4
 
 
 def test_requests_with_one_prompt_share_its_prefill(engine):

@@ -104,18 +104,20 @@ def decode(programs, rows: int):
 
 
 def extend(programs, batch: int, bucket: int):
-  """extend[b, P]: each row's last P prompt tokens run at slots [start, start + P) of its cache row,
-  over the keys already there (a cached prefix), and draw its first token; occurrences restart at 0."""
-  part, names, rows_total = programs.partitioner, programs.cache_axes["kv"], programs.rows
-  ones = jnp.ones((batch, programs.length), jnp.int32)
+  """extend[b, P]: each row's whole prompt comes left-padded to the cache's S slots (tokens i32[b, S]);
+  its last P tokens run at slots [start, start + P) of its cache row, over the keys already there (a
+  cached prefix), and draw its first token. Occurrences restart from the whole prompt."""
+  part, names, rows_total, length = programs.partitioner, programs.cache_axes["kv"], programs.rows, programs.length
+  ones = jnp.ones((batch, length), jnp.int32)
 
-  def run(params, cache, tokens, starts, rows, seeds, streams, temperature, top_k, top_p, stops, extras, kind):
+  def run(params, cache, whole, starts, rows, seeds, streams, temperature, top_k, top_p, stops, extras, kind):
     source = jnp.minimum(rows, rows_total - 1)
     small = jax.tree_util.tree_map(lambda big, n: jnp.take(big, source, axis=n.index(ax.CACHE_BATCH)), cache["kv"],
                                    names)
-    logits, small = part.model.apply({"params": params}, tokens, ones, mode=Mode.DECODE, cache=small,
-                                     cache_index=starts, last_token_only=True)
-    seen = jnp.zeros((batch, part.config.vocab_size), jnp.int32)
+    logits, small = part.model.apply({"params": params}, whole[:, length - bucket:], ones, mode=Mode.DECODE,
+                                     cache=small, cache_index=starts, last_token_only=True)
+    real = jnp.arange(length)[None, :] >= length - (starts + bucket)[:, None]
+    seen = lp.prompt_occurrences(whole, real, part.config.vocab_size)
     keys = stream_keys(seeds, streams, jnp.zeros_like(starts))
     drawn = draw(programs, logits[:, -1].astype(jnp.float32), seen, jnp.zeros_like(starts), stops, extras, keys,
                  temperature, top_k, top_p, kind, jnp.bool_(True))

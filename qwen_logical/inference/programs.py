@@ -12,8 +12,9 @@ needs no mask beyond the causal rule. Per-row state (`RowState`) comes in with e
     Drawn [b]): runs the prompts (Mode.PREFILL), draws each one's first token (step 0) and writes
     its keys/values into cache row rows[i] at slots [0, lengths[i]); a row >= R (padding) writes
     nothing. The echo variant also returns each prompt token's log-probability (Drawn [b, P]).
-* extend[b, P](same arguments, `starts` in place of lengths): a prompt whose first tokens' keys are
-    in its row already (a cached prefix) runs its last P tokens at slots [starts, starts + P).
+* extend[b, P](same arguments, tokens i32[b, S] the whole prompts left-padded to the slots, `starts`
+    in place of lengths): a prompt whose first tokens' keys are in its row already (a cached prefix)
+    runs its last P tokens at slots [starts, starts + P).
 * copy(cache, src, dst): row dst's keys and values become row src's (a shared prefix).
 * decode[n](params, cache, RowState of n rows, RowExtras, kind i32[], limit i32[]) -> (cache,
     RowState, Drawn [n, K], produced int[n]): up to min(K, limit) decode steps in one dispatch
@@ -140,11 +141,12 @@ class CachePrograms:
         bodies.prefill(self, batch, bucket, echo), name, 3 if echo else 2), self._prefill_specs(batch, bucket))
 
   def extend(self, batch: int, bucket: int):
-    """extend[b, P] (`program_bodies.extend`): P prompt tokens per row after a cached prefix."""
+    """extend[b, P] (`program_bodies.extend`): P prompt tokens per row after a cached prefix (the
+    whole prompts come in, left-padded to the cache's slots)."""
     self.partitioner.check_batch(batch, bucket, flag="the prefill rows")
     name = f"extend_{batch}x{bucket}_{self.kind or 'any'}"
     return self._get(("extend", batch, bucket), lambda: self._rows_program(bodies.extend(self, batch, bucket), name, 2),
-                     self._prefill_specs(batch, bucket))
+                     self._prefill_specs(batch, self.length))
 
   def copy(self):
     """copy(cache, src, dst): cache row dst's keys and values become row src's."""
@@ -202,9 +204,10 @@ class CachePrograms:
                                                   stops, extras), self.host(np.int32(kind)))
 
   def run_extend(self, params, cache, tokens: np.ndarray, starts, rows, seeds, streams, temperature, top_k, top_p,
-                 kind: int, stops=None, extras: RowExtras | None = None):
-    """extend[b, P] on host arrays: (new cache, Drawn of [b] on the device)."""
-    program = self.extend(*tokens.shape)
+                 kind: int, stops=None, extras: RowExtras | None = None, bucket: int = 16):
+    """extend[b, P = bucket] on host arrays (tokens i32[b, S]: the whole prompts, left-padded): (new
+    cache, Drawn of [b] on the device)."""
+    program = self.extend(tokens.shape[0], bucket)
     return program(params, cache, *self._row_args(tokens, (starts, rows, seeds, streams, temperature, top_k, top_p),
                                                   stops, extras), self.host(np.int32(kind)))
 

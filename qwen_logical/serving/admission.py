@@ -7,8 +7,7 @@ is prefilled whole (`scheduler.plan_prefills`).
 
 A request whose first block equals that of a prompt being prefilled this round waits one round,
 so it can reuse those keys: the choices of an `n > 1` request share one prefill this way.
-Requests that need every prompt position's logits (echo) or the prompt's tokens on the device
-(repetition penalty) are always prefilled whole.
+Requests that need every prompt position's logits (echo) are always prefilled whole.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ class Hit:
 
 
 def cacheable(pending: Pending) -> bool:
-  request = pending.request
-  return not request.echo and request.processing.repetition_penalty == 1
+  return not pending.request.echo  # echo needs every prompt position's logits
 
 
 def _share_block(a, b) -> bool:
@@ -105,12 +103,12 @@ class Admissions:
       return
     self._take([p], [hit.row])
     p.cached = hit.start
-    batch = self.shapes.prefill_rows
-    tokens = np.zeros((batch, bucket), np.int32)
-    tokens[0] = p.request.tokens[hit.start:]
+    batch, prompt = self.shapes.prefill_rows, p.request.tokens
+    tokens = np.zeros((batch, self.programs.length), np.int32)  # the whole prompt, left-padded
+    tokens[0, self.programs.length - len(prompt):] = prompt
     arrays = row_arrays([p], [hit.row], batch, self.slots, self.vocab_size)
-    drawn = self._call(Call(EXTEND, p.request.sampling.kind, dict(tokens=tokens, starts=np.full(batch, hit.start, np.int32),
-                                                                   **arrays)))
+    starts = np.full(batch, hit.start, np.int32)
+    drawn = self._call(Call(EXTEND, p.request.sampling.kind, dict(tokens=tokens, starts=starts, **arrays), flag=bucket))
     if drawn is not None:
       self._first(hit.row, drawn, 0, None)
 

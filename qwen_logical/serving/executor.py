@@ -5,7 +5,7 @@ follower, so all processes run the same programs in the same order.
     cache, result = execute(programs, params, cache, call)
 
 Results are host arrays read from this process's own replicated copy:
-PREFILL / EXTEND -> the first tokens' Drawn [b] (with echo, (Drawn [b], the prompts' Drawn [b, P]));
+PREFILL / EXTEND (flag: the bucket P) -> the first tokens' Drawn [b] (with echo, (Drawn [b], the prompts' Drawn [b, P]));
 DECODE -> (Drawn [n, W], produced int[n], the next RowState); COPY, RESET -> None (RESET: a fresh
 zero cache). With speculative programs (prompt lookup) the "cache" is (the cache, each row's token
 history int[R, S] on the host: its prompt, then its tokens), and DECODE runs speculative rounds
@@ -44,12 +44,12 @@ def execute(programs: CachePrograms, params, cache, call: Call):
   if call.op in (PREFILL, EXTEND):
     run = programs.run_prefill if call.op == PREFILL else programs.run_extend
     fields = PREFILL_FIELDS if call.op == PREFILL else EXTEND_FIELDS
-    echo = {"echo": bool(call.flag)} if call.op == PREFILL else {}
+    echo = {"echo": bool(call.flag)} if call.op == PREFILL else {"bucket": call.flag}
     kv, drawn, *prompt = run(params, kv, a["tokens"], *(a[n] for n in fields), kind, stops=a["stops"], extras=extras,
                              **echo)
     drawn = jax.tree_util.tree_map(local, drawn)
     if speculative:
-      _record_prompts(history, call.op, a, drawn.tokens)
+      _record_prompts(history, call.op, a, drawn.tokens, call.flag)
     return pack(kv), ((drawn, jax.tree_util.tree_map(local, prompt[0])) if prompt else drawn)
   if call.op == DECODE:
     state = RowState(**{n: a[n] for n in DECODE_FIELDS}, stops=a["stops"])
@@ -76,18 +76,11 @@ def execute(programs: CachePrograms, params, cache, call: Call):
   return cache, None
 
 
-def _record_prompts(history: np.ndarray, op: int, a: dict, first: np.ndarray) -> None:
-  """Each prefilled row's prompt (PREFILL: at [0, n); EXTEND: its last P tokens at [start, start + P))
-  and first token into its history."""
-  tokens, rows = a["tokens"], a["rows"]
-  if op == PREFILL:
-    width = tokens.shape[1]  # prompts are left-padded
-    record_prompts(history, rows, [t[width - n:] for t, n in zip(tokens, a["lengths"])], first)
-    return
-  for row, start, ids, token in zip(rows, a["starts"], tokens, first):
-    if row < history.shape[0]:
-      history[row, start:start + len(ids)] = ids
-      history[row, start + len(ids)] = token
+def _record_prompts(history: np.ndarray, op: int, a: dict, first: np.ndarray, bucket: int) -> None:
+  """Each prefilled (or extended) row's prompt at [0, n) and first token into its history."""
+  tokens, width = a["tokens"], a["tokens"].shape[1]  # prompts are left-padded
+  lengths = a["lengths"] if op == PREFILL else a["starts"] + bucket
+  record_prompts(history, a["rows"], [t[width - n:] for t, n in zip(tokens, lengths)], first)
 
 
 def _record_steps(history: np.ndarray, index: np.ndarray, tokens: np.ndarray) -> None:

@@ -46,8 +46,8 @@ class Call:
   kind: str = SAMPLE
   arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   limit: int = 0  # DECODE: at most this many steps in the dispatch (0: the program's K); COPY: the source row
-  flag: int = 0  # PREFILL: 1 = echo (the prompt's log-probabilities too); DECODE: 1 = plain steps, never
-  # speculative rounds; COPY: the destination row
+  flag: int = 0  # PREFILL: 1 = echo (the prompt's log-probabilities too); EXTEND: its bucket P;
+  # DECODE: 1 = plain steps, never speculative rounds; COPY: the destination row
 
 
 class Channel:
