@@ -26,4 +26,7 @@ def get_config():
   # (all slots taken: --config.decode_steps per dispatch); 0 = decode_steps / 8.
   config.serve.join_steps = 0
   config.serve.warmup = False  # compile every program (each prompt bucket) before listening, not on first use
+  # Requests that leave out temperature, top_p, top_k or repetition_penalty get the checkpoint's
+  # generation_config.json values (as transformers' generate and vLLM); False: OpenAI's defaults.
+  config.serve.generation_defaults = True
   return config

@@ -183,3 +183,14 @@ def test_the_library_drives_a_completion_like_generate(tiny_model):
   assert whole.token_ids == hf_greedy(model, ids, 20)[:len(whole.token_ids)]
   assert len(whole.token_ids) == 20  # (the real-looking model repeats its last token: no stop id comes)
 
+
+
+def test_the_checkpoint_s_generation_config_fills_what_a_request_leaves_out(tokenizer):
+  defaults = openai_api.generation_defaults(tokenizer)
+  assert defaults == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}  # Qwen2.5's
+  served = openai_api.ServedModel("tiny", tokenizer, CONTEXT, 320, defaults=defaults)
+  left_out = openai_api.parse_request("completion", {"model": "tiny", "prompt": "Hi"}, served).request
+  assert left_out.sampling == SamplingParams(0.7, 20, 0.8) and left_out.processing.repetition_penalty == 1.05
+  chosen = openai_api.parse_request("completion", {"model": "tiny", "prompt": "Hi", "temperature": 0,
+                                                   "repetition_penalty": 1.0}, served).request
+  assert chosen.sampling.greedy and chosen.processing.repetition_penalty == 1.0

@@ -160,9 +160,13 @@ def main(config: ConfigDict) -> dict[str, Any]:
 def _serve(config: ConfigDict, engine, model_config, tokenizer, slots: int) -> dict[str, Any]:
   from qwen_logical.serving.guard import RequestLimits
   from qwen_logical.serving.http_app import create_app
-  from qwen_logical.serving.openai_api import ServedModel
+  from qwen_logical.serving.openai_api import ServedModel, generation_defaults
   s = config.serve
-  served = ServedModel(model_name(config, model_config), tokenizer, engine.context, model_config.vocab_size)
+  served = ServedModel(model_name(config, model_config), tokenizer, engine.context, model_config.vocab_size,
+                       defaults=generation_defaults(tokenizer) if config.serve.generation_defaults else {})
+  if served.defaults:
+    logging.info("Requests that leave them out get the checkpoint's generation_config defaults: %s "
+                 "(--config.serve.generation_defaults=False: OpenAI's)", served.defaults)
   app = create_app(engine, served, limits=RequestLimits(int(s.max_body_bytes), float(s.read_timeout_s)))
   server = DrainingServer(uvicorn.Config(app, host=s.host, port=s.port, log_level="info", access_log=False,
                                          timeout_graceful_shutdown=5), app.state.serving, s.drain_seconds)

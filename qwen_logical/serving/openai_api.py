@@ -52,6 +52,7 @@ class ServedModel:
   context: int
   vocab_size: int
   created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+  defaults: dict = dataclasses.field(default_factory=dict)  # request fields' defaults (`generation_defaults`)
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
@@ -94,6 +95,16 @@ class ParsedRequest:
     return dataclasses.replace(self.request, seed=(self.request.seed + i) % 2**32, grammar=grammar)
 
 
+DEFAULTED = ("temperature", "top_p", "top_k", "repetition_penalty")  # what a checkpoint's generation_config may set
+
+
+def generation_defaults(tokenizer) -> dict:
+  """The sampling defaults of the checkpoint's generation_config.json (temperature, top_p, top_k,
+  repetition_penalty) for requests that leave them out, as transformers' generate and vLLM apply them."""
+  config = getattr(tokenizer, "generation_config", None) or {}
+  return {name: config[name] for name in DEFAULTED if isinstance(config.get(name), (int, float))}
+
+
 def engine_param(parsed: ParsedRequest | None, field: str | None) -> str | None:
   """The OpenAI parameter for an engine error's field (`tokens` -> the prompt's parameter)."""
   if field == "tokens":
@@ -106,6 +117,7 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
   if not isinstance(body, dict):
     raise RequestError(f"The request body must be a JSON object, got {type(body).__name__}.")
   _check_fields(kind, body)
+  body = {**served.defaults, **{k: v for k, v in body.items() if v is not None or k not in served.defaults}}
   model = expect(body, "model", str, required=True)
   if model != served.name:
     raise RequestError(f"The model `{model}` does not exist: this server serves `{served.name}` (GET /v1/models).",
