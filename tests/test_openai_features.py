@@ -112,6 +112,23 @@ def test_n_choices_have_their_own_seeds_and_indexes(served):
   assert alone.choices[0].text == whole.choices[1].text  # choice i draws with seed + i
 
 
+def test_several_prompts_get_n_choices_each(served):
+  """lm-evaluation-harness batches prompts: choice i answers prompt i // n, usage counts each prompt once."""
+  prompts = [served.tokenizer.encode("One two"), served.tokenizer.encode("Three four five")]
+  body = {"model": "tiny", "prompt": prompts, "n": 2, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 1,
+          "return_token_ids": True}
+  status, response = post(served.url, DONE, body)
+  assert status == 200, response
+  choices = response["choices"]
+  assert [c["index"] for c in choices] == [0, 1, 2, 3]
+  for c, ids in zip(choices, [prompts[0]] * 2 + [prompts[1]] * 2):
+    alone = post(served.url, DONE, {**body, "prompt": ids, "n": 1})[1]["choices"][0]
+    assert c["text"] == alone["text"] and c["token_ids"] == alone["token_ids"]
+    assert c["logprobs"]["token_logprobs"][1:] == pytest.approx(alone["logprobs"]["token_logprobs"][1:], abs=1e-5)
+  assert response["usage"]["prompt_tokens"] == len(prompts[0]) + len(prompts[1])
+  assert response["usage"]["completion_tokens"] == 12
+
+
 def test_the_prefix_cache_shows_in_usage_and_metrics(served):
   c = served.client
   system = {"role": "system", "content": "You answer questions about the weather in great detail. " * 2}
@@ -142,14 +159,17 @@ def test_the_prefix_cache_shows_in_usage_and_metrics(served):
     ("completion", "logprobs", 21),
     ("completion", "echo", "yes"),
     ("completion", "best_of", 3),
+    ("completion", "prompt", [[1, 2], "a", []]),
+    ("completion", "n", 40),
     ("chat", "response_format", {"type": "xml"}),
     ("chat", "response_format", {"type": "json_schema"}),
     ("chat", "tool_choice", "required"),  # without tools
     ("chat", "tools", [{"type": "function", "function": {"name": "bad name!"}}]),
 ])
 def test_bad_values_get_a_400_naming_the_field(served, kind, field, value):
-  body = {"model": "tiny", field: value, "max_tokens": 2}
+  body = {"model": "tiny", "max_tokens": 2}
   body.update({"messages": [{"role": "user", "content": "Hi"}]} if kind == "chat" else {"prompt": "Hi"})
+  body[field] = value
   status, response = post(served.url, "/v1/chat/completions" if kind == "chat" else DONE, body)
   assert status == 400 and response["error"]["param"].split(".")[0] == field, (field, value, response)
   assert served.client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2

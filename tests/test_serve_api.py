@@ -126,7 +126,7 @@ def test_parse_defaults_and_extensions(tokenizer):
     ({"model": "tiny", "prompt": "x", "max_tokens": 62, "max_completion_tokens": 61}, "max_tokens"),
     ({"model": "tiny", "prompt": [1, 2], "max_completion_tokens": 63}, "max_completion_tokens"),
     ({"model": "tiny", "prompt": [1, 320]}, "prompt"),
-    ({"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
+    ({"model": "tiny", "prompt": ["a", [1, "b"]]}, "prompt"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"model": "tiny", "prompt": "x", "logprobs": 25}, "logprobs"),
     ({"model": "tiny", "prompt": "x", "temperature": float("nan")}, "temperature"),

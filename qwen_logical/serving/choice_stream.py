@@ -41,8 +41,9 @@ def stream_chunks(parsed, run, i: int, output, pieces, offsets: list[int]):
   """The chunks of choice i's Output: the echoed prompt first (completions with echo), then its delta."""
   body = lambda **kw: openai_bodies.chunk_body(parsed, run.id, run.created, i, **kw)
   if parsed.kind == "completion" and parsed.options.echo and output.prompt_logprobs is not None:
-    yield body(text=parsed.prompt_text, logprobs=openai_bodies.logprobs_of(parsed, pieces, output.prompt_logprobs, 0))
-    offsets[i] = len(parsed.prompt_text)
+    yield body(text=parsed.prompt_text(i), logprobs=openai_bodies.logprobs_of(parsed, pieces, output.prompt_logprobs,
+                                                                               0))
+    offsets[i] = len(parsed.prompt_text(i))
   if parsed.score_only:
     if output.finish_reason:
       yield body(finish_reason=output.finish_reason)

@@ -22,7 +22,7 @@ class Run:
     self.serving, self.parsed, self.endpoint = serving, parsed, endpoint
     tokenizer = serving.served.tokenizer
     self.choices = [Completion(serving.engine, parsed.choice(i), tokenizer, parsed.stop)
-                    for i in range(parsed.options.n)]
+                    for i in range(parsed.choices)]
     self.replies = [ChoiceReply(parsed.tools) for _ in self.choices]
     self.events: asyncio.Queue = asyncio.Queue()
     self.timer = serving.metrics.timer()
@@ -87,7 +87,7 @@ class Run:
     self.serving.inflight -= 1
     last = self.last()
     if count:
-      usage = openai_bodies.usage(last, self.parsed.score_only) if last else {}
+      usage = openai_bodies.usage(last, self.parsed) if last else {}
       self.serving.metrics.finished(self.endpoint, status, usage.get("prompt_tokens", 0),
                                     usage.get("completion_tokens", 0), usage.get("prompt_tokens_details",
                                                                                   {}).get("cached_tokens", 0))

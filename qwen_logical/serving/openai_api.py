@@ -36,6 +36,7 @@ _SHARED = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p
 FIELDS = {"chat": frozenset(_SHARED + ("messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
                                        "response_format")),
           "completion": frozenset(_SHARED + ("prompt", "echo", "best_of", "response_format"))}
+MAX_CHOICES = 64  # completions per request: prompts x n
 MAX_STOP = 16  # stop strings per request (each is searched for in the text after every token)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 # EngineRequest / ServingError field names -> the OpenAI parameter a client sent.
@@ -70,7 +71,8 @@ class ParsedRequest:
   """A validated request: `kind` "chat" | "completion", the EngineRequest (of choice 0), the text-side
   options; `options` (n, logprobs, echo, logit processing), `tools` (a ToolRequest or None),
   `grammar` (what every choice's reply must match, or None), `score_only` (max_tokens 0 with echo:
-  the prompt's log-probabilities only), `prompt_text` (what echo puts before the completion)."""
+  the prompt's log-probabilities only), `prompts` (completions: each prompt's ids and echo text;
+  `choices` = prompts x n, choice i answering prompt i // n)."""
 
   kind: str
   model: str
@@ -83,16 +85,26 @@ class ParsedRequest:
   tools: Any = None
   grammar: Any = None
   score_only: bool = False
-  prompt_text: str = ""
+  prompts: tuple = ()  # completions: (token ids, echo text) per prompt; choice i answers prompt i // n
 
   @property
   def prompt_param(self) -> str:
     return "messages" if self.kind == "chat" else "prompt"
 
+  @property
+  def choices(self) -> int:
+    return max(1, len(self.prompts)) * self.options.n
+
+  def prompt_text(self, i: int) -> str:
+    """What echo puts before choice i's completion."""
+    return self.prompts[i // self.options.n][1] if self.prompts else ""
+
   def choice(self, i: int) -> EngineRequest:
-    """The engine request of choice i: its own seed and its own grammar matcher."""
+    """The engine request of choice i: its prompt, its own seed (seed + i % n), its own grammar matcher."""
     grammar = self.grammar.matcher() if self.grammar is not None else None
-    return dataclasses.replace(self.request, seed=(self.request.seed + i) % 2**32, grammar=grammar)
+    tokens = self.prompts[i // self.options.n][0] if self.prompts else self.request.tokens
+    return dataclasses.replace(self.request, tokens=tokens, seed=(self.request.seed + i % self.options.n) % 2**32,
+                               grammar=grammar)
 
 
 DEFAULTED = ("temperature", "top_p", "top_k", "repetition_penalty")  # what a checkpoint's generation_config may set
@@ -134,8 +146,11 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
   asked = _asked_max_tokens(body, options.echo)
   tools = openai_tools.parse_tools(body) if kind == "chat" else None
   grammar = structured_output.grammar_for(body, tools, served)
-  tokens = _chat_tokens(body, served, tools) if kind == "chat" else _prompt_tokens(body, served)
-  score_only = asked[1] == 0
+  batch = [(_chat_tokens(body, served, tools), None)] if kind == "chat" else _prompt_batch(body, served)
+  if len(batch) * options.n > MAX_CHOICES:
+    raise RequestError(f"{len(batch)} prompts x n={options.n} is {len(batch) * options.n} completions: at most "
+                       f"{MAX_CHOICES} per request.", "n" if len(batch) == 1 else "prompt")
+  tokens, score_only = max((ids for ids, _ in batch), key=len), asked[1] == 0
   max_new = _max_tokens(kind, (asked[0], asked[1] or None) if score_only else asked, len(tokens), served.context,
                         "messages" if kind == "chat" else "prompt")
   if score_only:
@@ -145,17 +160,16 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
                        "generate (max_tokens).", "min_tokens")
   request = EngineRequest(tuple(tokens), max_new, sampling, seed=seed % 2**32, stop_ids=served.stop_ids,
                           processing=options.processing, logprobs=options.logprobs, echo=options.echo)
-  prompt_text = _prompt_text(body, tokens, served) if options.echo else ""
+  prompts = tuple((tuple(ids), _echo_text(text, ids, served) if options.echo else "") for ids, text in
+                  (batch if kind == "completion" else []))
   return ParsedRequest(kind, model, request, stop, stream, include_usage, token_ids, options, tools, grammar,
-                       score_only, prompt_text)
+                       score_only, prompts)
 
 
-def _prompt_text(body: dict, tokens: list[int], served: ServedModel) -> str:
-  prompt = body.get("prompt")
-  prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str) else prompt
-  if isinstance(prompt, str):
-    return prompt
-  return served.tokenizer.decode(tokens) if served.tokenizer is not None else ""
+def _echo_text(text: str | None, ids: list[int], served: ServedModel) -> str:
+  if text is not None:
+    return text
+  return served.tokenizer.decode(ids) if served.tokenizer is not None else ""
 
 
 def _check_fields(kind: str, body: dict) -> None:
@@ -202,19 +216,22 @@ def _content(content: Any, where: str) -> str:
                      "...}); images and audio are not supported.", where)
 
 
-def _prompt_tokens(body: dict, served: ServedModel) -> list[int]:
+def _prompt_batch(body: dict, served: ServedModel) -> list[tuple[list[int], str | None]]:
+  """(token ids, text or None) of each prompt: `prompt` is a string, a list of token ids, or a list of
+  either (several prompts)."""
   prompt = body.get("prompt")
-  if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-    prompt = prompt[0]  # a batch of one
-  if isinstance(prompt, str):
-    return _checked_ids(completions.text_prompt(served.tokenizer, prompt), served, "prompt")
-  if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-    return _checked_ids(list(prompt), served, "prompt")
-  if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-    raise RequestError("Only one prompt per request is supported: send the prompts as separate requests.",
-                       "prompt")
-  raise RequestError("`prompt` must be a string or a list of token ids (ints)." if "prompt" in body
-                     else "Missing required parameter: `prompt`.", "prompt")
+  is_ids = lambda p: isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+  if isinstance(prompt, str) or (is_ids(prompt) and prompt):
+    prompt = [prompt]
+  if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) or is_ids(p) for p in prompt):
+    raise RequestError("`prompt` must be a string, a list of token ids (ints), or a list of either (several "
+                       "prompts)." if "prompt" in body else "Missing required parameter: `prompt`.", "prompt")
+  batch = []
+  for i, p in enumerate(prompt):
+    param = "prompt" if len(prompt) == 1 else f"prompt.[{i}]"
+    ids = completions.text_prompt(served.tokenizer, p) if isinstance(p, str) else list(p)
+    batch.append((_checked_ids(ids, served, param), p if isinstance(p, str) else None))
+  return batch
 
 
 def _checked_ids(ids: list[int], served: ServedModel, param: str) -> list[int]:

@@ -24,10 +24,11 @@ def new_id(parsed) -> str:
   return ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + secrets.token_hex(12)
 
 
-def usage(outputs: Sequence[Output], score_only: bool = False) -> dict[str, Any]:
-  """Usage of a request's choices: the prompt once, every choice's completion tokens."""
-  prompt = outputs[0].prompt_tokens if outputs else 0
-  completion = 0 if score_only else sum(o.completion_tokens for o in outputs)
+def usage(outputs: Sequence[Output], parsed) -> dict[str, Any]:
+  """Usage of a request's choices (n per prompt): each prompt once, every choice's completion tokens."""
+  prompt = (sum(len(ids) for ids, _ in parsed.prompts) if parsed.prompts
+            else outputs[0].prompt_tokens if outputs else 0)
+  completion = 0 if parsed.score_only else sum(o.completion_tokens for o in outputs)
   cached = max((o.cached_tokens for o in outputs), default=0)
   return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
           "prompt_tokens_details": {"cached_tokens": cached}}
@@ -63,20 +64,20 @@ def completion_body(parsed, request_id: str, created: int, outputs: Sequence[Out
       choice = {"index": i, "message": message, "logprobs": logprobs_of(parsed, pieces, output.logprobs),
                 "finish_reason": reason}
     else:
-      text, entries = _echoed(parsed, output)
+      text, entries = _echoed(parsed, output, i)
       choice = {"index": i, "text": text, "logprobs": logprobs_of(parsed, pieces, entries), "finish_reason": reason}
     if parsed.return_token_ids:
       choice["token_ids"] = [] if parsed.score_only else output.token_ids
     choices.append(choice)
   return {**_envelope(parsed, request_id, created, False), "choices": choices,
-          "usage": usage(outputs, parsed.score_only)}
+          "usage": usage(outputs, parsed)}
 
 
-def _echoed(parsed, output: Output) -> tuple[str, list]:
-  """A completion choice's text and log-probability entries, the prompt's first with echo."""
+def _echoed(parsed, output: Output, i: int) -> tuple[str, list]:
+  """Completion choice i's text and log-probability entries, its prompt's first with echo."""
   text, entries = ("", []) if parsed.score_only else (output.text, output.logprobs)
   if parsed.options.echo:
-    text = parsed.prompt_text + text
+    text = parsed.prompt_text(i) + text
     entries = list(output.prompt_logprobs or []) + list(entries)
   return text, entries
 
@@ -103,7 +104,7 @@ def chunk_body(parsed, request_id: str, created: int, index: int = 0, text: str 
 
 def usage_chunk(parsed, request_id: str, created: int, outputs: Sequence[Output]) -> dict:
   """The last chunk with stream_options.include_usage: no choices, the usage."""
-  return {**_envelope(parsed, request_id, created, True), "choices": [], "usage": usage(outputs, parsed.score_only)}
+  return {**_envelope(parsed, request_id, created, True), "choices": [], "usage": usage(outputs, parsed)}
 
 
 def error_body(message: str, param: str | None = None, error_type: str = "invalid_request_error",
