@@ -16,7 +16,7 @@ from qwen_logical.serving.engine import Engine
 from qwen_logical.serving.http_app import create_app
 from qwen_logical.serving.openai_api import ServedModel
 
-CONTEXT = 256
+CONTEXT = 1024  # a prompt with tools in Qwen2.5's format is ~720 tokens of the tests' small tokenizer
 DONE = "/v1/completions"
 
 
@@ -165,11 +165,14 @@ def test_the_prefix_cache_shows_in_usage_and_metrics(served):
     ("chat", "response_format", {"type": "json_schema"}),
     ("chat", "tool_choice", "required"),  # without tools
     ("chat", "tools", [{"type": "function", "function": {"name": "bad name!"}}]),
+    ("chat", "min_tokens", 3),  # with a response_format (below)
 ])
 def test_bad_values_get_a_400_naming_the_field(served, kind, field, value):
   body = {"model": "tiny", "max_tokens": 2}
   body.update({"messages": [{"role": "user", "content": "Hi"}]} if kind == "chat" else {"prompt": "Hi"})
   body[field] = value
+  if field == "min_tokens" and value == 3:
+    body["response_format"] = {"type": "json_object"}
   status, response = post(served.url, "/v1/chat/completions" if kind == "chat" else DONE, body)
   assert status == 400 and response["error"]["param"].split(".")[0] == field, (field, value, response)
   assert served.client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
@@ -185,7 +188,7 @@ FORECAST = {"type": "function", "function": {
 def _forced_call(c, messages, stream):
   """The reply to `messages` under tool_choice "required": (finish_reason, [(id, name, arguments)])."""
   response = c.chat.completions.create(model="tiny", messages=messages, tools=[FORECAST], tool_choice="required",
-                                       max_tokens=60, temperature=0, stream=stream)
+                                       max_tokens=120, temperature=0, stream=stream)
   if not stream:
     choice = response.choices[0]
     return choice.finish_reason, [(t.id, t.function.name, t.function.arguments) for t in choice.message.tool_calls]
@@ -241,3 +244,4 @@ def test_json_schema_replies_validate_on_a_random_model(served):
   whole = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Any JSON?"}],
                                     response_format={"type": "json_object"}, max_tokens=120, temperature=0)
   assert isinstance(json.loads(whole.choices[0].message.content), dict)
+

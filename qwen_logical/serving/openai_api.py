@@ -155,6 +155,9 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
                         "messages" if kind == "chat" else "prompt")
   if score_only:
     max_new = 1  # the engine draws one token; the answer leaves it out
+  if grammar is not None and options.processing.min_tokens:
+    raise RequestError("min_tokens cannot be combined with response_format or a forced tool call: the grammar "
+                       "decides where the reply ends.", "min_tokens")
   if options.processing.min_tokens > max_new:
     raise RequestError(f"min_tokens={options.processing.min_tokens} exceeds the {max_new} tokens this request may "
                        "generate (max_tokens).", "min_tokens")
