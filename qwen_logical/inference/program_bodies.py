@@ -23,7 +23,13 @@ from qwen_logical.model.model import Mode
 
 def draw(programs, raw, seen, steps, stops, extras, keys, temperature, top_k, top_p, kind, masked) -> Drawn:
   """One token per row from raw f32[n, V] logits (occurrences `seen` i32[n, V], the rows' steps,
-  stops and extras, keys and sampler settings); `masked`: whether grammar masks apply."""
+  stops and extras, keys and sampler settings); `masked`: whether grammar masks apply. Programs
+  without processing draw from the raw logits and report zero log-probabilities."""
+  if not programs.processing:
+    token = programs.sample(raw, keys, temperature, top_k, top_p, kind)
+    n = raw.shape[0]
+    top = jnp.zeros((n, lp.TOP_LOGPROBS), jnp.int32)
+    return Drawn(token, jnp.zeros((n,), jnp.float32), top, top.astype(jnp.float32))
   adjusted = lp.adjust(raw, seen, steps, stops, extras, masked)
   token = programs.sample(adjusted, keys, temperature, top_k, top_p, kind)
   return Drawn(token, *lp.logprobs(raw, token, extras.top))
@@ -45,8 +51,9 @@ def prefill(programs, batch: int, bucket: int, echo: bool):
                  top_p, kind, jnp.bool_(True))
     kv = jax.tree_util.tree_map(lambda big, new, names: insert(big, new, lengths, rows, names), cache["kv"], small,
                                 programs.cache_axes["kv"])
-    seen = lp.count(seen, drawn.tokens, jnp.ones_like(lengths, bool))  # the first new token counts too
-    cache = {"kv": kv, "seen": _set_rows(cache["seen"], seen, rows)}
+    if programs.processing:
+      seen = lp.count(seen, drawn.tokens, jnp.ones_like(lengths, bool))  # the first new token counts too
+    cache = {"kv": kv, "seen": _set_rows(cache["seen"], seen, rows) if programs.processing else cache["seen"]}
     return (cache, drawn, prompt_scores(logits, tokens, extras.top)) if echo else (cache, drawn)
 
   return run
@@ -89,7 +96,8 @@ def decode(programs, rows: int):
     advance = live.astype(jnp.int32)
     st = dataclasses.replace(st, tokens=jnp.where(live, new, st.tokens), index=st.index + advance,
                              steps=st.steps + advance, budget=jnp.where(live & ~stopped, st.budget - 1, 0))
-    return t + 1, {"kv": kv, "seen": lp.count(cache["seen"], new, live)}, st, out
+    seen = lp.count(cache["seen"], new, live) if programs.processing else cache["seen"]
+    return t + 1, {"kv": kv, "seen": seen}, st, out
 
   def run(params, cache, state, extras, kind, limit):
     top = (rows, steps, lp.TOP_LOGPROBS)

@@ -93,14 +93,17 @@ class CachePrograms:
 
   length: rounded up to `slot_multiple`; steps: decode steps per dispatch (K); kind: None (the
   sampler kind a runtime value: one program serves every kind, as the server needs) or one kind
-  compiled in (the `kind` argument then unused: a call of one setting compiles a smaller program).
+  compiled in (the `kind` argument then unused: a call of one setting compiles a smaller program);
+  processing: whether draws apply the rows' logit processing and report log-probabilities (the
+  server's programs); without it the RowExtras are ignored and the programs compile faster.
   """
 
-  def __init__(self, partitioner: Partitioner, rows: int, length: int, steps: int, kind: str | None = None):
+  def __init__(self, partitioner: Partitioner, rows: int, length: int, steps: int, kind: str | None = None,
+               processing: bool = False):
     if steps < 1:
       raise ValueError(f"decode steps per dispatch must be >= 1, got {steps}")
     self.partitioner, self.rows, self.steps = partitioner, rows, int(steps)
-    self.kind = kind
+    self.kind, self.processing = kind, bool(processing)
     self.length = round_up(length, slot_multiple(partitioner))
     self.batch_multiple = batch_multiple(partitioner)
     self.vocab_size = partitioner.config.vocab_size
@@ -136,7 +139,7 @@ class CachePrograms:
 
   def prefill(self, batch: int, bucket: int, echo: bool = False):
     self.partitioner.check_batch(batch, bucket, flag="the prefill rows")
-    name = f"prefill{'_echo' if echo else ''}_{batch}x{bucket}_{self.kind or 'any'}"
+    name = f"prefill{'_echo' if echo else ''}_{batch}x{bucket}_{self._tag}"
     return self._get(("prefill", batch, bucket, echo), lambda: self._rows_program(
         bodies.prefill(self, batch, bucket, echo), name, 3 if echo else 2), self._prefill_specs(batch, bucket))
 
@@ -144,7 +147,7 @@ class CachePrograms:
     """extend[b, P] (`program_bodies.extend`): P prompt tokens per row after a cached prefix (the
     whole prompts come in, left-padded to the cache's slots)."""
     self.partitioner.check_batch(batch, bucket, flag="the prefill rows")
-    name = f"extend_{batch}x{bucket}_{self.kind or 'any'}"
+    name = f"extend_{batch}x{bucket}_{self._tag}"
     return self._get(("extend", batch, bucket), lambda: self._rows_program(bodies.extend(self, batch, bucket), name, 2),
                      self._prefill_specs(batch, self.length))
 
@@ -160,9 +163,14 @@ class CachePrograms:
              _spec((), jnp.int32), _spec((), jnp.int32))
     make = lambda: self.partitioner.program(
         bodies.decode(self, rows), in_axes=(PARAMS, self.cache_axes, ROW, ROW, ROW, ROW),
-        out_axes=(self.cache_axes, ROW, ROW, ROW), donate=(1,), name=f"decode_{rows}x{self.steps}_{self.kind or 'any'}",
+        out_axes=(self.cache_axes, ROW, ROW, ROW), donate=(1,), name=f"decode_{rows}x{self.steps}_{self._tag}",
         keep=True)
     return self._get(("decode", rows), make, specs)
+
+  @property
+  def _tag(self) -> str:
+    """The sampler kind and processing in a program's name."""
+    return (self.kind or "any") + ("_processing" if self.processing else "")
 
   def _prefill_specs(self, batch: int, bucket: int):
     stops = RowState.empty(batch).stops

@@ -4,11 +4,10 @@
     spec = Speculation("draft", num_tokens=4, draft=DraftModel(draft_partitioner, draft_params))
     generate(partitioner, params, prompts, speculation=spec, ...)
 
-Decode reads every weight once per token, so it runs at the memory's speed. A speculative round
-drafts K tokens cheaply (from the prompt and output so far, or with a small draft model of the
-same vocabulary), then runs the target model once over the row's last token and the K drafts and
-keeps the drafts its sampler agrees with (`speculative_accept`): greedy output is token for token
-plain greedy decoding's, sampled output is distributed exactly as the target's sampler.
+A round drafts K tokens cheaply (by prompt lookup, or with a small draft model of the same
+vocabulary), runs the target once over the row's last token and the drafts, and keeps the drafts
+its sampler agrees with (`speculative_accept`): greedy output is plain greedy decoding's, token
+for token; sampled output is distributed exactly as the target's sampler.
 
 `SpeculativePrograms` adds one program to `CachePrograms`, speculate[n]: up to `steps` rounds in
 one dispatch (`lax.while_loop`), with the row's token history on the device (prompt lookup reads
@@ -95,7 +94,8 @@ class Speculation:
 class SpeculativePrograms(CachePrograms):
   """CachePrograms plus speculate[n] for one Speculation and one sampler kind (compiled in)."""
 
-  def __init__(self, partitioner, rows: int, length: int, steps: int, kind: str | None, speculation: Speculation):
+  def __init__(self, partitioner, rows: int, length: int, steps: int, kind: str | None, speculation: Speculation,
+               processing: bool = False):
     if kind is None and speculation.draft is not None:
       raise SpeculationError("the draft method runs with one sampler kind per call (generate); a server "
                              "(every kind at once) drafts by prompt lookup.")
@@ -103,7 +103,7 @@ class SpeculativePrograms(CachePrograms):
     self.spec, k = speculation, speculation.num_tokens
     draft = speculation.draft.partitioner if speculation.draft else None
     multiple = math.lcm(slot_multiple(partitioner), slot_multiple(draft) if draft else 1)
-    super().__init__(partitioner, rows, round_up(length + k + 1, multiple), steps, kind)
+    super().__init__(partitioner, rows, round_up(length + k + 1, multiple), steps, kind, processing)
     self.draft = None if draft is None else CachePrograms(draft, rows, self.length, steps, kind)
 
   @property

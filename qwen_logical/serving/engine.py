@@ -68,8 +68,8 @@ class Engine(Admissions, Deliveries):
     self.partitioner, self.params, self.context = partitioner, params, int(context)
     self.slots, self.queue_size = int(slots), int(queue_size)
     steps, on = decode_steps or default_decode_steps(), speculation is not None and speculation.on
-    self.programs = (SpeculativePrograms(partitioner, self.slots, self.context, steps, None, speculation) if on
-                     else CachePrograms(partitioner, self.slots, self.context, steps))
+    self.programs = (SpeculativePrograms(partitioner, self.slots, self.context, steps, None, speculation, True) if on
+                     else CachePrograms(partitioner, self.slots, self.context, steps, processing=True))
     self.shapes = EngineShapes(self.programs, self.slots, self.context, join_steps)
     self.vocab_size = partitioner.config.vocab_size
     self.rows, largest = Rows(self.slots, self.vocab_size, self.programs.scratch), self.shapes.prefill_rows

@@ -28,8 +28,8 @@ from qwen_logical.serving.completions import RequestError
 from qwen_logical.serving.engine import EngineRequest
 from qwen_logical.serving.openai_fields import IGNORED_AT_DEFAULT, expect, optional_int, sampling_params
 from qwen_logical.serving.openai_options import Options, parse_options
+from qwen_logical.serving.openai_prompts import chat_tokens, echo_text, prompt_batch
 
-ROLES = ("system", "user", "assistant", "tool")
 _SHARED = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
            "stream", "stream_options", "n", "return_token_ids", "presence_penalty", "frequency_penalty", "logit_bias",
            "repetition_penalty", "min_tokens", "logprobs")
@@ -146,7 +146,7 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
   asked = _asked_max_tokens(body, options.echo)
   tools = openai_tools.parse_tools(body) if kind == "chat" else None
   grammar = structured_output.grammar_for(body, tools, served)
-  batch = [(_chat_tokens(body, served, tools), None)] if kind == "chat" else _prompt_batch(body, served)
+  batch = [(chat_tokens(body, served, tools), None)] if kind == "chat" else prompt_batch(body, served)
   if len(batch) * options.n > MAX_CHOICES:
     raise RequestError(f"{len(batch)} prompts x n={options.n} is {len(batch) * options.n} completions: at most "
                        f"{MAX_CHOICES} per request.", "n" if len(batch) == 1 else "prompt")
@@ -163,16 +163,10 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
                        "generate (max_tokens).", "min_tokens")
   request = EngineRequest(tuple(tokens), max_new, sampling, seed=seed % 2**32, stop_ids=served.stop_ids,
                           processing=options.processing, logprobs=options.logprobs, echo=options.echo)
-  prompts = tuple((tuple(ids), _echo_text(text, ids, served) if options.echo else "") for ids, text in
+  prompts = tuple((tuple(ids), echo_text(text, ids, served) if options.echo else "") for ids, text in
                   (batch if kind == "completion" else []))
   return ParsedRequest(kind, model, request, stop, stream, include_usage, token_ids, options, tools, grammar,
                        score_only, prompts)
-
-
-def _echo_text(text: str | None, ids: list[int], served: ServedModel) -> str:
-  if text is not None:
-    return text
-  return served.tokenizer.decode(ids) if served.tokenizer is not None else ""
 
 
 def _check_fields(kind: str, body: dict) -> None:
@@ -184,70 +178,6 @@ def _check_fields(kind: str, body: dict) -> None:
         raise RequestError(f"`{name}` is not supported by this server; leave it out (or at its default).", name)
       continue
     raise RequestError(f"Unrecognized request argument supplied: {name}", name)
-
-
-def _chat_tokens(body: dict, served: ServedModel, tools=None) -> list[int]:
-  messages = expect(body, "messages", list, required=True)
-  if not messages:
-    raise RequestError("`messages` is empty: send at least one message, e.g. {\"role\": \"user\", "
-                       "\"content\": \"Hi\"}.", "messages")
-  plain = []
-  for i, message in enumerate(messages):
-    where = f"messages.[{i}]"
-    if not isinstance(message, dict):
-      raise RequestError(f"{where} must be an object with `role` and `content`.", where)
-    role = expect(message, "role", str, required=True, where=where)
-    if role == "developer":  # OpenAI's newer name for the system role
-      role = "system"
-    if role not in ROLES:
-      raise RequestError(f"{where}.role is {role!r}: use one of {', '.join(ROLES)} (or developer).",
-                         f"{where}.role")
-    plain.append({**message, "role": role, "content": _content(message.get("content"), f"{where}.content")})
-  plain = openai_tools.plain_messages(plain)
-  listed = tools.tools_for_template if tools is not None else None
-  return _checked_ids(completions.chat_prompt(served.tokenizer, plain, listed), served, "messages")
-
-
-def _content(content: Any, where: str) -> str:
-  """A message's text: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
-  if content is None or isinstance(content, str):
-    return content or ""
-  if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                       and isinstance(p.get("text"), str) for p in content):
-    return "".join(p["text"] for p in content)
-  raise RequestError(f"{where} must be a string or a list of text parts ({{\"type\": \"text\", \"text\": "
-                     "...}); images and audio are not supported.", where)
-
-
-def _prompt_batch(body: dict, served: ServedModel) -> list[tuple[list[int], str | None]]:
-  """(token ids, text or None) of each prompt: `prompt` is a string, a list of token ids, or a list of
-  either (several prompts)."""
-  prompt = body.get("prompt")
-  is_ids = lambda p: isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-  if isinstance(prompt, str) or (is_ids(prompt) and prompt):
-    prompt = [prompt]
-  if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) or is_ids(p) for p in prompt):
-    raise RequestError("`prompt` must be a string, a list of token ids (ints), or a list of either (several "
-                       "prompts)." if "prompt" in body else "Missing required parameter: `prompt`.", "prompt")
-  batch = []
-  for i, p in enumerate(prompt):
-    param = "prompt" if len(prompt) == 1 else f"prompt.[{i}]"
-    ids = completions.text_prompt(served.tokenizer, p) if isinstance(p, str) else list(p)
-    batch.append((_checked_ids(ids, served, param), p if isinstance(p, str) else None))
-  return batch
-
-
-def _checked_ids(ids: list[int], served: ServedModel, param: str) -> list[int]:
-  if not ids:
-    raise RequestError(f"The {param} is empty: the model needs at least one prompt token.", param)
-  bad = [t for t in ids if not 0 <= t < served.vocab_size]
-  if bad:
-    raise RequestError(f"Token id(s) {bad[:5]} are outside this model's vocabulary [0, {served.vocab_size}).",
-                       param)
-  if len(ids) >= served.context:
-    raise RequestError(f"This model's maximum context length is {served.context} tokens, but the {param} has "
-                       f"{len(ids)} tokens (at least one must be left to generate); shorten it.", param)
-  return ids
 
 
 def _stream_options(body: dict, stream: bool) -> bool:

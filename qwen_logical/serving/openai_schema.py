@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from qwen_logical.inference.logit_processing import MAX_LOGIT_BIAS, TOP_LOGPROBS
-from qwen_logical.serving.openai_api import MAX_STOP, ROLES, ServedModel
+from qwen_logical.serving.openai_api import MAX_STOP, ServedModel
+from qwen_logical.serving.openai_prompts import ROLES
 from qwen_logical.serving.openai_options import MAX_N
 
 _INT = {"type": "integer"}
