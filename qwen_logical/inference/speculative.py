@@ -107,15 +107,13 @@ class SpeculativePrograms(CachePrograms):
     self.draft = None if draft is None else CachePrograms(draft, rows, self.length, steps, kind)
 
   @property
-  def scratch(self) -> int:
-    """Rows without a request feed K + 1 slots from here (the cache's spare slots)."""
+  def scratch(self) -> int:  # rows without a request feed K + 1 slots from here (the cache's spare slots)
     return self.length - self.spec.num_tokens - 1
 
   def speculate(self, rows: int):
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     state = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), RowState.empty(rows))
-    specs = [self.partitioner.param_shapes, self._cache_specs(), state,
-             jax.ShapeDtypeStruct((rows, self.length), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
-             jax.ShapeDtypeStruct((), jnp.int32)]
+    specs = [self.partitioner.param_shapes, self._cache_specs(), state, spec((rows, self.length)), spec(()), spec(())]
     if self.draft is not None:
       specs += [self.draft.partitioner.param_shapes, self.draft._cache_specs()["kv"]]
     return self._get(("speculate", rows), lambda: self._speculate_program(rows), specs)
