@@ -7,7 +7,9 @@ directory). The end-to-end tests run the real `qwen_logical.serving.engine.Engin
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import json
+import types
 import socket
 import threading
 import time
@@ -249,3 +251,25 @@ def metric_samples(url):
     for s in family.samples:
       samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
   return samples
+
+
+@contextlib.contextmanager
+def serving(directory, mesh: str, context: int, **namespace):
+  """The checkpoint in `directory` served on `mesh` (tensor_parallel, 4 slots) in a background thread:
+  yields a namespace of .server, .url, .client, .engine, .part, .params, .tokenizer and `namespace`."""
+  import qwen_logical as ql
+  from conftest import mesh_of
+  from qwen_logical.serving.engine import Engine
+  from qwen_logical.serving.http_app import create_app
+  from qwen_logical.serving.openai_api import ServedModel
+  params, cfg, part = ql.load_checkpoint(str(directory), mesh_of(mesh), ql.get_table("tensor_parallel"),
+                                         progress=False)
+  tokenizer = ql.Tokenizer.from_directory(directory)
+  engine = Engine(part, params, slots=4, context=context, queue_size=32)
+  engine.start()
+  try:
+    with ServerThread(create_app(engine, ServedModel("tiny", tokenizer, engine.context, cfg.vocab_size))) as server:
+      yield types.SimpleNamespace(server=server, url=server.url, client=client(server.url), engine=engine, part=part,
+                                  params=params, tokenizer=tokenizer, **namespace)
+  finally:
+    engine.stop(5)

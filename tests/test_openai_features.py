@@ -5,16 +5,11 @@ penalties; the prefix cache in usage and /metrics; tools and tool_choice with Qw
 schemas enforced on a random model; and a 400 naming the field for each bad value, the server answering on."""
 
 import json
-import types
 
 import numpy as np
 import pytest
 import torch
-from serve_helpers import ServerThread, client, metric_samples, post, write_instruct_checkpoint
-
-from qwen_logical.serving.engine import Engine
-from qwen_logical.serving.http_app import create_app
-from qwen_logical.serving.openai_api import ServedModel
+from serve_helpers import metric_samples, post, serving, write_instruct_checkpoint
 
 CONTEXT = 1024  # a prompt with tools in Qwen2.5's format is ~720 tokens of the tests' small tokenizer
 DONE = "/v1/completions"
@@ -22,22 +17,11 @@ DONE = "/v1/completions"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-  import qwen_logical as ql
-  from conftest import mesh_of
   directory = tmp_path_factory.mktemp("tiny-instruct")
   model = write_instruct_checkpoint(directory, real_looking=True)
   _use_qwen_template(directory)
-  params, cfg, part = ql.load_checkpoint(str(directory), mesh_of("1x1"), ql.get_table("tensor_parallel"),
-                                         progress=False)
-  tokenizer = ql.Tokenizer.from_directory(directory)
-  engine = Engine(part, params, slots=4, context=CONTEXT, queue_size=32)
-  engine.start()
-  try:
-    with ServerThread(create_app(engine, ServedModel("tiny", tokenizer, engine.context, cfg.vocab_size))) as server:
-      yield types.SimpleNamespace(url=server.url, client=client(server.url), engine=engine, tokenizer=tokenizer,
-                                  model=model)
-  finally:
-    engine.stop(5)
+  with serving(directory, "1x1", CONTEXT, model=model) as served:
+    yield served
 
 
 def _use_qwen_template(directory):

@@ -4,14 +4,10 @@ layer alone is in test_serve_http_layer.py, the command in test_serve_command.py
 
 import threading
 import time
-import types
 
 import pytest
-from serve_helpers import CONTEXT, ServerThread, client, hf_greedy, write_instruct_checkpoint
+from serve_helpers import CONTEXT, client, hf_greedy, serving, write_instruct_checkpoint
 
-from qwen_logical.serving.engine import Engine
-from qwen_logical.serving.http_app import create_app
-from qwen_logical.serving.openai_api import ServedModel
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 
@@ -25,20 +21,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(checkpoint):
   """The checkpoint served on 1x8 tensor_parallel: .server, .engine, .part, .params, .tokenizer, .model (transformers)."""
-  import qwen_logical as ql
-  from conftest import mesh_of
   directory, model = checkpoint
-  params, cfg, part = ql.load_checkpoint(str(directory), mesh_of("1x8"), ql.get_table("tensor_parallel"),
-                                         progress=False)
-  tokenizer = ql.Tokenizer.from_directory(directory)
-  engine = Engine(part, params, slots=4, context=CONTEXT, queue_size=32)
-  engine.start()
-  try:
-    with ServerThread(create_app(engine, ServedModel("tiny", tokenizer, engine.context, cfg.vocab_size))) as server:
-      yield types.SimpleNamespace(server=server, engine=engine, part=part, params=params, tokenizer=tokenizer,
-                                  model=model)
-  finally:
-    engine.stop(5)
+  with serving(directory, "1x8", CONTEXT, model=model) as served:
+    yield served
 
 
 def _ask(c, kind, stream, max_tokens=20, **kwargs):

@@ -73,11 +73,8 @@ def new_call_id() -> str:
 
 def call_of(block: str, known_names: Collection[str] | None = None) -> ToolCall | None:
   """The ToolCall that the text between `<tool_call>` and `</tool_call>` holds, or None if malformed."""
-  try:
-    obj = json.loads(block, parse_constant=_no_constant)
-  except (ValueError, RecursionError):
-    return None
-  if not isinstance(obj, dict):
+  obj = _json_object(block)
+  if obj is None:
     return None
   name, arguments = obj.get("name"), obj.get("arguments", {})
   if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -85,13 +82,19 @@ def call_of(block: str, known_names: Collection[str] | None = None) -> ToolCall 
   if known_names is not None and name not in known_names:
     return None
   if isinstance(arguments, str):
-    try:
-      arguments = json.loads(arguments, parse_constant=_no_constant)
-    except (ValueError, RecursionError):
-      return None
+    arguments = _json_object(arguments)
   if not isinstance(arguments, dict):
     return None
   return ToolCall(new_call_id(), name, _compact(arguments))
+
+
+def _json_object(text: str) -> dict | None:
+  """The JSON object `text` holds (NaN and Infinity refused), or None."""
+  try:
+    obj = json.loads(text, parse_constant=_no_constant)
+  except (ValueError, RecursionError):
+    return None
+  return obj if isinstance(obj, dict) else None
 
 
 def _no_constant(name: str):
