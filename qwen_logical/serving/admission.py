@@ -5,8 +5,9 @@ is prefilled whole (`scheduler.plan_prefills`).
 
     hits, prefills = plan_round(waiting, free_rows, prefix, shapes)
 
-A request whose first block equals that of a prompt being prefilled this round waits one round,
-so it can reuse those keys: the choices of an `n > 1` request share one prefill this way.
+A request that could reuse the keys of a prompt being prefilled this round (whole shared blocks, the
+rest short enough for an extend call) waits one round: the choices of an `n > 1` request share one
+prefill this way.
 Requests that need every prompt position's logits (echo) are always prefilled whole.
 """
 
@@ -42,8 +43,13 @@ def cacheable(pending: Pending) -> bool:
   return not pending.request.echo  # echo needs every prompt position's logits
 
 
-def _share_block(a, b) -> bool:
-  return min(len(a), len(b)) > BLOCK and tuple(a[:BLOCK]) == tuple(b[:BLOCK])
+def _would_reuse(pending: Pending, prompt_being_prefilled, shapes) -> bool:
+  """Whether `pending` could take its prefix from a prompt being prefilled now (then it waits a round)."""
+  mine, theirs = np.asarray(pending.request.tokens), np.asarray(prompt_being_prefilled)
+  n = min(len(mine) - 1, len(theirs))
+  differ = np.flatnonzero(mine[:n] != theirs[:n])
+  common = (int(differ[0]) if differ.size else n) // BLOCK * BLOCK
+  return cacheable(pending) and common >= BLOCK and shapes.extend_bucket(len(mine) - common) is not None
 
 
 def plan_round(waiting: list[Pending], free: list[int], prefix: PrefixCache, shapes) -> tuple[list[Hit], list[Prefill]]:
@@ -56,7 +62,7 @@ def plan_round(waiting: list[Pending], free: list[int], prefix: PrefixCache, sha
     if not available:
       break
     prompt = pending.request.tokens
-    if any(_share_block(prompt, p.request.tokens) for _, p in misses):
+    if any(_would_reuse(pending, p.request.tokens, shapes) for _, p in misses):
       continue  # its prefix is being computed now: next round it is cached
     taken = [r for r, _ in misses] + [h.row for h in hits]
     donor, length = prefix.match(prompt, exclude=taken) if cacheable(pending) else (None, 0)
@@ -96,11 +102,12 @@ class Admissions:
       scores = events.prompt_logprobs(prompts, i, p.request) if p.request.echo else None
       self._first(row, drawn, i, scores)
 
-  def _extend(self, hit) -> None:
-    """A prefix-cache hit: the donor row's keys copied (unless the row is the donor's), the rest computed."""
+  def _extend(self, hit) -> bool:
+    """A prefix-cache hit: the donor row's keys copied (unless the row is the donor's), the rest computed;
+    False if a call failed (the cache then starts again from zeros: the round's other hits must not run)."""
     p, bucket = hit.pending, hit.bucket
     if hit.copy and self._call(Call(COPY, limit=hit.donor, flag=hit.row)) is False:
-      return
+      return False
     self._take([p], [hit.row])
     p.cached = hit.start
     batch, prompt = self.shapes.prefill_rows, p.request.tokens
@@ -109,8 +116,10 @@ class Admissions:
     arrays = row_arrays([p], [hit.row], batch, self.slots, self.vocab_size)
     starts = np.full(batch, hit.start, np.int32)
     drawn = self._call(Call(EXTEND, p.request.sampling.kind, dict(tokens=tokens, starts=starts, **arrays), flag=bucket))
-    if drawn is not None:
-      self._first(hit.row, drawn, 0, None)
+    if drawn is None:
+      return False
+    self._first(hit.row, drawn, 0, None)
+    return True
 
   def _first(self, row: int, drawn, i: int, prompt_logprobs) -> None:
     token = int(drawn.tokens[i])

@@ -9,6 +9,7 @@ streamed chunks of each Output (text delta, log-probabilities, tool-call deltas,
 from __future__ import annotations
 
 from qwen_logical.serving import openai_bodies, tool_calls
+from qwen_logical.serving.token_text import TextPosition
 
 
 class ChoiceReply:
@@ -18,17 +19,18 @@ class ChoiceReply:
     self.on = tools is not None and tools.parses_calls
     self.names, self.max_calls = (tools.names, tools.max_calls) if self.on else ((), None)
     self._stream = tool_calls.ToolCallStream(self.names, self.max_calls) if self.on else None
-    self.called = False  # a tool call was streamed
+
+  @property
+  def calls(self) -> list:
+    """The tool calls streamed so far."""
+    return self._stream.calls if self.on else []
 
   def push(self, text: str, last: bool) -> tuple[str, list]:
     """(content delta, tool-call deltas) of a text delta; `last`: the reply ends here."""
     if not self.on:
       return text, []
     deltas = self._stream.push(text) + (self._stream.finish() if last else [])
-    content = "".join(d.text for d in deltas if d.text)
-    calls = [d.call for d in deltas if d.call is not None]
-    self.called = self.called or bool(calls)
-    return content, calls
+    return "".join(d.text for d in deltas if d.text), [d.call for d in deltas if d.call is not None]
 
   def whole(self, text: str) -> tuple[str | None, list]:
     """(content or None, ToolCalls) of a whole reply."""
@@ -37,13 +39,14 @@ class ChoiceReply:
     return tool_calls.parse_reply(text, self.names, self.max_calls)
 
 
-def stream_chunks(parsed, run, i: int, output, pieces, offsets: list[int]):
-  """The chunks of choice i's Output: the echoed prompt first (completions with echo), then its delta."""
+def stream_chunks(parsed, run, i: int, output, pieces, offsets: list[TextPosition]):
+  """The chunks of choice i's Output: the echoed prompt first (completions with echo), then its delta;
+  offsets[i]: where choice i's text has got to (its tokens' `text_offset`)."""
   body = lambda **kw: openai_bodies.chunk_body(parsed, run.id, run.created, i, **kw)
-  if parsed.kind == "completion" and parsed.options.echo and output.prompt_logprobs is not None:
-    yield body(text=parsed.prompt_text(i), logprobs=openai_bodies.logprobs_of(parsed, pieces, output.prompt_logprobs,
-                                                                               0))
-    offsets[i] = len(parsed.prompt_text(i))
+  if parsed.kind == "completion" and parsed.options.echo and len(run.outputs[i]) == 1:  # the choice's first
+    yield body(text=parsed.prompt_text(i), logprobs=openai_bodies.logprobs_of(parsed, pieces,
+                                                                               output.prompt_logprobs or [], 0))
+    offsets[i] = TextPosition(len(parsed.prompt_text(i)))
   if parsed.score_only:
     if output.finish_reason:
       yield body(finish_reason=output.finish_reason)
@@ -51,9 +54,6 @@ def stream_chunks(parsed, run, i: int, output, pieces, offsets: list[int]):
   reply = run.replies[i]
   text, calls = reply.push(output.text, output.finish_reason is not None)
   logprobs = openai_bodies.logprobs_of(parsed, pieces, output.logprobs, offsets[i]) if output.logprobs else None
-  offsets[i] += len(output.text)
-  reason = output.finish_reason
-  if reason == "stop" and reply.called:
-    reason = "tool_calls"
+  reason = tool_calls.finish_reason(output.finish_reason, reply.calls)
   if text or reason or logprobs or calls or (parsed.return_token_ids and output.token_ids):
     yield body(text=text, finish_reason=reason, token_ids=output.token_ids, logprobs=logprobs, tool_calls=calls)

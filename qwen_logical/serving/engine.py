@@ -15,10 +15,10 @@ step is one token, or a speculative round), over rows [0, n) only (n: the decode
 highest running row). Each new token goes to the request's callback as a TokenEvent; a stop id or
 max_new_tokens ends the request and frees its slot. A request may ask for log-probabilities, logit
 processing (penalties, logit bias, min_tokens) and a grammar mask (`EngineRequest`); rows that do
-take plain steps (not speculative rounds), and a grammar's row one step per dispatch, its mask
+take plain steps (not speculative rounds), and a dispatch holding a grammar's row one step, its mask
 filled on the host between steps. Requests beyond the free slots wait in a queue
 of `queue_size` (QueueFullError beyond it). Programs: inference's (`executor`), shapes: `shapes`,
-host state: `scheduler`; nothing compiles after `warmup`.
+host state: `scheduler`; nothing compiles after `warmup` (but an echo prefill, on first use).
 
 Multi-process: process 0 builds the Engine and serves; every other process builds it the same
 way and calls `follow()`, which runs the calls process 0 sends (`protocol`) until it stops.
@@ -200,7 +200,8 @@ class Engine(Admissions, Deliveries):
       return True
     hits, prefills = plan_round(waiting, self.rows.free(), self.prefix, self.shapes)
     for hit in hits:
-      self._extend(hit)
+      if not self._extend(hit):
+        break  # a failed call zeroed the cache: the other hits' donors hold nothing now
     for prefill in prefills:
       self._admit(prefill)
     if self.rows.active():
@@ -214,7 +215,7 @@ class Engine(Admissions, Deliveries):
     n = self.shapes.decode_rows(self.rows.highest())
     running = {row: self.rows.running[row] for row in self.rows.active()}
     constrained = self.rows.constrained()
-    for row in constrained:  # the grammar's mask for the next token: one step per dispatch
+    for row in constrained:  # the grammar's mask for the next token: one step in this dispatch
       running[row].request.grammar.fill(self.rows.extras.mask[row])
     limit = 1 if constrained else self.shapes.decode_limit(len(self.rows.free()))
     arrays = {**vars(self.rows.state.head(n)), **vars(self.rows.extras.head(n))}

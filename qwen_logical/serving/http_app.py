@@ -34,7 +34,7 @@ from qwen_logical.serving.metrics import Metrics
 from qwen_logical.serving.openai_api import ServedModel
 from qwen_logical.serving.openai_schema import request_body, request_schemas
 from qwen_logical.serving.request_body import decode_json
-from qwen_logical.serving.token_text import TokenPieces
+from qwen_logical.serving.token_text import TextPosition, TokenPieces
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
@@ -122,7 +122,7 @@ class Serving:
     """The SSE body: per choice a chunk per text delta (with its log-probabilities and tool-call
     deltas), its finish reason; usage when asked for; [DONE]."""
     parsed, pieces = run.parsed, self.pieces
-    offsets = [0] * len(run.choices)
+    offsets = [TextPosition() for _ in run.choices]
     for i in range(len(run.choices)):
       if parsed.kind == "chat":
         yield _sse(openai_bodies.chunk_body(parsed, run.id, run.created, i, first=True))

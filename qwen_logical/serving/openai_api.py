@@ -162,7 +162,8 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
     raise RequestError(f"min_tokens={options.processing.min_tokens} exceeds the {max_new} tokens this request may "
                        "generate (max_tokens).", "min_tokens")
   request = EngineRequest(tuple(tokens), max_new, sampling, seed=seed % 2**32, stop_ids=served.stop_ids,
-                          processing=options.processing, logprobs=options.logprobs, echo=options.echo)
+                          processing=options.processing, logprobs=options.logprobs,
+                          echo=options.echo and options.logprobs is not None)  # echoed text alone needs no scores
   prompts = tuple((tuple(ids), echo_text(text, ids, served) if options.echo else "") for ids, text in
                   (batch if kind == "completion" else []))
   return ParsedRequest(kind, model, request, stop, stream, include_usage, token_ids, options, tools, grammar,

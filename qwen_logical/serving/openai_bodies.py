@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 from typing import Any, Sequence
 
+from qwen_logical.serving import tool_calls
 from qwen_logical.serving.completions import Output
 from qwen_logical.serving.openai_logprobs import chat_logprobs, completion_logprobs
 from qwen_logical.serving.request_body import printable
@@ -29,7 +30,8 @@ def usage(outputs: Sequence[Output], parsed) -> dict[str, Any]:
   prompt = (sum(len(ids) for ids, _ in parsed.prompts) if parsed.prompts
             else outputs[0].prompt_tokens if outputs else 0)
   completion = 0 if parsed.score_only else sum(o.completion_tokens for o in outputs)
-  cached = max((o.cached_tokens for o in outputs), default=0)
+  n = parsed.options.n  # each prompt's choices share its prefill: its cached tokens count once
+  cached = sum(max(o.cached_tokens for o in outputs[p:p + n]) for p in range(0, len(outputs), n))
   return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
           "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -60,7 +62,7 @@ def completion_body(parsed, request_id: str, created: int, outputs: Sequence[Out
       message = {"role": "assistant", "content": content}
       if calls:
         message["tool_calls"] = [call.as_dict() for call in calls]
-        reason = "tool_calls" if reason == "stop" else reason
+      reason = tool_calls.finish_reason(reason, calls)
       choice = {"index": i, "message": message, "logprobs": logprobs_of(parsed, pieces, output.logprobs),
                 "finish_reason": reason}
     else:

@@ -7,6 +7,7 @@ compiler (`serving.structured`, built on first use) into a Grammar whose matcher
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from qwen_logical.serving.completions import RequestError
@@ -53,7 +54,7 @@ def _response_format(value: dict | None) -> tuple[str | None, dict | None, bool]
                        "\"json_schema\".", "response_format.type")
   spec = expect(value, "json_schema", dict, required=True, where="response_format")
   name = expect(spec, "name", str, required=True, where="response_format.json_schema")
-  if not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
+  if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
     raise RequestError(f"response_format.json_schema.name={name!r} must be 1-64 letters, digits, _ or -.",
                        "response_format.json_schema.name")
   schema = expect(spec, "schema", dict, default={}, where="response_format.json_schema")

@@ -61,10 +61,23 @@ class TokenPieces:
     except UnicodeDecodeError:
       return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
-  def offsets(self, ids, start: int = 0) -> list[int]:
-    """Each token's character offset in the text the tokens spell (decoded as a whole), from `start`."""
-    decoder, at, offsets = codecs.getincrementaldecoder("utf-8")("replace"), start, []
+  def offsets(self, ids, start=0) -> list[int]:
+    """Each token's character offset in the text the tokens spell (decoded as a whole), from `start`
+    (a number, or a TextPosition that goes on from where the last tokens ended)."""
+    position = start if isinstance(start, TextPosition) else TextPosition(start)
+    offsets = []
     for token in ids:
-      offsets.append(at)
-      at += len(decoder.decode(self.raw(int(token))))
+      offsets.append(position.at)
+      position.advance(self.raw(int(token)))
     return offsets
+
+
+class TextPosition:
+  """Characters spelled so far by a stream of token bytes (a character split over tokens counts once)."""
+
+  def __init__(self, at: int = 0):
+    self.at = at
+    self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+  def advance(self, raw: bytes) -> None:
+    self.at += len(self._decoder.decode(raw))
