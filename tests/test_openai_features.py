@@ -80,6 +80,28 @@ def test_completion_echo_scores_the_prompt_as_lm_eval_asks(served):
     assert response["usage"]["completion_tokens"] == max_tokens
 
 
+def test_streamed_completion_logprobs_equal_the_whole_ones(served):
+  """Each chunk's tokens carry the offsets the whole answer gives them, also when text is held back (a
+  stop string's possible start, a character split over tokens); echo without logprobs is text only."""
+  body = {"model": "tiny", "prompt": "Hello 你好", "max_tokens": 12, "temperature": 0, "logprobs": 2,
+          "stop": ["zzq"], "echo": True}
+  status, whole = post(served.url, DONE, body)
+  assert status == 200, whole
+  expected = whole["choices"][0]["logprobs"]
+  chunks = served.client.completions.create(**{**body, "stream": True})
+  got = {"tokens": [], "token_logprobs": [], "text_offset": []}
+  text = ""
+  for chunk in chunks:
+    for ch in chunk.choices:
+      text += ch.text
+      for key in got:
+        got[key] += getattr(ch.logprobs, key) or [] if ch.logprobs else []
+  assert text == whole["choices"][0]["text"] and got["tokens"] == expected["tokens"]
+  assert got["text_offset"] == expected["text_offset"]
+  plain = post(served.url, DONE, {**body, "logprobs": None})[1]["choices"][0]
+  assert plain["logprobs"] is None and plain["text"] == whole["choices"][0]["text"]
+
+
 def test_n_choices_have_their_own_seeds_and_indexes(served):
   c = served.client
   whole = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=1.0, n=3, seed=5)
