@@ -93,7 +93,8 @@ class Serving:
     parsed = None
     try:
       body = decode_json(await request.body())
-      parsed = openai_api.parse_request(kind, body, self.served)
+      # Off the event loop: tokenizing a long prompt or compiling a JSON schema's grammar takes a while.
+      parsed = await asyncio.to_thread(openai_api.parse_request, kind, body, self.served)
       self.engine.check(parsed.request)
     except RequestError as e:
       return self.error(endpoint, 400, str(e), e.param)
