@@ -159,8 +159,9 @@ class CachePrograms:
 
   def decode(self, rows: int):
     state = _specs_of(RowState.empty(rows))
-    specs = (self.partitioner.param_shapes, self._cache_specs(), state, _specs_of(RowExtras.empty(rows, self.vocab_size)),
-             _spec((), jnp.int32), _spec((), jnp.int32))
+    extras = _specs_of(RowExtras.empty(rows, self.vocab_size))
+    specs = (self.partitioner.param_shapes, self._cache_specs(), state, extras, _spec((), jnp.int32),
+             _spec((), jnp.int32))
     make = lambda: self.partitioner.program(
         bodies.decode(self, rows), in_axes=(PARAMS, self.cache_axes, ROW, ROW, ROW, ROW),
         out_axes=(self.cache_axes, ROW, ROW, ROW), donate=(1,), name=f"decode_{rows}x{self.steps}_{self._tag}",

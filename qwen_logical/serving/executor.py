@@ -5,7 +5,8 @@ follower, so all processes run the same programs in the same order.
     cache, result = execute(programs, params, cache, call)
 
 Results are host arrays read from this process's own replicated copy:
-PREFILL / EXTEND (flag: the bucket P) -> the first tokens' Drawn [b] (with echo, (Drawn [b], the prompts' Drawn [b, P]));
+PREFILL / EXTEND (flag: the bucket P) -> the first tokens' Drawn [b] (with echo, (Drawn [b], the
+prompts' Drawn [b, P]));
 DECODE -> (Drawn [n, W], produced int[n], the next RowState); COPY, RESET -> None (RESET: a fresh
 zero cache). With speculative programs (prompt lookup) the "cache" is (the cache, each row's token
 history int[R, S] on the host: its prompt, then its tokens), and DECODE runs speculative rounds

@@ -177,7 +177,8 @@ class Serving:
     if output.finish_reason == "cancelled":
       return 503, openai_bodies.error_body("The request was cancelled: the server is shutting down.",
                                         error_type="server_error")
-    return 500, openai_bodies.error_body(f"The engine failed on this request: {output.error}", error_type="server_error")
+    return 500, openai_bodies.error_body(f"The engine failed on this request: {output.error}",
+                                         error_type="server_error")
 
 
 async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:

@@ -28,7 +28,7 @@ def expect(body: dict, name: str, kind: type, default: Any = None, required: boo
       raise RequestError(f"Missing required parameter: `{param}`.", param)
     return default
   if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-    raise RequestError(f"`{param}` must be {_NAMES[kind]}, got {_json_type(value)}.", param)
+    raise RequestError(f"`{param}` must be {_NAMES[kind]}, got {json_type(value)}.", param)
   return value
 
 
@@ -41,7 +41,7 @@ def optional_number(body: dict, name: str, default: float) -> float:
   if value is None:
     return default
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-    raise RequestError(f"`{name}` must be a finite number, got {_json_type(value)}.", name)
+    raise RequestError(f"`{name}` must be a finite number, got {json_type(value)}.", name)
   return float(value)
 
 
@@ -61,7 +61,10 @@ def sampling_params(body: dict) -> SamplingParams:
   return SamplingParams(temperature, top_k, top_p)
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+  """The JSON name of a value's type, as error messages say it ("a number", "an array", "null", ...)."""
+  if value is None:
+    return "null"
   if isinstance(value, bool):
     return "a boolean"
   if isinstance(value, (int, float)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from qwen_logical.inference.logit_processing import MAX_LOGIT_BIAS, TOP_LOGPROBS, Processing
+from qwen_logical.inference.logit_processing import TOP_LOGPROBS, Processing
 from qwen_logical.serving.completions import RequestError
 from qwen_logical.serving.openai_fields import expect, optional_int, optional_number
 
@@ -57,26 +57,19 @@ def _check_top(value: int | None, name: str) -> None:
 
 
 def _processing(body: dict, vocab_size: int) -> Processing:
-  penalties = {}
-  for name in ("presence_penalty", "frequency_penalty"):
-    penalties[name] = optional_number(body, name, 0.0)
-    if not -2.0 <= penalties[name] <= 2.0:
-      raise RequestError(f"{name}={penalties[name]} is invalid: it must be in [-2, 2] (0 turns it off).", name)
-  repetition = optional_number(body, "repetition_penalty", 1.0)
-  if not 0.0 < repetition <= 100.0:
-    raise RequestError(f"repetition_penalty={repetition} is invalid: it must be in (0, 100] (1 turns it off; "
-                       "above 1 discourages repeats).", "repetition_penalty")
-  min_tokens = expect(body, "min_tokens", int, default=0)
-  if min_tokens < 0:
-    raise RequestError(f"min_tokens={min_tokens} is invalid: it must be >= 0.", "min_tokens")
-  return Processing(penalties["presence_penalty"], penalties["frequency_penalty"], repetition, min_tokens,
-                    _logit_bias(body, vocab_size))
+  """The logit processing; its ranges are checked where the engine checks them (`Processing.problem`)."""
+  processing = Processing(optional_number(body, "presence_penalty", 0.0),
+                          optional_number(body, "frequency_penalty", 0.0),
+                          optional_number(body, "repetition_penalty", 1.0),
+                          expect(body, "min_tokens", int, default=0), _logit_bias(body, vocab_size))
+  problem = processing.problem(vocab_size)
+  if problem:
+    raise RequestError(problem[1], problem[0])
+  return processing
 
 
 def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
   bias = expect(body, "logit_bias", dict, default={})
-  if len(bias) > MAX_LOGIT_BIAS:
-    raise RequestError(f"logit_bias has {len(bias)} entries: at most {MAX_LOGIT_BIAS} are taken.", "logit_bias")
   pairs = []
   for key, value in bias.items():
     try:
@@ -84,11 +77,7 @@ def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
     except ValueError:
       raise RequestError(f"logit_bias key {key!r} is not a token id: keys are token ids as strings, e.g. "
                          "{\"1234\": -100}.", "logit_bias") from None
-    if not 0 <= token < vocab_size:
-      raise RequestError(f"logit_bias names token {token}, outside this model's vocabulary [0, {vocab_size}).",
-                         "logit_bias")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-        or not -100 <= value <= 100:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
       raise RequestError(f"logit_bias[{key!r}]={value!r} is invalid: each bias is a number in [-100, 100].",
                          "logit_bias")
     pairs.append((token, float(value)))

@@ -19,14 +19,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import re
 from typing import Any, ClassVar, Sequence
 
 from qwen_logical.serving.completions import RequestError
-from qwen_logical.serving.tool_calls import CLOSE, OPEN
+from qwen_logical.serving.openai_fields import json_type
+from qwen_logical.serving.tool_calls import CLOSE, FUNCTION_NAME, OPEN
 
 MAX_TOOLS = 128
-_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _TOOL_KEYS = frozenset(("type", "function"))
 _FUNCTION_KEYS = frozenset(("name", "description", "parameters", "strict"))
 
@@ -136,7 +135,7 @@ def parse_tools(body: dict[str, Any], tools_when_none: bool = True) -> ToolReque
   tools = body.get("tools")
   if tools is not None and not isinstance(tools, list):
     raise RequestError(f"`tools` must be an array of {{\"type\": \"function\", \"function\": {{...}}}} objects, "
-                       f"got {_json_type(tools)}.", "tools")
+                       f"got {json_type(tools)}.", "tools")
   if len(tools or []) > MAX_TOOLS:
     raise RequestError(f"`tools` lists {len(tools)} tools: at most {MAX_TOOLS} are taken.", "tools")
   tools = [_tool(t, f"tools.[{i}]") for i, t in enumerate(tools or [])]
@@ -158,7 +157,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
   """One `tools` entry, checked, as {"type": "function", "function": {name, description?, parameters?}}."""
   if not isinstance(tool, dict):
     raise RequestError(f"{where} must be an object {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, "
-                       f"got {_json_type(tool)}.", where)
+                       f"got {json_type(tool)}.", where)
   if tool.get("type") != "function":
     raise RequestError(f"{where}.type is {tool.get('type')!r}: only \"function\" tools are supported; set "
                        "\"type\": \"function\".", f"{where}.type")
@@ -166,11 +165,11 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
   function = tool.get("function")
   if not isinstance(function, dict):
     raise RequestError(f"{where}.function must be an object with a `name` (and optional `description`, "
-                       f"`parameters`), got {_json_type(function)}.", f"{where}.function")
+                       f"`parameters`), got {json_type(function)}.", f"{where}.function")
   where = f"{where}.function"
   _no_extra_keys(function, _FUNCTION_KEYS, where)
   name = function.get("name")
-  if not isinstance(name, str) or not _NAME.fullmatch(name):
+  if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
     raise RequestError(f"{where}.name is {name!r}: a tool name is 1-64 characters of a-z, A-Z, 0-9, _ and -.",
                        f"{where}.name")
   out: dict[str, Any] = {"name": name}
@@ -180,7 +179,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
   if parameters is not None:
     if not isinstance(parameters, dict):
       raise RequestError(f"{where}.parameters must be a JSON schema object such as {{\"type\": \"object\", "
-                         f"\"properties\": {{...}}}}, got {_json_type(parameters)}.", f"{where}.parameters")
+                         f"\"properties\": {{...}}}}, got {json_type(parameters)}.", f"{where}.parameters")
     if parameters.get("type", "object") != "object":
       raise RequestError(f"{where}.parameters has type {parameters.get('type')!r}: a tool's arguments are an "
                          "object, so use \"type\": \"object\" and list the arguments under `properties`.",
@@ -203,19 +202,19 @@ def _choice(choice: Any, names: dict[str, int]) -> str | None:
                          "tool_choice")
     return choice
   if not isinstance(choice, dict):
-    raise RequestError(f"`tool_choice` must be a string or an object, got {_json_type(choice)}.", "tool_choice")
+    raise RequestError(f"`tool_choice` must be a string or an object, got {json_type(choice)}.", "tool_choice")
   if choice.get("type") != "function":
     raise RequestError(f"tool_choice.type is {choice.get('type')!r}: set \"type\": \"function\".",
                        "tool_choice.type")
   _no_extra_keys(choice, _TOOL_KEYS, "tool_choice")
   function = choice.get("function")
   if not isinstance(function, dict):
-    raise RequestError(f"tool_choice.function must be an object {{\"name\": ...}}, got {_json_type(function)}.",
+    raise RequestError(f"tool_choice.function must be an object {{\"name\": ...}}, got {json_type(function)}.",
                        "tool_choice.function")
   _no_extra_keys(function, frozenset(("name",)), "tool_choice.function")
   name = function.get("name")
   if not isinstance(name, str):
-    raise RequestError(f"tool_choice.function.name must be a string, got {_json_type(name)}.",
+    raise RequestError(f"tool_choice.function.name must be a string, got {json_type(name)}.",
                        "tool_choice.function.name")
   if name not in names:
     listed = f"name one of {', '.join(map(repr, names))}" if names else "the request lists no tools; list it in `tools`"
@@ -238,7 +237,7 @@ def plain_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         raise RequestError(f"{where} has tool_calls, but only assistant messages carry them: move the calls to "
                            "an assistant message.", f"{where}.tool_calls")
       if not isinstance(calls, list):
-        raise RequestError(f"{where}.tool_calls must be an array of calls, got {_json_type(calls)}.",
+        raise RequestError(f"{where}.tool_calls must be an array of calls, got {json_type(calls)}.",
                            f"{where}.tool_calls")
       message["tool_calls"] = [_past_call(c, f"{where}.tool_calls.[{j}]") for j, c in enumerate(calls)]
     if message.get("role") == "tool":
@@ -252,17 +251,17 @@ def _past_call(call: Any, where: str) -> dict[str, Any]:
   """One past call, {"id"?, "type": "function", "function": {"name", "arguments": <parsed object>}}."""
   if not isinstance(call, dict):
     raise RequestError(f"{where} must be an object {{\"id\": ..., \"type\": \"function\", \"function\": "
-                       f"{{\"name\": ..., \"arguments\": \"{{...}}\"}}}}, got {_json_type(call)}.", where)
+                       f"{{\"name\": ..., \"arguments\": \"{{...}}\"}}}}, got {json_type(call)}.", where)
   if call.get("type", "function") != "function":
     raise RequestError(f"{where}.type is {call.get('type')!r}: set \"type\": \"function\".", f"{where}.type")
   _optional(call, "id", str, where)
   function = call.get("function")
   if not isinstance(function, dict):
     raise RequestError(f"{where}.function must be an object {{\"name\": ..., \"arguments\": \"{{...}}\"}}, got "
-                       f"{_json_type(function)}.", f"{where}.function")
+                       f"{json_type(function)}.", f"{where}.function")
   name = function.get("name")
   if not isinstance(name, str) or not name:
-    raise RequestError(f"{where}.function.name must be the called tool's name, got {_json_type(name)}.",
+    raise RequestError(f"{where}.function.name must be the called tool's name, got {json_type(name)}.",
                        f"{where}.function.name")
   arguments = function.get("arguments")
   if isinstance(arguments, str):
@@ -281,15 +280,8 @@ def _optional(obj: dict[str, Any], key: str, kind: type, where: str, what: str =
   value, path = obj.get(key), f"{where}.{key}" if where else key
   if (value is None and required) or (value is not None and not isinstance(value, kind)):
     raise RequestError(f"`{path}` must be {'a boolean' if kind is bool else 'a string'}{what}, got "
-                       f"{_json_type(value)}.", path)
+                       f"{json_type(value)}.", path)
   return value
-
-
-def _json_type(value: Any) -> str:
-  """The JSON name of a value's type, as error messages say it."""
-  names = ((type(None), "null"), (bool, "a boolean"), ((int, float), "a number"), (str, "a string"),
-           (list, "an array"), (dict, "an object"))
-  return next((n for kind, n in names if isinstance(value, kind)), type(value).__name__)
 
 
 def _no_extra_keys(obj: dict[str, Any], allowed: frozenset[str], where: str) -> None:

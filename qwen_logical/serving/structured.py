@@ -46,6 +46,7 @@ from typing import Any
 import llguidance
 import numpy as np
 
+from qwen_logical.inference.logit_processing import mask_words
 from qwen_logical.serving.completions import RequestError
 
 __all__ = ["KINDS", "GrammarCompiler", "Grammar", "Matcher", "allowed", "fill_rows", "words_of"]
@@ -59,9 +60,7 @@ _ECHO = re.compile(r"^\s+\d+ \| ")  # a line of the grammar, in llguidance's mes
 _WHERE = re.compile(r"^(at \d+\(\d+\): )?(failed to compile JSON schema: )?")  # llguidance's Lark position
 
 
-def words_of(vocab_size: int) -> int:
-  """W: int32 words of a bitmask over `vocab_size` token ids."""
-  return -(-int(vocab_size) // 32)
+words_of = mask_words  # W: int32 words of a bitmask over `vocab_size` token ids (one place: logit_processing)
 
 
 def allowed(mask_words: np.ndarray, vocab_size: int) -> np.ndarray:

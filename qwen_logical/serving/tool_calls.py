@@ -38,7 +38,7 @@ import secrets
 from typing import Any, Collection, Sequence
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # what OpenAI allows a function's name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,7 @@ def call_of(block: str, known_names: Collection[str] | None = None) -> ToolCall 
   if obj is None:
     return None
   name, arguments = obj.get("name"), obj.get("arguments", {})
-  if not isinstance(name, str) or not _NAME.fullmatch(name):
+  if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
     return None
   if known_names is not None and name not in known_names:
     return None
