@@ -175,3 +175,22 @@ def test_bad_values_name_their_field(engine, field, request_kwargs):
   with pytest.raises(ServingError) as error:
     engine.check(EngineRequest((1, 2, 3), 4, **request_kwargs))
   assert error.value.field == field
+
+
+def test_only_requests_that_can_reuse_a_prefix_wait_for_it():
+  """A prompt sharing whole blocks with one being prefilled this round waits a round (then it reuses them),
+  unless it could not: echo scores every position, and a rest beyond the longest extend is prefilled whole."""
+  from types import SimpleNamespace
+  from qwen_logical.serving.admission import plan_round
+  from qwen_logical.serving.prefix_cache import PrefixCache
+  from qwen_logical.serving.scheduler import Pending
+  from qwen_logical.serving.shapes import EXTEND_LIMIT
+  shapes = SimpleNamespace(extend_bucket=lambda n: 16 if n <= 16 else 64 if n <= EXTEND_LIMIT else None,
+                           bucket=lambda n: 64 if n <= 64 else 1024, prefill_rows=1)
+  shared = PROMPT[:48]
+  pending = lambda i, tokens, **kw: Pending(i, EngineRequest(tokens, 4, **kw), print)
+  waiting = [pending(0, shared + (1, 2)), pending(1, shared + (3, 4)), pending(2, shared + (5,), echo=True),
+             pending(3, shared + tuple(range(300)))]
+  hits, prefills = plan_round(waiting, [0, 1, 2, 3], PrefixCache(4, 1000), shapes)
+  admitted = sorted(p.rid for call in prefills for p in call.requests)
+  assert not hits and admitted == [0, 2, 3]  # request 1 waits for request 0's keys

@@ -99,9 +99,8 @@ class Channel:
       batch, bucket = call.arrays["tokens"].shape
     elif call.op == DECODE:
       batch = len(call.arrays["tokens"])
-    message[:_HEADER] = (call.op, KINDS.index(call.kind), batch, bucket if call.op != DECODE else 0, 0)
-    message[3] = bucket if call.op in (PREFILL, EXTEND) else call.limit
-    message[4] = call.flag
+    size = bucket if call.op in (PREFILL, EXTEND) else call.limit  # DECODE: the step limit; COPY: the source row
+    message[:_HEADER] = (call.op, KINDS.index(call.kind), batch, size, call.flag)
     for name, values in call.arrays.items():
       if name == "tokens" and call.op in (PREFILL, EXTEND):
         continue  # the prompts follow in their own message

@@ -28,13 +28,15 @@ class Pending:
   rid: int
   request: EngineRequest
   callback: Callable
-  produced: int = 0  # tokens generated so far
   cached: int = 0  # prompt tokens that came from the prefix cache
   tokens: list = dataclasses.field(default_factory=list)  # the tokens generated so far
 
+  @property
+  def produced(self) -> int:
+    return len(self.tokens)
+
   def add(self, token: int) -> str | None:
     """Counts a new token; its finish reason ("stop", "length") or None if the request goes on."""
-    self.produced += 1
     self.tokens.append(token)
     if token in self.request.stop_ids:
       return "stop"
@@ -80,6 +82,8 @@ def row_arrays(requests, rows, batch: int, padding_row: int, vocab_size: int) ->
   state, extras = RowState.empty(batch), RowExtras.empty(batch, vocab_size)
   for i, p in enumerate(requests):
     set_row(state, extras, i, p.request)
+    if p.request.grammar is not None:  # the first token's mask (decode dispatches fill the rows' own)
+      p.request.grammar.fill(extras.mask[i])
   return dict(rows=cache_rows, seeds=seeds, streams=np.zeros(batch, np.int32), temperature=temperature, top_k=top_k,
               top_p=top_p, stops=state.stops, **vars(extras))
 
@@ -92,9 +96,7 @@ def set_row(state: RowState, extras: RowExtras, row: int, request: EngineRequest
   x = request.processing
   extras.set_row(row, x.presence_penalty, x.frequency_penalty, x.repetition_penalty, x.min_tokens, x.logit_bias,
                  -1 if request.logprobs is None else request.logprobs)
-  if request.grammar is not None:
-    extras.constrained[row] = 1
-    request.grammar.fill(extras.mask[row])
+  extras.constrained[row] = int(request.grammar is not None)
 
 
 class Rows:
