@@ -74,9 +74,9 @@ def _tools() -> dict[str, Any]:
   function = {"type": "object", "required": ["name"], "properties": {
       "name": {**_STRING, "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": _STRING,
       "parameters": {"type": "object"}, "strict": _nullable(_BOOL)}}
-  named = {"type": "object", "required": ["type", "function"], "properties": {
+  named = {"type": "object", "required": ["type", "function"], "additionalProperties": False, "properties": {
       "type": {"const": "function"}, "function": {"type": "object", "required": ["name"],
-                                                  "properties": {"name": _STRING}}}}
+                                                  "additionalProperties": False, "properties": {"name": _STRING}}}}
   return {"tools": _nullable({"type": "array", "items": {"type": "object", "required": ["type", "function"],
                                                          "properties": {"type": {"const": "function"},
                                                                         "function": function}}}),
@@ -90,13 +90,20 @@ def request_schemas(served: ServedModel) -> dict[str, dict[str, Any]]:
   token_ids = {"type": "array", "items": {**_INT, "minimum": 0, "maximum": served.vocab_size - 1},
                "minItems": 1, "maxItems": served.context - 1}
   part = {"type": "object", "properties": {"type": {"const": "text"}, "text": _STRING}, "required": ["type", "text"]}
+  content = _nullable({"anyOf": [_STRING, {"type": "array", "items": part}]})
   message = {"type": "object", "required": ["role"], "properties": {
-      "role": {"enum": [*ROLES, "developer"]},
-      "content": _nullable({"anyOf": [_STRING, {"type": "array", "items": part}]}),
-      "name": _STRING, "tool_call_id": _STRING, "tool_calls": {"type": "array"}}}
+      "role": {"enum": [*ROLES, "developer"]}, "content": content, "name": _STRING, "tool_call_id": _STRING,
+      "tool_calls": False}}  # only an assistant message calls tools (below)
+  call = {"type": "object", "required": ["id", "type", "function"], "additionalProperties": False, "properties": {
+      "id": _STRING, "type": {"const": "function"},
+      "function": {"type": "object", "required": ["name", "arguments"], "additionalProperties": False, "properties": {
+          "name": {**_STRING, "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+          "arguments": {"type": "string", "description": "A JSON object, as text."}}}}}
+  calling = {"type": "object", "required": ["role", "tool_calls"], "properties": {
+      "role": {"const": "assistant"}, "content": content, "tool_calls": {"type": "array", "items": call}}}
   chat = {"type": "object", "required": ["model", "messages"], "additionalProperties": False,
           "properties": {**_shared(served), **_tools(),
-                         "messages": {"type": "array", "items": message, "minItems": 1}}}
+                         "messages": {"type": "array", "items": {"anyOf": [message, calling]}, "minItems": 1}}}
   completion = {"type": "object", "required": ["model", "prompt"], "additionalProperties": False,
                 "properties": {**_shared(served), "prompt": {"anyOf": [_STRING, token_ids]},
                                "logprobs": _nullable({**_INT, "minimum": 0, "maximum": TOP_LOGPROBS}),
