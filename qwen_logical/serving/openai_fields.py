@@ -27,6 +27,8 @@ def expect(body: dict, name: str, kind: type, default: Any = None, required: boo
     if required:
       raise RequestError(f"Missing required parameter: `{param}`.", param)
     return default
+  if kind is int and isinstance(value, float) and value.is_integer():
+    return int(value)  # JSON has one number type: 2.0 is the integer 2 (as JSON Schema and pydantic read it)
   if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
     raise RequestError(f"`{param}` must be {_NAMES[kind]}, got {json_type(value)}.", param)
   return value

@@ -78,6 +78,7 @@ def _tools() -> dict[str, Any]:
       "type": {"const": "function"}, "function": {"type": "object", "required": ["name"],
                                                   "additionalProperties": False, "properties": {"name": _STRING}}}}
   return {"tools": _nullable({"type": "array", "items": {"type": "object", "required": ["type", "function"],
+                                                         "additionalProperties": False,
                                                          "properties": {"type": {"const": "function"},
                                                                         "function": function}}}),
           "tool_choice": _nullable({"anyOf": [{"enum": ["none", "auto", "required"]}, named]}),
@@ -98,7 +99,7 @@ def request_schemas(served: ServedModel) -> dict[str, dict[str, Any]]:
       "id": _STRING, "type": {"const": "function"},
       "function": {"type": "object", "required": ["name", "arguments"], "additionalProperties": False, "properties": {
           "name": {**_STRING, "pattern": "^[A-Za-z0-9_-]{1,64}$"},
-          "arguments": {"type": "string", "description": "A JSON object, as text."}}}}}
+          "arguments": {"enum": ["{}", "{\"city\": \"Oslo\"}"], "description": "A JSON object, as text."}}}}}
   calling = {"type": "object", "required": ["role", "tool_calls"], "properties": {
       "role": {"const": "assistant"}, "content": content, "tool_calls": {"type": "array", "items": call}}}
   chat = {"type": "object", "required": ["model", "messages"], "additionalProperties": False,
