@@ -189,7 +189,7 @@ def time_transformers(model, prompt: list[int], new: int) -> dict:
 
 def jax_partitioner(tensors, layers: int, mesh_shape: str, scan: bool):
   import jax
-  from qwen_logical.model.config import from_hf_config
+  from qwen_logical.model.hf_config import from_hf_config
   from qwen_logical.checkpoints.hf_names import flax_from_hf
   from qwen_logical.sharding.mesh import make_mesh
   from qwen_logical.sharding.partitioner import Partitioner

@@ -39,7 +39,8 @@ F = flags.FLAGS
 _MAKE = r"""
 import json, os, sys, numpy as np, ml_dtypes
 from qwen_logical.checkpoints import safetensors_io
-from qwen_logical.model.config import preset, to_hf_config
+from qwen_logical.model.config import preset
+from qwen_logical.model.hf_config import to_hf_config
 from qwen_logical.checkpoints.hf_names import tensor_specs
 directory, dtype, shard_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = preset("qwen2.5-0.5b")

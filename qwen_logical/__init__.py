@@ -17,7 +17,8 @@ runs on any ('batch', 'model') mesh under any rule table (`qwen_logical.rules`).
 """
 
 from qwen_logical.model import axes
-from qwen_logical.model.config import PRESETS, ConfigError, ModelConfig, as_dtype, from_hf_config, preset, to_hf_config
+from qwen_logical.model.config import PRESETS, ConfigError, ModelConfig, as_dtype, preset
+from qwen_logical.model.hf_config import from_hf_config, to_hf_config
 from qwen_logical.model.head_layout import HeadLayout, HeadLayoutError, plan_heads
 from qwen_logical.checkpoints.hf_names import CheckpointError, flax_from_hf, hf_from_flax, tensor_specs
 from qwen_logical.sharding.mesh import MeshError, make_mesh, parse_mesh_shape, simulate_cpu_devices

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from qwen_logical.model.config import from_hf_config
+from qwen_logical.model.hf_config import from_hf_config
 
 
 def tiny_hf_model(heads=4, kv_heads=2, tied=False, hidden=32, layers=2, vocab=160, seed=0):

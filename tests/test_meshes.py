@@ -26,7 +26,9 @@ def _top100(logits):
   return np.sort(np.argsort(-logits, axis=-1)[..., :100], axis=-1)
 
 
-@pytest.mark.parametrize("table", sorted(TABLES))
+# expert_parallel differs from tensor_parallel only in experts, which this dense model lacks:
+# test_qwen3 runs the mixture of experts on every mesh and table.
+@pytest.mark.parametrize("table", sorted(set(TABLES) - {"expert_parallel"}))
 @pytest.mark.parametrize("mesh", MESHES)
 def test_mesh_and_table_match_single_device(mesh, table):
   part = Partitioner(CONFIG, mesh_of(mesh), get_table(table))

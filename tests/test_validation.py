@@ -5,7 +5,8 @@ import pytest
 
 from conftest import mesh_of
 from qwen_logical.model import axes as ax
-from qwen_logical.model.config import ConfigError, ModelConfig, from_hf_config, preset
+from qwen_logical.model.config import ConfigError, ModelConfig, preset
+from qwen_logical.model.hf_config import from_hf_config
 from qwen_logical.model.head_layout import HeadLayoutError, plan_heads
 from qwen_logical.sharding.mesh import MeshError, make_mesh, parse_mesh_shape, simulate_cpu_devices
 from qwen_logical.sharding.partitioner import Partitioner
@@ -100,8 +101,14 @@ def test_unsupported_model_configs():
   assert from_hf_config(base).head_dim == 8
   with pytest.raises(ConfigError, match="use_sliding_window"):
     from_hf_config({**base, "use_sliding_window": True})
-  with pytest.raises(ConfigError, match="rope scaling 'yarn'"):
-    from_hf_config({**base, "rope_scaling": {"type": "yarn", "factor": 4.0}})
+  with pytest.raises(ConfigError, match="rope scaling type 'linear'"):
+    from_hf_config({**base, "rope_scaling": {"type": "linear", "factor": 4.0}})
+  assert dict(from_hf_config({**base, "rope_scaling": {"type": "yarn", "factor": 4.0}}).rope_scaling)["factor"] == 4.0
+  with pytest.raises(ConfigError, match="decoder_sparse_step"):
+    from_hf_config({**base, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
+                    "moe_intermediate_size": 16, "mlp_only_layers": [0]})
+  with pytest.raises(ConfigError, match="num_experts_per_tok=9 must be in"):
+    preset("tiny-qwen3-moe").replace(num_experts_per_tok=9)
   with pytest.raises(ConfigError, match="num_heads=4 is not a multiple of num_kv_heads=3"):
     from_hf_config({**base, "num_key_value_heads": 3})
   with pytest.raises(ConfigError, match="param_dtype='int8'"):

@@ -17,7 +17,8 @@ from absl import logging
 
 from qwen_logical.checkpoints import safetensors_io
 from qwen_logical.checkpoints.hf_names import CheckpointError, tensor_specs
-from qwen_logical.model.config import ModelConfig, from_hf_config
+from qwen_logical.model.config import ModelConfig
+from qwen_logical.model.hf_config import from_hf_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -17,7 +17,8 @@ from qwen_logical.checkpoints.directory import INDEX_FILE, SINGLE_FILE
 from qwen_logical.checkpoints.hf_names import CheckpointError, hf_tensor_from_flax, tensor_specs
 from qwen_logical.common.host import is_main_process
 from qwen_logical.common.progress import Progress
-from qwen_logical.model.config import SUPPORTED_DTYPES, to_hf_config
+from qwen_logical.model.config import SUPPORTED_DTYPES
+from qwen_logical.model.hf_config import to_hf_config
 from qwen_logical.sharding.partitioner import Partitioner
 
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "vocab.json",

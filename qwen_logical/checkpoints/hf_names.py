@@ -1,4 +1,4 @@
-"""The HF name map: HF Qwen2ForCausalLM tensors <-> Flax parameters in the head layout.
+"""The HF name map: HF Qwen2 / Qwen3 / Qwen3-MoE tensors <-> Flax parameters in the head layout.
 
 One table (`tensor_specs`) says, for every HF tensor, which Flax parameter it
 becomes, its HF shape, the view that turns it into the canonical Flax shape
@@ -7,6 +7,10 @@ heads for the head layout plan. Flax kernels keep HF's [out, in] order (outputs
 first, the contracted dimension last), so every view is a plain reshape or the
 identity and a loaded slice is a contiguous copy. Full conversions (`flax_from_hf`,
 `hf_from_flax`) and the slice-wise checkpoint loader all read that table.
+
+Several HF tensors can make one stacked Flax parameter: scanned layers stack on a leading `layers`
+axis, and Qwen3-MoE's per-expert tensors (`mlp.experts.<j>.gate_proj.weight` ...) on an `expert`
+axis; a spec's `stack` is its index into those leading axes.
 
 With int8 quantization (`ModelConfig.quantization`) a kernel's spec carries a second
 spec, `scale`, for its `<kernel>_scale` parameter: the tensor's per-output-channel
@@ -41,6 +45,8 @@ class TensorSpec:
     head_axis, head_kind: the canonical axis holding heads and its kind (head_layout.QUERY or KV),
       or None.
     layer: decoder layer index; None for global tensors.
+    stack: the index of this tensor in the stacked parameter's leading axes: (layer,) when layers are
+      scanned, then (expert,) for an expert's tensor; () for a parameter of its own.
     scale: for an int8 kernel, the spec of its scale parameter (else None).
     of_scales: this spec is a `scale`: hf_shape is the tensor's output channels (out,), and its
       values are the tensor's row scales, not the tensor.
@@ -54,6 +60,7 @@ class TensorSpec:
   head_axis: int | None = None
   head_kind: str | None = None
   layer: int | None = None
+  stack: tuple[int, ...] = ()
   scale: "TensorSpec | None" = None
   of_scales: bool = False
 
@@ -140,8 +147,24 @@ def _identity(x):
 
 def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
   """Every HF tensor of `config`, in checkpoint order, with its Flax target (layout-independent)."""
+  e, v = config.hidden_size, config.vocab_size
+  specs = [TensorSpec("model.embed_tokens.weight", (v, e), ("embed_tokens", "embedding"), _identity, _identity)]
+  for n in range(config.num_layers):
+    root, stack = (("layers",), (n,)) if config.scan_layers else ((f"layers_{n}",), ())
+    specs += [TensorSpec(f"model.layers.{n}.{name}", shape, root + path, fns[0], fns[1], axis, kind, n, stack + within)
+              for name, shape, path, fns, axis, kind, within in _layer_tensors(config)]
+  specs.append(TensorSpec("model.norm.weight", (e,), ("final_norm", "scale"), _identity, _identity))
+  if not config.tie_word_embeddings:
+    specs.append(TensorSpec("lm_head.weight", (v, e), ("lm_head",), _identity, _identity))
+  return [_with_scale(spec) if quant.is_quantized(spec.flax_path[-1], config.quantization) else spec
+          for spec in specs]
+
+
+def _layer_tensors(config: ModelConfig) -> list[tuple]:
+  """One decoder layer's tensors: (HF name below the layer, HF shape, Flax path below the layer,
+  (view, unview), head axis, head kind, index in the stacked parameter)."""
   e, i, d = config.hidden_size, config.intermediate_size, config.head_dim
-  h, k, v = config.num_heads, config.num_kv_heads, config.vocab_size
+  h, k = config.num_heads, config.num_kv_heads
 
   def heads_in(n):  # (n*d, e) weight <-> (n, d, e) kernel
     return (lambda w: w.reshape(n, d, e), lambda x: x.reshape(n * d, e))
@@ -151,30 +174,28 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
 
   heads_out = (lambda w: w.reshape(e, h, d), lambda x: x.reshape(e, h * d))  # (e, h*d) <-> (e, h, d)
   same = (_identity, _identity)  # gate/up (i, e), down (e, i), norms: Flax keeps HF's order
-  specs = [TensorSpec("model.embed_tokens.weight", (v, e), ("embed_tokens", "embedding"), _identity, _identity)]
-  for n in range(config.num_layers):
-    layer = [
-        ("self_attn.q_proj.weight", (h * d, e), ("attention", "q_kernel"), heads_in(h), 0, QUERY),
-        ("self_attn.q_proj.bias", (h * d,), ("attention", "q_bias"), heads_bias(h), 0, QUERY),
-        ("self_attn.k_proj.weight", (k * d, e), ("attention", "k_kernel"), heads_in(k), 0, KV),
-        ("self_attn.k_proj.bias", (k * d,), ("attention", "k_bias"), heads_bias(k), 0, KV),
-        ("self_attn.v_proj.weight", (k * d, e), ("attention", "v_kernel"), heads_in(k), 0, KV),
-        ("self_attn.v_proj.bias", (k * d,), ("attention", "v_bias"), heads_bias(k), 0, KV),
-        ("self_attn.o_proj.weight", (e, h * d), ("attention", "o_kernel"), heads_out, 1, QUERY),
-        ("mlp.gate_proj.weight", (i, e), ("mlp", "gate_kernel"), same, None, None),
-        ("mlp.up_proj.weight", (i, e), ("mlp", "up_kernel"), same, None, None),
-        ("mlp.down_proj.weight", (e, i), ("mlp", "down_kernel"), same, None, None),
-        ("input_layernorm.weight", (e,), ("input_norm", "scale"), same, None, None),
-        ("post_attention_layernorm.weight", (e,), ("post_attention_norm", "scale"), same, None, None),
-    ]
-    root = ("layers",) if config.scan_layers else (f"layers_{n}",)
-    specs += [TensorSpec(f"model.layers.{n}.{name}", shape, root + path, fns[0], fns[1], axis, kind, n)
-              for name, shape, path, fns, axis, kind in layer]
-  specs.append(TensorSpec("model.norm.weight", (e,), ("final_norm", "scale"), _identity, _identity))
-  if not config.tie_word_embeddings:
-    specs.append(TensorSpec("lm_head.weight", (v, e), ("lm_head",), _identity, _identity))
-  return [_with_scale(spec) if quant.is_quantized(spec.flax_path[-1], config.quantization) else spec
-          for spec in specs]
+  attention = [("q", h, QUERY), ("k", k, KV), ("v", k, KV)]
+  tensors = []
+  for p, n, kind in attention:
+    tensors.append((f"self_attn.{p}_proj.weight", (n * d, e), ("attention", f"{p}_kernel"), heads_in(n), 0, kind, ()))
+    if config.attention_bias:
+      tensors.append((f"self_attn.{p}_proj.bias", (n * d,), ("attention", f"{p}_bias"), heads_bias(n), 0, kind, ()))
+  tensors.append(("self_attn.o_proj.weight", (e, h * d), ("attention", "o_kernel"), heads_out, 1, QUERY, ()))
+  if config.qk_norm:
+    tensors += [(f"self_attn.{p}_norm.weight", (d,), ("attention", f"{p}_norm", "scale"), same, None, None, ())
+                for p in "qk"]
+  if config.is_moe:
+    f = config.moe_intermediate_size
+    tensors.append(("mlp.gate.weight", (config.num_experts, e), ("mlp", "router_kernel"), same, None, None, ()))
+    for x in range(config.num_experts):
+      tensors += [(f"mlp.experts.{x}.{p}_proj.weight", shape, ("mlp", f"{p}_kernel"), same, None, None, (x,))
+                  for p, shape in (("gate", (f, e)), ("up", (f, e)), ("down", (e, f)))]
+  else:
+    tensors += [(f"mlp.{p}_proj.weight", shape, ("mlp", f"{p}_kernel"), same, None, None, ())
+                for p, shape in (("gate", (i, e)), ("up", (i, e)), ("down", (e, i)))]
+  tensors += [("input_layernorm.weight", (e,), ("input_norm", "scale"), same, None, None, ()),
+              ("post_attention_layernorm.weight", (e,), ("post_attention_norm", "scale"), same, None, None, ())]
+  return tensors
 
 
 def _with_scale(kernel: TensorSpec) -> TensorSpec:
@@ -216,7 +237,7 @@ def flax_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig,
   """
   layout = layout or plan_heads(config.num_heads, config.num_kv_heads, 1)
   params: dict = {}
-  stacked: dict[tuple[str, ...], list] = {}
+  stacked: dict[tuple[str, ...], dict] = {}
   for spec in tensor_specs(config):
     if spec.hf_name not in tensors:
       raise CheckpointError(f"tensor {spec.hf_name} is missing; expected shape {spec.hf_shape}.")
@@ -225,20 +246,25 @@ def flax_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig,
     hf_scales = quant.row_scales(array) if spec.scale is not None else None
     for part in (spec,) if spec.scale is None else (spec, spec.scale):
       value = part.to_flax(array, layout, hf_scales)
-      if spec.layer is not None and config.scan_layers:
-        stacked.setdefault(part.flax_path, []).append(value)
+      if spec.stack:
+        stacked.setdefault(part.flax_path, {})[spec.stack] = value
       else:
         set_path(params, part.flax_path, value)
   for path, values in stacked.items():
-    set_path(params, path, np.stack(values))
+    lead = tuple(max(index[a] for index in values) + 1 for a in range(len(next(iter(values)))))
+    first = next(iter(values.values()))
+    array = np.empty(lead + first.shape, first.dtype)
+    for index, value in values.items():
+      array[index] = value
+    set_path(params, path, array)
   return params
 
 
 def _host_value(params: Mapping, spec: TensorSpec, config: ModelConfig) -> np.ndarray:
   """The parameter of `spec` on the host (a stacked layer is sliced before the host copy)."""
   value = get_path(params, spec.flax_path)
-  if spec.layer is not None and config.scan_layers:
-    value = value[spec.layer]
+  if spec.stack:
+    value = value[spec.stack]
   return np.asarray(value) if isinstance(value, np.ndarray) else to_host(value)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import mmap
 import os
 import threading
@@ -95,7 +96,7 @@ def _read_tasks(checkpoint: Checkpoint, specs: list[TensorSpec], layout, stacked
                 slices: list[tuple[tuple[slice, ...], np.ndarray]], scales: _Scales) -> list:
   """Independent pieces of reading one parameter's distinct device slices `(index, out)`.
 
-  A piece maps one tensor (one layer of a stacked parameter) once and reads every slice
+  A piece maps one tensor (one layer or expert of a stacked parameter) once and reads every slice
   that needs it; a slice larger than _CHUNK_BYTES of an unstacked parameter is split into
   row chunks so that both reader threads share it.
   """
@@ -107,12 +108,17 @@ def _read_tasks(checkpoint: Checkpoint, specs: list[TensorSpec], layout, stacked
         spec.read_into(hf_array, layout, sub_index, target, hf_scales)
     return run
 
-  if stacked:
-    by_layer: dict[int, list] = defaultdict(list)
+  if stacked:  # one task per tensor: its place in the leading (layers, expert) axes of each slice
+    by_stack = {spec.stack: spec for spec in specs}
+    depth = len(specs[0].stack)
+    lead = tuple(max(stack[a] for stack in by_stack) + 1 for a in range(depth))
+    reads_of: dict[tuple, list] = defaultdict(list)
     for index, out in slices:
-      for position, layer in enumerate(range(len(specs))[index[0]]):
-        by_layer[layer].append((index[1:], out[position]))
-    return [task(specs[layer], reads) for layer, reads in sorted(by_layer.items())]
+      ranges = [range(n)[i] for n, i in zip(lead, index[:depth])]
+      for position in itertools.product(*(range(len(r)) for r in ranges)):
+        stack = tuple(r[p] for r, p in zip(ranges, position))
+        reads_of[stack].append((index[depth:], out[position]))
+    return [task(by_stack[stack], reads) for stack, reads in sorted(reads_of.items())]
   small = [(index, out) for index, out in slices if out.ndim == 0 or out.nbytes <= _CHUNK_BYTES]
   tasks = [task(specs[0], small)] if small else []
   for index, out in slices:
@@ -153,7 +159,7 @@ class _PendingLeaf:
 def _start_leaf(checkpoint: Checkpoint, specs: list[TensorSpec], partitioner: Partitioner,
                 shape: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding, scales: _Scales) -> _PendingLeaf:
   """Allocates one parameter's distinct device slices and queues their reads."""
-  stacked = specs[0].layer is not None and partitioner.config.scan_layers
+  stacked = bool(specs[0].stack)
   global_shape = tuple(shape.shape)
   shard_shape = sharding.shard_shape(global_shape)
   tensors = [s for s in specs if not s.of_scales]  # a scale parameter reads no tensor of its own

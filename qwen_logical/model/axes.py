@@ -14,6 +14,8 @@ MLP = "mlp"
 NORM = "norm"
 LAYERS = "layers"  # the stacked-layer dimension when layers are scanned
 LORA_RANK = "lora_rank"  # the rank of LoRA adapters (training.lora); replicated in every table
+EXPERT = "expert"  # the experts of a mixture-of-experts MLP (Qwen3-MoE), and the router's outputs
+EXPERT_MLP = "expert_mlp"  # an expert's own hidden (intermediate) dimension
 
 # Activations.
 ACTIVATION_BATCH = "activation_batch"
@@ -31,7 +33,7 @@ CACHE_SEQUENCE = "cache_sequence"
 CACHE_KV_HEADS = "cache_kv_heads"
 CACHE_HEAD_DIM = "cache_head_dim"
 
-PARAMETER_AXES = (VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, NORM, LAYERS, LORA_RANK)
+PARAMETER_AXES = (VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, NORM, LAYERS, LORA_RANK, EXPERT, EXPERT_MLP)
 ACTIVATION_AXES = (
     ACTIVATION_BATCH,
     ACTIVATION_LENGTH,

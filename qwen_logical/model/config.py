@@ -1,11 +1,11 @@
-"""ModelConfig: the architecture of one Qwen2 / Qwen2.5 decoder, its presets, and HF config.json parsing."""
+"""ModelConfig: the architecture of one Qwen decoder (Qwen2 / Qwen2.5, Qwen3, Qwen3-MoE) and its presets.
+
+HF config.json in and out: `hf_config`."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -22,6 +22,9 @@ DTYPES: dict[str, np.dtype] = {
 SUPPORTED_DTYPES = tuple(DTYPES)
 REMAT_POLICIES = ("none", "full", "dots")
 KV_CACHE_DTYPES = ("", "float32", "bfloat16", "int8")
+# The model families, by HF model_type: what differs is data in the config (q/k/v biases, query/key
+# norms, routed experts), not a copy of the model.
+MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
 
 
 class ConfigError(QwenLogicalError):
@@ -51,7 +54,12 @@ class ModelConfig:
 
   Sizes follow HF naming where it exists: `num_heads` is `num_attention_heads`,
   `num_layers` is `num_hidden_layers`. `head_dim` is `hidden_size // num_heads`
-  unless the checkpoint states it.
+  unless the checkpoint states it (Qwen3 does: 128 for every size).
+
+  Families (`model_type`): "qwen2" has q/k/v biases; "qwen3" has none and normalises each query
+  and key head (RMSNorm over head_dim) before RoPE; "qwen3_moe" is qwen3 whose every MLP is
+  `num_experts` routed experts of `moe_intermediate_size`, `num_experts_per_tok` per token.
+  `rope_scaling` is `rope.parse_rope_scaling`'s frozen items (() for plain RoPE; YaRN otherwise).
   """
 
   vocab_size: int
@@ -66,6 +74,15 @@ class ModelConfig:
   max_position_embeddings: int = 32768
   tie_word_embeddings: bool = False
   initializer_range: float = 0.02
+  model_type: str = "qwen2"
+  attention_bias: bool = True  # q/k/v projection biases (Qwen2); Qwen3 has none
+  qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+  num_experts: int = 0  # > 0: every MLP is a routed mixture of experts (Qwen3-MoE)
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to 1
+  router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in fine-tuning
+  rope_scaling: tuple = ()
   name: str = "custom"
   # Numerics and structure, not architecture. The dtypes accept names or dtypes and hold np.dtype.
   param_dtype: np.dtype = DTYPES["float32"]
@@ -98,6 +115,9 @@ class ModelConfig:
       raise ConfigError(
           f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads="
           f"{self.num_kv_heads}; grouped-query attention needs whole groups.")
+    if self.model_type not in MODEL_TYPES:
+      raise ConfigError(f"ModelConfig.model_type={self.model_type!r} is not supported; use one of {MODEL_TYPES}.")
+    self._validate_family()
     if self.head_dim % 2:
       raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings.")
     if self.remat not in REMAT_POLICIES:
@@ -109,6 +129,27 @@ class ModelConfig:
       raise ConfigError(f"ModelConfig.quantization={self.quantization!r} is not supported; use one of "
                         f"{QUANTIZATIONS} ('' keeps weights in param_dtype).")
 
+  def _validate_family(self) -> None:
+    qwen3 = self.model_type != "qwen2"
+    if self.qk_norm != qwen3 or self.attention_bias == qwen3:
+      raise ConfigError(
+          f"ModelConfig.model_type={self.model_type!r} has qk_norm={qwen3} and attention_bias={not qwen3}; got "
+          f"qk_norm={self.qk_norm}, attention_bias={self.attention_bias}. Set model_type to the family you mean.")
+    moe = self.model_type == "qwen3_moe"
+    if moe != (self.num_experts > 0):
+      raise ConfigError(f"ModelConfig.num_experts={self.num_experts}: model_type {self.model_type!r} "
+                        + ("needs num_experts > 0." if moe else "has no experts; use model_type 'qwen3_moe'."))
+    if moe and not 0 < self.num_experts_per_tok <= self.num_experts:
+      raise ConfigError(f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok} must be in "
+                        f"[1, num_experts={self.num_experts}].")
+    if moe and (not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0):
+      raise ConfigError(f"ModelConfig.moe_intermediate_size must be a positive integer, got "
+                        f"{self.moe_intermediate_size!r}.")
+
+  @property
+  def is_moe(self) -> bool:
+    return self.num_experts > 0
+
   def replace(self, **changes: Any) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 
@@ -117,17 +158,27 @@ class ModelConfig:
     """Parameters of the HF model (no head padding or KV repetition)."""
     e, i, d = self.hidden_size, self.intermediate_size, self.head_dim
     q, kv = self.num_heads * d, self.num_kv_heads * d
-    attention = e * q + q + 2 * (e * kv + kv) + q * e
-    layer = attention + 3 * e * i + 2 * e
+    attention = 2 * e * q + 2 * e * kv + (q + 2 * kv if self.attention_bias else 0) + (2 * d if self.qk_norm else 0)
+    mlp = self.num_experts * (3 * e * self.moe_intermediate_size + e) if self.is_moe else 3 * e * i
+    layer = attention + mlp + 2 * e
     head = 0 if self.tie_word_embeddings else self.vocab_size * e
     return self.vocab_size * e + self.num_layers * layer + e + head
 
 
-def _preset(name, vocab, hidden, inter, layers, heads, kv, tied, eps) -> ModelConfig:
+def _preset(name, vocab, hidden, inter, layers, heads, kv, tied, eps, **family) -> ModelConfig:
   return ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                      num_layers=layers, num_heads=heads, num_kv_heads=kv,
-                     head_dim=hidden // heads, tie_word_embeddings=tied,
-                     rms_norm_eps=eps, name=name)
+                     head_dim=family.pop("head_dim", hidden // heads), tie_word_embeddings=tied,
+                     rms_norm_eps=eps, name=name, **family)
+
+
+# Qwen3: head_dim 128 at every size, no q/k/v biases, query/key norms, 40,960 positions.
+_QWEN3 = dict(model_type="qwen3", attention_bias=False, qk_norm=True, head_dim=128, max_position_embeddings=40960)
+
+
+def _moe(experts, per_token, inter) -> dict:
+  return dict(_QWEN3, model_type="qwen3_moe", num_experts=experts, num_experts_per_tok=per_token,
+              moe_intermediate_size=inter)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -139,9 +190,20 @@ PRESETS: dict[str, ModelConfig] = {
         _preset("qwen2.5-14b", 152064, 5120, 13824, 48, 40, 8, False, 1e-5),
         _preset("qwen2.5-32b", 152064, 5120, 27648, 64, 40, 8, False, 1e-5),
         _preset("qwen2.5-72b", 152064, 8192, 29568, 80, 64, 8, False, 1e-5),
+        _preset("qwen3-0.6b", 151936, 1024, 3072, 28, 16, 8, True, 1e-6, **_QWEN3),
+        _preset("qwen3-1.7b", 151936, 2048, 6144, 28, 16, 8, True, 1e-6, **_QWEN3),
+        _preset("qwen3-4b", 151936, 2560, 9728, 36, 32, 8, True, 1e-6, **_QWEN3),
+        _preset("qwen3-8b", 151936, 4096, 12288, 36, 32, 8, False, 1e-6, **_QWEN3),
+        _preset("qwen3-14b", 151936, 5120, 17408, 40, 40, 8, False, 1e-6, **_QWEN3),
+        _preset("qwen3-32b", 151936, 5120, 25600, 64, 64, 8, False, 1e-6, **_QWEN3),
+        _preset("qwen3-30b-a3b", 151936, 2048, 6144, 48, 32, 4, False, 1e-6, **_moe(128, 8, 768)),
+        _preset("qwen3-235b-a22b", 151936, 4096, 12288, 94, 64, 4, False, 1e-6, **_moe(128, 8, 1536)),
         # Tiny, for tests: the 0.5B head shape (14 query / 2 KV heads), so it needs
         # the head layout plan on 4- and 8-way tensor parallelism.
         _preset("tiny", 256, 112, 224, 2, 14, 2, False, 1e-6),
+        # Tiny Qwen3 and Qwen3-MoE: head_dim (16) is not hidden / heads (8), as in Qwen3.
+        _preset("tiny-qwen3", 256, 64, 128, 2, 8, 4, False, 1e-6, **dict(_QWEN3, head_dim=16)),
+        _preset("tiny-qwen3-moe", 256, 64, 128, 2, 8, 4, False, 1e-6, **dict(_moe(8, 2, 32), head_dim=16)),
     )
 }
 
@@ -152,90 +214,3 @@ def preset(name: str) -> ModelConfig:
   if key not in PRESETS:
     raise ConfigError(f"Unknown model preset {name!r}; known presets: {', '.join(PRESETS)}.")
   return PRESETS[key]
-
-
-def _load_json(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[dict, str]:
-  if isinstance(path_or_dict, Mapping):
-    return dict(path_or_dict), "the given dict"
-  path = os.fspath(path_or_dict)
-  if os.path.isdir(path):
-    path = os.path.join(path, "config.json")
-  if not os.path.exists(path):
-    raise ConfigError(f"No config.json at {path}; point to a Hugging Face Qwen2 model directory.")
-  with open(path) as f:
-    try:
-      return json.load(f), path
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path} is not valid JSON: {e}") from e
-
-
-def from_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> ModelConfig:
-  """ModelConfig from an HF `config.json` (a path, its directory, or the parsed dict).
-
-  Rejects configs that are not Qwen2 or that use features this model does not
-  implement (sliding-window attention, rope scaling, another activation).
-  """
-  hf, where = _load_json(path_or_dict)
-  model_type = hf.get("model_type")
-  architectures = hf.get("architectures") or []
-  if model_type != "qwen2" and "Qwen2ForCausalLM" not in architectures:
-    raise ConfigError(
-        f"{where} describes model_type={model_type!r} (architectures={architectures}); "
-        "qwen_logical runs Qwen2 / Qwen2.5 (model_type 'qwen2', Qwen2ForCausalLM) only.")
-  if hf.get("hidden_act", "silu") != "silu":
-    raise ConfigError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (Qwen2 uses 'silu').")
-  if hf.get("use_sliding_window", False):
-    raise ConfigError(f"{where}: use_sliding_window=true is not supported; set it to false "
-                      "(Qwen2.5 checkpoints ship it disabled).")
-  rope = hf.get("rope_parameters") or {}
-  scaling = hf.get("rope_scaling")
-  rope_type = rope.get("rope_type", "default") if rope else (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-  if rope_type not in ("default", None):
-    raise ConfigError(f"{where}: rope scaling {rope_type!r} is not supported; remove rope_scaling "
-                      "to run with the default rotary embedding.")
-  missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                         "num_attention_heads") if k not in hf]
-  if missing:
-    raise ConfigError(f"{where} lacks required field(s) {missing}.")
-  heads = hf["num_attention_heads"]
-  fields = dict(
-      vocab_size=hf["vocab_size"],
-      hidden_size=hf["hidden_size"],
-      intermediate_size=hf["intermediate_size"],
-      num_layers=hf["num_hidden_layers"],
-      num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-      rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      max_position_embeddings=hf.get("max_position_embeddings", 32768),
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      initializer_range=float(hf.get("initializer_range", 0.02)),
-      name=hf.get("_name_or_path") or "hf",
-  )
-  fields.update(overrides)
-  return ModelConfig(**fields)
-
-
-def to_hf_config(config: ModelConfig) -> dict[str, Any]:
-  """The HF `config.json` dict for `config` (what transformers' Qwen2Config reads)."""
-  return {
-      "architectures": ["Qwen2ForCausalLM"],
-      "model_type": "qwen2",
-      "vocab_size": config.vocab_size,
-      "hidden_size": config.hidden_size,
-      "intermediate_size": config.intermediate_size,
-      "num_hidden_layers": config.num_layers,
-      "num_attention_heads": config.num_heads,
-      "num_key_value_heads": config.num_kv_heads,
-      "head_dim": config.head_dim,
-      "hidden_act": "silu",
-      "max_position_embeddings": config.max_position_embeddings,
-      "rms_norm_eps": config.rms_norm_eps,
-      "rope_theta": config.rope_theta,
-      "tie_word_embeddings": config.tie_word_embeddings,
-      "initializer_range": config.initializer_range,
-      "use_sliding_window": False,
-      "attention_dropout": 0.0,
-      "torch_dtype": config.param_dtype.name,
-  }

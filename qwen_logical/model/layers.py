@@ -11,28 +11,23 @@ Shape letters: B batch, L query length, S key length (KV cache slots when cached
 from __future__ import annotations
 
 import enum
-from typing import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from qwen_logical.model import axes as ax
-from qwen_logical.model import quantization as quant
+from qwen_logical.model import rope
 from qwen_logical.model.cached_attention import decode_attention, quantize, stored, write_slots
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.head_layout import HeadLayout
-from qwen_logical.model.projections import Kernel, dense
+from qwen_logical.model.moe import MixtureOfExperts
+from qwen_logical.model.params import constrain, kernel_param, logical_param
+from qwen_logical.model.projections import dense
 
 KVCache = dict  # one layer's {'k': [B, K, S, D], 'v': [B, K, S, D]} (logical ax.KV_CACHE; int8: + 'k_scale', 'v_scale' [B, K, S])
 
 # The cache's dimension order: heads before slots, so attention reads each head's [S, D] block
 # contiguously and a decode step writes one [D] row per head in place (no per-step relayout).
-
-
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Pins an activation's sharding by logical names (resolved by the bound rule table)."""
-  return nn.with_logical_constraint(x, tuple(names))
 
 
 class Mode(enum.Enum):
@@ -48,26 +43,6 @@ class Mode(enum.Enum):
   FORWARD = "forward"
   PREFILL = "prefill"
   DECODE = "decode"
-
-
-def logical_param(module: nn.Module, name: str, shape, names, dtype) -> jax.Array:
-  """module.param `name` annotated with logical axis `names` (one per dimension of `shape`); zeros
-  at init (values come from sharding/init.py or a checkpoint)."""
-  zeros = nn.with_logical_partitioning(nn.initializers.zeros, tuple(names))
-  return module.param(name, zeros, tuple(shape), dtype)
-
-
-def kernel_param(module: nn.Module, name: str, shape, names, config: ModelConfig) -> Kernel:
-  """A weight kernel `name` [out..., in...] as stored: (kernel in param_dtype, None), or with int8
-  quantization (config.quantization) (int8 kernel, `<name>_scale` f32[out...]) whose scale carries the
-  output dimensions' logical axes. Declared as logical_param (zeros; values from sharding.init)."""
-  if not quant.is_quantized(name, config.quantization):
-    return logical_param(module, name, shape, names, config.param_dtype), None
-  contracted = quant.contracted_axes(name)
-  kernel = logical_param(module, name, shape, names, jnp.int8)
-  scale = logical_param(module, quant.scale_name(name), quant.output_part(shape, contracted),
-                        quant.output_part(names, contracted), jnp.float32)
-  return kernel, scale
 
 
 class RMSNorm(nn.Module):
@@ -109,24 +84,14 @@ class Embedder(nn.Module):
     return dense(x, self.embedding, self.config.dtype, (ax.VOCAB, ax.EMBED))
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Half-split (rotate_half) RoPE. x [B, L, N, D], positions int[B, L]; angles in float32."""
-  dim = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-  first, second = jnp.split(x, 2, axis=-1)
-  rotated = jnp.concatenate([-second, first], axis=-1)
-  return x * cos + rotated * sin
-
-
 class Attention(nn.Module):
   """Grouped-query self-attention in the head layout.
 
   Params: q_kernel (heads, head_dim, embed), q_bias (heads, head_dim),
   k/v_kernel (kv_heads, head_dim, embed), k/v_bias (kv_heads, head_dim),
-  o_kernel (embed, heads, head_dim) — no o bias, as in Qwen2. Kernels are stored in HF's
+  o_kernel (embed, heads, head_dim) — no o bias, as in Qwen2. Qwen3 (config.qk_norm, no
+  config.attention_bias): no q/k/v biases, and q_norm/scale, k_norm/scale (norm,) over head_dim,
+  applied to every query and key head before RoPE. Kernels are stored in HF's
   [out, in] order (outputs first, the contracted dimension last), so that a decode step's
   matrix-vector products read each kernel row contiguously.
 
@@ -159,11 +124,14 @@ class Attention(nn.Module):
     def project(name, heads, head_axis_name, activation_names, x=x):
       kernel, scale = kernel_param(self, f"{name}_kernel", (heads, d, e), (head_axis_name, ax.HEAD_DIM, ax.EMBED),
                                    cfg)
-      bias_ = logical_param(self, f"{name}_bias", (heads, d), (head_axis_name, ax.HEAD_DIM), pdtype)
       # One [B*L, E] x [H*D, E]^T product on the kernel in its stored order, then split the heads:
       # einsum "ble,hde->blhd" makes XLA:CPU transpose the whole kernel on every call.
       y = dense(x, (kernel.reshape(heads * d, e), scale), dtype, (head_axis_name, ax.EMBED))
-      y = y.reshape(*x.shape[:2], heads, d) + bias_.astype(dtype)
+      y = y.reshape(*x.shape[:2], heads, d)
+      if cfg.attention_bias:
+        y = y + logical_param(self, f"{name}_bias", (heads, d), (head_axis_name, ax.HEAD_DIM), pdtype).astype(dtype)
+      if cfg.qk_norm and name != "v":  # a padded (all-zero) head stays zero
+        y = RMSNorm(cfg, name=f"{name}_norm")(y)
       return constrain(y, activation_names)
 
     trim = self.last_token_only
@@ -172,8 +140,9 @@ class Attention(nn.Module):
     q = project("q", h, ax.HEADS, ax.QUERY_ACTIVATION, x=x_q)
     key = project("k", k, ax.KV_HEADS, ax.KV_ACTIVATION)
     value = project("v", k, ax.KV_HEADS, ax.KV_ACTIVATION)
-    q = rotary_embedding(q, q_positions, cfg.rope_theta)
-    key = rotary_embedding(key, positions, cfg.rope_theta)
+    inv_freq, rope_factor = rope.rope_frequencies(d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+    q = rope.rotary_embedding(q, q_positions, inv_freq, rope_factor)
+    key = rope.rotary_embedding(key, positions, inv_freq, rope_factor)
 
     keys = "bskd"  # this call's keys [B, L, K, D]
     if self.mode is not Mode.FORWARD:
@@ -231,7 +200,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). Scan-compatible.
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). Scan-compatible. The MLP is a
+  MixtureOfExperts (model.moe) when config.num_experts > 0.
 
   `mode` and `last_token_only` as Attention's: with `last_token_only` (the last layer of a call
   that needs only the last position's logits) the cache still gets all L keys/values and the
@@ -254,5 +224,6 @@ class DecoderLayer(nn.Module):
     else:
       attended, cache = attention(normed, positions, bias, cache, cache_index)
     h = (x[:, -1:] if self.last_token_only else x) + attended
-    out = h + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_norm")(h))
+    mlp = MixtureOfExperts(self.config, name="mlp") if self.config.is_moe else MLP(self.config, name="mlp")
+    out = h + mlp(RMSNorm(self.config, name="post_attention_norm")(h))
     return constrain(out, ax.EMBED_ACTIVATION), cache

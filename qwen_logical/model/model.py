@@ -110,7 +110,7 @@ def _scan(num_layers: int, cached: bool, remat: str = "none"):
   called as (x, positions, bias[, cache stacked [n, ...], cache_index])."""
   return nn.scan(
       _layer_class(remat, scanned=True),
-      variable_axes={"params": 0},
+      variable_axes={"params": 0, "intermediates": 0},  # intermediates: the MoE router's logits
       split_rngs={"params": True},
       in_axes=(nn.broadcast, nn.broadcast) + ((0, nn.broadcast) if cached else ()),
       length=num_layers,

@@ -11,7 +11,8 @@ Head dimensions carry marks per block, read from the head layout's index map: `q
 heads 6 and one zero pad), `kv 1 copy 2/4` (the second of four copies of KV head 1).
 
 `layout_grids(partitioner, ...)` gives one grid per distinct layout of each layout class (q kernel,
-k/v kernels, o kernel, MLP in/out, embedding, lm_head when untied, norms), not one per layer, then
+k/v kernels, o kernel, MLP in/out (a mixture's experts: expert x mlp x embed), the router, embedding,
+lm_head when untied, norms), not one per layer, then
 the activations at the block boundary and the KV cache when their shapes are given.
 """
 
@@ -42,6 +43,7 @@ PARAM_CLASSES = (
     ("o kernel", r"attention/o_kernel"),
     ("MLP in (gate, up)", r"mlp/(gate|up)_kernel"),
     ("MLP out (down)", r"mlp/down_kernel"),
+    ("router", r"mlp/router_kernel"),
     ("embedding", r"embed_tokens/embedding"),
     ("lm_head", r"lm_head"),
     ("norms", r"(\w+/)?\w*norm/scale"),

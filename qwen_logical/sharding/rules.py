@@ -98,10 +98,10 @@ _ALL_DEVICES = (BATCH, MODEL)
 
 TENSOR_PARALLEL = _table(
     "tensor_parallel",
-    "Megatron-style tensor parallelism over 'model' (heads, mlp, vocab split; one "
-    "all-reduce after attention and one after the MLP), data parallelism over 'batch'",
+    "Megatron-style tensor parallelism over 'model' (heads, mlp, vocab and each expert's mlp split; "
+    "one all-reduce after attention and one after the MLP), data parallelism over 'batch'",
     **{**_NO_SHARDING,
-       ax.VOCAB: MODEL, ax.HEADS: MODEL, ax.KV_HEADS: MODEL, ax.MLP: MODEL,
+       ax.VOCAB: MODEL, ax.HEADS: MODEL, ax.KV_HEADS: MODEL, ax.MLP: MODEL, ax.EXPERT_MLP: MODEL,
        ax.ACTIVATION_BATCH: BATCH, ax.ACTIVATION_HEADS: MODEL, ax.ACTIVATION_KV_HEADS: MODEL,
        ax.ACTIVATION_MLP: MODEL, ax.ACTIVATION_VOCAB: MODEL,
        ax.CACHE_BATCH: BATCH, ax.CACHE_KV_HEADS: MODEL})
@@ -124,9 +124,17 @@ TP_FSDP = _table(
     "'embed' over 'batch' and gathered per layer)",
     **{**TENSOR_PARALLEL.mapping(), ax.EMBED: BATCH})
 
-TABLES: dict[str, RuleTable] = {t.name: t for t in (TENSOR_PARALLEL, DATA_PARALLEL, FSDP, TP_FSDP)}
+EXPERT_PARALLEL = _table(
+    "expert_parallel",
+    "expert parallelism: a mixture-of-experts layer's experts split over every device (each device "
+    "runs its experts on the tokens routed to them; one all-gather of the tokens over 'batch' and "
+    "one reduction of the outputs), attention and dense layers as tensor_parallel. "
+    "expert=model or expert=batch (+ expert_mlp=model) in rule_overrides split them one way only",
+    **{**TENSOR_PARALLEL.mapping(), ax.EXPERT: _ALL_DEVICES, ax.EXPERT_MLP: None})
+
+TABLES: dict[str, RuleTable] = {t.name: t for t in (TENSOR_PARALLEL, DATA_PARALLEL, FSDP, TP_FSDP, EXPERT_PARALLEL)}
 ALIASES = {"tp": "tensor_parallel", "megatron": "tensor_parallel", "dp": "data_parallel",
-           "2d": "tp_fsdp", "tp+fsdp": "tp_fsdp"}
+           "2d": "tp_fsdp", "tp+fsdp": "tp_fsdp", "ep": "expert_parallel"}
 
 
 def get_table(name: str, overrides: Mapping[str, MeshAxes] | str | None = None) -> RuleTable:

@@ -6,7 +6,8 @@ A kernel W [out..., in...] (HF's [out, in] order, the contracted dimensions last
     A [r, in...]   logical (lora_rank, the kernel's in names)    hash-initialised, std 1/sqrt(3 fan_in)
     B [out..., r]  logical (the kernel's out names, lora_rank)   zeros
 
-(with scanned layers both lead with `layers`), and the model runs on the effective kernel
+(with scanned layers both lead with `layers`; an expert kernel's with `expert` too: an adapter per expert), and
+the model runs on the effective kernel
 W + (alpha / r) * B @ A, in W's layout. `lora_rank` is replicated by every rule table; the in / out
 dimensions keep their kernel's logical names, so each table splits an adapter like its kernel.
 The training step ties head-carrying gradients through the head layout; A's init gives padded
@@ -71,8 +72,9 @@ def settings_of(train_cfg) -> tuple[int, float, tuple[str, ...]]:
 
 
 def _split(kernel_name: str, names: tuple, shape: tuple):
-  """(lead, out, in) parts of a kernel's logical names or shape: lead is () or (layers,)."""
-  lead = 1 if names[0] == ax.LAYERS else 0
+  """(lead, out, in) parts of a kernel's logical names or shape: lead is the stacking axes, () or some of
+  (layers, expert): every expert of a mixture gets adapters of its own."""
+  lead = next((n for n, name in enumerate(names) if name not in (ax.LAYERS, ax.EXPERT)), len(names))
   n_in = len(quant.contracted_axes(kernel_name))
   return (tuple(shape[:lead]), tuple(shape[lead:len(shape) - n_in]), tuple(shape[len(shape) - n_in:]))
 

@@ -72,3 +72,23 @@ def masked_cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Ar
   mask = loss_mask.astype(jnp.float32).at[:, -1].set(0.0)
   losses = token_nll(logits, targets) * mask
   return jnp.sum(losses), jnp.sum(mask)
+
+
+def load_balancing_loss(router_logits: list[jax.Array], top_k: int, attention_mask: jax.Array) -> jax.Array:
+  """Qwen3-MoE's auxiliary loss (the Switch Transformer's, as transformers computes it), f32[].
+
+  router_logits: every layer's f32[..., B, L, X] (a scanned stack leads with the layer axis);
+  attention_mask [B, L]: padding counts for nothing. With f_x the fraction of (token, choice) pairs
+  routed to expert x and p_x its mean router probability over real tokens: X * sum_x f_x p_x
+  (1 when routing is uniform). Gradients reach the router through p only.
+  """
+  experts = router_logits[0].shape[-1]
+  rows = attention_mask.shape
+  logits = jnp.concatenate([r.reshape((-1,) + rows + (experts,)) for r in router_logits], axis=0)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [N, B, L, X]
+  chosen = jax.nn.one_hot(jax.lax.top_k(probs, top_k)[1], experts, dtype=jnp.float32)  # [N, B, L, k, X]
+  real = jnp.broadcast_to(attention_mask.astype(jnp.float32), probs.shape[:-1])[..., None]  # [N, B, L, 1]
+  count = jnp.maximum(jnp.sum(real), 1.0)
+  routed = jnp.sum(jax.lax.stop_gradient(chosen) * real[..., None], axis=(0, 1, 2)) / count  # [k, X]
+  mean_prob = jnp.sum(probs * real, axis=(0, 1, 2)) / count  # [X]
+  return experts * jnp.sum(routed * mean_prob[None])

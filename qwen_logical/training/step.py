@@ -24,10 +24,12 @@ import optax
 from qwen_logical.model import axes as ax
 from qwen_logical.model.layers import constrain
 from qwen_logical.model.model import Qwen2ForCausalLM
+from qwen_logical.model.moe import ROUTER_LOGITS
 from qwen_logical.sharding import programs
 from qwen_logical.sharding.partitioner import Partitioner
+from qwen_logical.sharding.tree_paths import path_keys
 from qwen_logical.training.heads import canonical_norm, tie_gradients
-from qwen_logical.training.loss import masked_cross_entropy
+from qwen_logical.training.loss import load_balancing_loss, masked_cross_entropy
 from qwen_logical.training.placement import (BATCH_KEYS, Batch, check_batch_size, check_rows,  # noqa: F401 (re-exported)
                                              data_shard, place_batch)
 from qwen_logical.training.state import TrainState, state_axes, state_shardings
@@ -77,9 +79,20 @@ class _Program:
   clip_norm: float | None
 
   def loss_sums(self, trainable, frozen, batch):
+    """(summed token loss, trained-token count); a mixture of experts adds router_aux_loss_coef times its
+    load-balancing loss per trained token, so the mean is transformers' loss + coef * aux."""
     tokens = constrain(batch["tokens"], ax.TOKENS)
-    logits = self.model.apply({"params": self.combine(trainable, frozen)}, tokens, batch["attention_mask"])
-    return masked_cross_entropy(logits, tokens, batch["loss_mask"])
+    params = {"params": self.combine(trainable, frozen)}
+    cfg = self.model.config
+    if not (cfg.is_moe and cfg.router_aux_loss_coef):
+      logits = self.model.apply(params, tokens, batch["attention_mask"])
+      return masked_cross_entropy(logits, tokens, batch["loss_mask"])
+    logits, sown = self.model.apply(params, tokens, batch["attention_mask"], mutable=["intermediates"])
+    loss_sum, count = masked_cross_entropy(logits, tokens, batch["loss_mask"])
+    router = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(sown["intermediates"])
+              if ROUTER_LOGITS in path_keys(path)]
+    aux = load_balancing_loss(router, cfg.num_experts_per_tok, batch["attention_mask"])
+    return loss_sum + cfg.router_aux_loss_coef * aux * count, count
 
   def summed_grads(self, trainable, frozen, batch):
     """(gradient of the summed loss, loss sum, trained-token count), over grad_accum micro-batches."""

@@ -23,7 +23,8 @@ from ml_collections import ConfigDict
 from qwen_logical.common.errors import QwenLogicalError
 from qwen_logical.jobs.common import host_memory
 from qwen_logical.model import axes as ax
-from qwen_logical.model.config import ModelConfig, from_hf_config, preset
+from qwen_logical.model.config import ModelConfig, preset
+from qwen_logical.model.hf_config import from_hf_config
 from qwen_logical.sharding import distributed
 from qwen_logical.sharding.collectives import count_collectives
 from qwen_logical.sharding.mesh import mesh_name
