@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from qwen_logical.model import axes as ax
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.params import constrain, kernel_param, logical_param
-from qwen_logical.model.projections import dense
+from qwen_logical.model.projections import dense, zero_after
 
 ROUTER_LOGITS = "router_logits"  # the sown intermediate: f32[B, L, X] per layer
 _ROWS_BY_GROUP = jax.lax.RaggedDotDimensionNumbers(
@@ -47,19 +47,24 @@ def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, ja
   return weights, experts.astype(jnp.int32)
 
 
-def _dequantized(kernel, dtype):
+def _dequantized(kernel, dtype, after: jax.Array):
+  """A stored expert kernel in the compute dtype, converted only once `after` exists: XLA would otherwise
+  hoist every layer's conversion to the start and hold them all (projections.dense does the same)."""
   weights, scale = kernel
-  weights = weights.astype(dtype)
+  if weights.dtype == dtype and scale is None:
+    return weights
+  weights = weights.astype(dtype) + zero_after(after).astype(dtype)
   return weights if scale is None else weights * scale[..., None].astype(dtype)
 
 
 def _local_experts(x, weights, experts, gate, up, down, *, first_expert, dtype):
   """One device's contribution: x [T, E], weights/experts [T, k] -> y [T, E] from its own experts.
 
-  gate/up (x_local, f_local, E), down (x_local, E, f_local): experts [first_expert, first_expert + x_local).
+  gate/up (x_local, f_local, E), down (x_local, E, f_local) as stored (weights, scale | None): experts
+  [first_expert, first_expert + x_local).
   """
   tokens, top_k = experts.shape
-  count = gate.shape[0]
+  count = gate[0].shape[0]
   local = experts.reshape(-1) - first_expert
   mine = (local >= 0) & (local < count)
   group = jnp.where(mine, local, count)  # others sort last, in no group
@@ -67,16 +72,19 @@ def _local_experts(x, weights, experts, gate, up, down, *, first_expert, dtype):
   sizes = jnp.zeros((count + 1,), jnp.int32).at[group].add(1)[:count]
   rows = jnp.take(x, order // top_k, axis=0)  # [T*k, E]: each routed pair's token, grouped by expert
   grouped = lambda lhs, rhs: jax.lax.ragged_dot_general(lhs, rhs, sizes, _ROWS_BY_GROUP)
-  hidden = jax.nn.silu(grouped(rows, gate)) * grouped(rows, up)
-  out = grouped(hidden.astype(dtype), down)  # [T*k, E]
+  gate_out = grouped(rows, _dequantized(gate, dtype, rows[None]))
+  hidden = jax.nn.silu(gate_out) * grouped(rows, _dequantized(up, dtype, gate_out[None]))
+  out = grouped(hidden.astype(dtype), _dequantized(down, dtype, hidden[None]))  # [T*k, E]
   weighted = out * weights.reshape(-1)[order].astype(out.dtype)[:, None]
   weighted = jnp.where(mine[order][:, None], weighted, 0)  # rows in no group: whatever ragged_dot left
   return jnp.zeros((tokens, x.shape[1]), out.dtype).at[order // top_k].add(weighted)
 
 
-def _mesh_axes(name: str) -> tuple[str, ...]:
+def _mesh_axes(name: str, mesh) -> tuple[str, ...]:
+  """The mesh axes of logical `name` under the bound rules that split it (of size > 1)."""
   spec = nn.logical_to_mesh_axes((name,))[0]
-  return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return tuple(a for a in axes if mesh.shape[a] > 1)
 
 
 def routed_experts(x, weights, experts, gate, up, down, dtype):
@@ -87,12 +95,11 @@ def routed_experts(x, weights, experts, gate, up, down, dtype):
   b, l, e = x.shape
   k = experts.shape[-1]
   run = lambda x, w, i, g, u, d, first=0: _local_experts(
-      x.reshape(-1, e), w.reshape(-1, k), i.reshape(-1, k), _dequantized(g, dtype), _dequantized(u, dtype),
-      _dequantized(d, dtype), first_expert=first, dtype=dtype).reshape(x.shape)
+      x.reshape(-1, e), w.reshape(-1, k), i.reshape(-1, k), g, u, d, first_expert=first, dtype=dtype).reshape(x.shape)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return run(x, weights, experts, gate, up, down)
-  tokens, split, inner = _mesh_axes(ax.ACTIVATION_BATCH), _mesh_axes(ax.EXPERT), _mesh_axes(ax.EXPERT_MLP)
+  tokens, split, inner = (_mesh_axes(name, mesh) for name in (ax.ACTIVATION_BATCH, ax.EXPERT, ax.EXPERT_MLP))
   gathered = tuple(a for a in tokens if a in split + inner)  # tokens split where experts are too
   summed = tuple(a for a in split + inner if a not in tokens)
   row = P(tokens or None)

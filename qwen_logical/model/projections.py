@@ -18,7 +18,7 @@ int8 122 ms, of 16 MiB 140 / 125 ms. Smaller blocks compile longer (bf16 prefill
 programs: 4 MiB 24 s, 16 MiB 15 s, float32 5 s) and 1 MiB ran slower (int8 146 ms). The tied
 embedding converted whole took 150 ms for that projection alone, 20 ms in float32. Blocks are
 rows of each device's own shard, so none crosses devices; each costs one scalar all-reduce on
-a sharded mesh (`_zero_after`).
+a sharded mesh (`zero_after`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def mesh_shards(names: Sequence[str]) -> tuple[int, ...]:
   return tuple(math.prod(mesh.shape[a] for a in entry) for entry in axes)
 
 
-def _zero_after(y: jax.Array) -> jax.Array:
+def zero_after(y: jax.Array) -> jax.Array:
   """A float32 +-0 that exists only once `y` [B, L, ...] does (w + zero == w exactly).
 
   From a reduction over row [0, 0], not one element: an element of a sharded dimension lives on
@@ -95,10 +95,10 @@ def _in_blocks(x: jax.Array, weights: jax.Array, dtype, names: tuple[str, str]) 
   n = _num_blocks(rows, rows * inp * jnp.dtype(dtype).itemsize // in_shards)
   blocks = nn.with_logical_constraint(weights.reshape(out_shards, n, rows // n, inp),
                                      (names[0], None, None, names[1]))
-  parts, zero = [], _zero_after(x)
+  parts, zero = [], zero_after(x)
   for k in range(n):  # each block as one [T * rows/n, in] matrix: a 3-D one is transposed by XLA:CPU
     block = blocks[:, k].reshape(out // n, inp).astype(dtype) + zero.astype(dtype)
     part = _product(x, block)
-    zero = _zero_after(part)
+    zero = zero_after(part)
     parts.append(part.reshape(*x.shape[:2], out_shards, rows // n))
   return jnp.stack(parts, axis=3).reshape(*x.shape[:2], out)  # [B, L, T, n, rows/n] -> out

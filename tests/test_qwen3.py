@@ -1,0 +1,108 @@
+"""Qwen3 and Qwen3-MoE: HF checkpoints load into shards, give transformers' logits and greedy tokens on every
+mesh and rule table (expert-parallel ones included), and export back bit-exact."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from conftest import mesh_of
+from qwen3_reference import FAMILIES, checkpoint, hf_greedy, hf_logits
+from qwen_logical.checkpoints.export import export_checkpoint
+from qwen_logical.checkpoints.loader import load_checkpoint
+from qwen_logical.inference.generate import generate
+from qwen_logical.model.config import preset
+from qwen_logical.sharding.partitioner import Partitioner
+from qwen_logical.sharding.rules import RuleError, get_table
+
+TOLERANCE = 1e-4
+TOKENS = np.random.RandomState(5).randint(1, 256, (8, 12))
+PROMPTS = [np.random.RandomState(10 + r).randint(1, 256, n).tolist() for r, n in enumerate((5, 9, 3, 12))]
+NEW = 8
+_HF: dict = {}
+
+
+def _reference(family):
+  """(transformers' logits for TOKENS, its greedy tokens for PROMPTS), once per family."""
+  if family not in _HF:
+    _, model = checkpoint(family)
+    _HF[family] = hf_logits(model, TOKENS), hf_greedy(model, PROMPTS, NEW)
+  return _HF[family]
+
+
+def test_the_reference_models_look_real():
+  for family in FAMILIES:
+    logits, _ = _reference(family)
+    assert logits.std() >= 3 and np.abs(logits).max() >= 25, family
+
+
+# Every mesh and every table, the expert layouts more than once: experts over every device, over 'model'
+# only, over 'batch' with each expert's hidden dimension over 'model', and inside tensor parallelism.
+COMBINATIONS = [
+    ("qwen3", "1x1", "tensor_parallel", ""), ("qwen3", "1x8", "tensor_parallel", ""), ("qwen3", "2x4", "tp_fsdp", ""),
+    ("qwen3", "4x2", "fsdp", ""), ("qwen3", "8x1", "data_parallel", ""), ("qwen3", "2x4", "expert_parallel", ""),
+    ("qwen3_moe", "1x1", "tensor_parallel", ""), ("qwen3_moe", "1x8", "expert_parallel", ""),
+    ("qwen3_moe", "2x4", "expert_parallel", ""), ("qwen3_moe", "4x2", "expert_parallel", ""),
+    ("qwen3_moe", "8x1", "expert_parallel", ""), ("qwen3_moe", "2x4", "tensor_parallel", ""),
+    ("qwen3_moe", "4x2", "tp_fsdp", ""), ("qwen3_moe", "1x8", "fsdp", ""), ("qwen3_moe", "8x1", "data_parallel", ""),
+    ("qwen3_moe", "2x4", "expert_parallel", "expert=model"),
+    ("qwen3_moe", "4x2", "expert_parallel", "expert=batch,expert_mlp=model"),
+]
+
+
+@pytest.mark.parametrize("family,mesh,table,overrides", COMBINATIONS)
+def test_logits_and_greedy_tokens_equal_transformers(family, mesh, table, overrides):
+  directory, _ = checkpoint(family)
+  rules = get_table(table, overrides)
+  params, cfg, part = load_checkpoint(directory, mesh_of(mesh), rules, scan_layers=mesh in ("2x4", "8x1"),
+                                      progress=False)
+  assert cfg.model_type == family
+  expected_logits, expected_tokens = _reference(family)
+  np.testing.assert_allclose(np.asarray(part.forward(params, TOKENS)), expected_logits, atol=TOLERANCE, rtol=0)
+  result = generate(part, params, PROMPTS, max_new_tokens=NEW)
+  assert result.tokens == expected_tokens
+
+
+def _expert_shards(params, mesh_devices: int):
+  kernel = params["layers_0"]["mlp"]["gate_kernel"]
+  return {shard.data.shape[0] for shard in kernel.addressable_shards}, kernel.shape[0] // mesh_devices
+
+
+@pytest.mark.parametrize("overrides,split", [("", 8), ("expert=model", 4), ("expert=batch,expert_mlp=model", 2)])
+def test_experts_are_really_split(overrides, split):
+  directory, _ = checkpoint("qwen3_moe")
+  params, cfg, part = load_checkpoint(directory, mesh_of("2x4"), get_table("expert_parallel", overrides),
+                                      progress=False)
+  gate = params["layers_0"]["mlp"]["gate_kernel"]  # (expert, expert_mlp, embed)
+  shapes = {shard.data.shape for shard in gate.addressable_shards}
+  hidden = cfg.moe_intermediate_size // (4 if "expert_mlp=model" in overrides else 1)
+  assert shapes == {(cfg.num_experts // split, hidden, cfg.hidden_size)}
+
+
+def test_an_expert_count_the_shards_do_not_divide_is_a_clear_error():
+  six = preset("tiny-qwen3-moe").replace(num_experts=6)
+  with pytest.raises(RuleError, match=r"\(expert\) has size 6, not divisible by the 8 devices"):
+    Partitioner(six, mesh_of("1x8"), get_table("expert_parallel"))
+  with pytest.raises(RuleError, match="mesh axis 'model' is used twice"):
+    Partitioner(preset("tiny-qwen3-moe"), mesh_of("2x4"), get_table("expert_parallel", "expert=model,expert_mlp=model"))
+
+
+@pytest.mark.parametrize("family,mesh,table", [("qwen3", "1x8", "tensor_parallel"),
+                                                ("qwen3_moe", "2x4", "expert_parallel")])
+def test_export_round_trips_bit_exact_and_transformers_loads_it(family, mesh, table, tmp_path):
+  from transformers import AutoModelForCausalLM
+  directory, _ = checkpoint(family)
+  params, cfg, part = load_checkpoint(directory, mesh_of(mesh), get_table(table), scan_layers=True, progress=False)
+  export_checkpoint(params, part, str(tmp_path), progress=False)
+  original, exported = load_file(os.path.join(directory, "model.safetensors")), load_file(tmp_path / "model.safetensors")
+  assert sorted(exported) == sorted(original)
+  for name, value in original.items():
+    assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
+  written = json.loads((tmp_path / "config.json").read_text())
+  assert written["model_type"] == family
+  model = AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+  with torch.no_grad():
+    np.testing.assert_array_equal(model(torch.tensor(TOKENS)).logits.numpy(), _reference(family)[0])
