@@ -29,4 +29,7 @@ def get_config():
   # Requests that leave out temperature, top_p, top_k or repetition_penalty get the checkpoint's
   # generation_config.json values (as transformers' generate and vLLM); False: OpenAI's defaults.
   config.serve.generation_defaults = True
+  # "qwen3": a chat reply's leading <think>...</think> block becomes the message's `reasoning_content` (streamed
+  # as reasoning_content deltas) and the rest its `content` (Qwen3 thinking models); "" = off (Qwen2.5).
+  config.serve.reasoning_parser = ""
   return config

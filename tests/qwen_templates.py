@@ -16,6 +16,17 @@ QWEN25_TEMPLATE renders a conversation in Qwen2.5-Instruct's format, tools inclu
 - every other message is `<|im_start|>role\\ncontent<|im_end|>\\n`; the generation prompt is
   `<|im_start|>assistant\\n`.
 
+QWEN3_TEMPLATE renders a conversation as Qwen3's templates do (written for these tests, not copied):
+
+- a system turn only when the first message is a system message or there are tools (the same "# Tools"
+  section as above after the system text and a blank line); no default system text;
+- assistant turns hold their reasoning apart: `reasoning_content` when the message has it, else the text
+  before `</think>` in its content (after any `<think>`), the content being what follows; turns after the
+  last user message write `<think>\n{reasoning}\n</think>\n\n{content}`, earlier ones the content only;
+  tool calls, tool responses and other turns as above;
+- the generation prompt is `<|im_start|>assistant\n`, followed by an empty `<think>\n\n</think>\n\n`
+  block when the variable `enable_thinking` is defined and false (the model then answers directly).
+
 WEATHER and TIME are example tools (OpenAI's shape); tool_call_block(name, arguments) is a call as
 Qwen2.5 writes it.
 """
@@ -74,6 +85,83 @@ QWEN25_TEMPLATE = r"""{%- set first_is_system = messages[0]['role'] == 'system' 
 {%- endfor %}
 {%- if add_generation_prompt %}
   {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+QWEN3_TEMPLATE = r"""{%- if tools or messages[0]['role'] == 'system' %}
+  {{- '<|im_start|>system\n' }}
+  {%- if messages[0]['role'] == 'system' %}
+    {{- messages[0]['content'] }}
+    {%- if tools %}
+      {{- '\n\n' }}
+    {%- endif %}
+  {%- endif %}
+  {%- if tools %}
+    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' }}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+    {%- for tool in tools %}
+      {{- '\n' + (tool | tojson) }}
+    {%- endfor %}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within ' }}
+    {{- '<tool_call></tool_call> XML tags:\n<tool_call>\n' }}
+    {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' }}
+  {%- endif %}
+  {{- '<|im_end|>\n' }}
+{%- endif %}
+{%- set state = namespace(last_user=-1) %}
+{%- for message in messages %}
+  {%- if message['role'] == 'user' %}
+    {%- set state.last_user = loop.index0 %}
+  {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+  {%- set text = message['content'] if message['content'] is string else '' %}
+  {%- if loop.first and message['role'] == 'system' %}
+    {%- continue %}
+  {%- elif message['role'] == 'tool' %}
+    {%- if loop.previtem is not defined or loop.previtem['role'] != 'tool' %}
+      {{- '<|im_start|>user' }}
+    {%- endif %}
+    {{- '\n<tool_response>\n' + text + '\n</tool_response>' }}
+    {%- if loop.nextitem is not defined or loop.nextitem['role'] != 'tool' %}
+      {{- '<|im_end|>\n' }}
+    {%- endif %}
+  {%- elif message['role'] == 'assistant' %}
+    {%- set thought = '' %}
+    {%- if message['reasoning_content'] is string %}
+      {%- set thought = message['reasoning_content'] %}
+    {%- elif '</think>' in text %}
+      {%- set thought = text.split('</think>')[0].split('<think>')[-1].strip('\n') %}
+      {%- set text = text.split('</think>')[-1].lstrip('\n') %}
+    {%- endif %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if loop.index0 > state.last_user and thought %}
+      {{- '<think>\n' + thought + '\n</think>\n\n' }}
+    {%- endif %}
+    {{- text }}
+    {%- for call in message['tool_calls'] or [] %}
+      {%- set fn = call['function'] if call['function'] is defined else call %}
+      {%- if text or not loop.first %}
+        {{- '\n' }}
+      {%- endif %}
+      {{- '<tool_call>\n{"name": "' + fn['name'] + '", "arguments": ' }}
+      {%- if fn['arguments'] is mapping %}
+        {{- fn['arguments'] | tojson }}
+      {%- else %}
+        {{- fn['arguments'] }}
+      {%- endif %}
+      {{- '}\n</tool_call>' }}
+    {%- endfor %}
+    {{- '<|im_end|>\n' }}
+  {%- else %}
+    {{- '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>\n' }}
+  {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+  {{- '<|im_start|>assistant\n' }}
+  {%- if enable_thinking is defined and enable_thinking is false %}
+    {{- '<think>\n\n</think>\n\n' }}
+  {%- endif %}
 {%- endif %}
 """
 

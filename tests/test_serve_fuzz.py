@@ -10,7 +10,6 @@ import time
 import hypothesis
 import pytest
 from conftest import mesh_of
-from hypothesis import strategies as st
 from serve_helpers import write_instruct_checkpoint
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -75,4 +74,4 @@ def test_requests_generated_from_the_openapi_schema_get_no_5xx_and_leak_nothing(
   after = completions.Case(body={"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}).call()
   assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 4
   assert statuses[200] > 10 and sum(n for s, n in statuses.items() if 400 <= s < 500) > 50, statuses
-  assert engine.stats().active == 0 and engine.stats().queued == 0
+  assert _settled(app, engine)  # the engine frees a row just after delivering its last token: the answer may come first

@@ -8,6 +8,8 @@ environment with trim_blocks, lstrip_blocks and loop controls, the helpers `rais
 `strftime_now`, `namespace`, `dict` and a `tojson` that keeps non-ASCII text, and the variables
 `messages`, `add_generation_prompt`, `tools`, `documents` and the caller's (the named special
 tokens). Templates see plain copies of the caller's data, never the caller's objects.
+RESERVED_NAMES are what render passes and the environment defines: a caller's variables that took
+those names would hide them from the template.
 
 Errors are TokenizerError, naming the template's file.
 """
@@ -20,6 +22,7 @@ import json
 from typing import Any, Mapping, Sequence
 
 import jinja2
+import jinja2.defaults
 import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
@@ -31,6 +34,9 @@ from qwen_logical.checkpoints.tokenizer_files import TokenizerError
 # Names a message's reasoning may come under; transformers fills `thinking` and
 # `reasoning_content` from whichever is set, so templates reading either see it.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_HELPERS = ("raise_exception", "strftime_now", "dict", "namespace")
+RESERVED_NAMES = tuple(sorted({"messages", "tools", "documents", "add_generation_prompt", *_HELPERS,
+                               *jinja2.defaults.DEFAULT_NAMESPACE}))
 
 
 class ChatTemplate:

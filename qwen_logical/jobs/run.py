@@ -4,6 +4,7 @@ then text generation (with prompts) or a timed forward pass on a random batch; e
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -54,12 +55,35 @@ def prepare_request(config: ConfigDict, prompts: list[str]) -> Request:
   if not source:
     raise build.JobError("A text prompt needs a tokenizer: pass --config.checkpoint=DIR (with tokenizer.json) "
                          "or --config.tokenizer=DIR.")
+  variables = chat_template_kwargs(config)
   tokenizer = Tokenizer.from_directory(source)
   if config.chat:
-    inputs = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+    inputs = [tokenizer.encode_chat([{"role": "user", "content": p}], **variables) for p in prompts]
   else:
     inputs = [tokenizer.encode(p) for p in prompts]
   return Request(prompts, inputs, tokenizer, sampling)
+
+
+def chat_template_kwargs(config: ConfigDict) -> dict[str, Any]:
+  """--config.chat_template_kwargs: variables of the chat template (with --config.chat=True), as JSON object
+  text such as '{"enable_thinking": false}' (Qwen3: answer without thinking) or a mapping; "" or absent: none."""
+  from qwen_logical.serving.openai_prompts import TEMPLATE_RESERVED
+  value = config.get("chat_template_kwargs") or {}
+  if isinstance(value, str):
+    try:
+      value = json.loads(value)
+    except json.JSONDecodeError as e:
+      raise build.JobError(f"--config.chat_template_kwargs={value!r} is not JSON ({e}): pass an object, e.g. "
+                           "'{\"enable_thinking\": false}'.") from None
+  value = value.to_dict() if hasattr(value, "to_dict") else value
+  if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+    raise build.JobError(f"--config.chat_template_kwargs={value!r}: pass a JSON object of template variables, "
+                         "e.g. '{\"enable_thinking\": false}'.")
+  taken = [k for k in value if k in TEMPLATE_RESERVED]
+  if taken:
+    raise build.JobError(f"--config.chat_template_kwargs sets `{taken[0]}`, which the chat template gets from the "
+                         f"job itself (reserved: {', '.join(TEMPLATE_RESERVED)}): leave it out.")
+  return value
 
 
 def generate_text(config: ConfigDict, partitioner, params, request: Request) -> dict[str, Any]:

@@ -36,6 +36,15 @@ def open_tokenizer(config: ConfigDict):
   return None
 
 
+def reasoning_parser(config: ConfigDict) -> str:
+  """--config.serve.reasoning_parser: "" (off) or "qwen3" (chat replies' <think> blocks as reasoning_content)."""
+  from qwen_logical.serving.reasoning import check_parser
+  try:
+    return check_parser(config.serve.get("reasoning_parser", ""))
+  except ValueError as e:
+    raise build.JobError(str(e)) from None
+
+
 def context_for(config: ConfigDict, model_config) -> int:
   """--config.serve.context, at most the model's max_position_embeddings (said in the log when capped)."""
   context = int(config.serve.context)
@@ -131,6 +140,7 @@ def main(config: ConfigDict) -> dict[str, Any]:
     raise build.JobError("--config.speculative.method='draft': the server drafts by prompt lookup only "
                          "(method=prompt_lookup); main.py and the library draft with a model too.")
   table = get_table(config.rules, config.rule_overrides)
+  reasoning_parser(config)  # a mistake costs no load time
   tokenizer = open_tokenizer(config)
   mesh = make_mesh(config.mesh)
   source = build.model_source(config, gathers=build.gathers_weights(table, dict(mesh.shape)))
@@ -163,7 +173,8 @@ def _serve(config: ConfigDict, engine, model_config, tokenizer, slots: int) -> d
   from qwen_logical.serving.openai_api import ServedModel, generation_defaults
   s = config.serve
   served = ServedModel(model_name(config, model_config), tokenizer, engine.context, model_config.vocab_size,
-                       defaults=generation_defaults(tokenizer) if config.serve.generation_defaults else {})
+                       defaults=generation_defaults(tokenizer) if config.serve.generation_defaults else {},
+                       reasoning_parser=reasoning_parser(config))
   if served.defaults:
     logging.info("Requests that leave them out get the checkpoint's generation_config defaults: %s "
                  "(--config.serve.generation_defaults=False: OpenAI's)", served.defaults)

@@ -1,6 +1,7 @@
 """The text layer of serving: prompts to token ids, engine tokens to text, stop strings, finish reasons.
 
     ids = chat_prompt(tokenizer, [{"role": "user", "content": "Hi"}])    # the checkpoint's chat template
+    ids = chat_prompt(tokenizer, messages, variables={"enable_thinking": False})   # template variables
     run = Completion(engine, EngineRequest(tuple(ids), 64, SamplingParams()), tokenizer, stop=["\\n\\n"])
     for output in run.stream():                                          # blocks; Output per new text
       print(output.text, end="")
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import queue
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from qwen_logical.checkpoints.tokenizer_files import TokenizerError
 from qwen_logical.common.errors import QwenLogicalError
@@ -40,13 +41,14 @@ NO_TOKENIZER = ("this server has no tokenizer, so it takes token ids only: send 
                 "(a directory with tokenizer.json)")
 
 
-def chat_prompt(tokenizer, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None) -> list[int]:
+def chat_prompt(tokenizer, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None,
+                variables: Mapping[str, Any] | None = None) -> list[int]:
   """Token ids of a conversation (and the tools it may call) under the tokenizer's chat template,
-  with the assistant header."""
+  with the assistant header; `variables` reach the template by name (e.g. {"enable_thinking": False})."""
   if tokenizer is None:
     raise RequestError(f"Chat needs text: {NO_TOKENIZER}.", "messages")
   try:
-    return tokenizer.encode_chat(messages, tools=tools) if tools else tokenizer.encode_chat(messages)
+    return tokenizer.encode_chat(messages, **dict(variables or {}), **({"tools": tools} if tools else {}))
   except TokenizerError as e:
     raise RequestError(str(e), "messages") from e
   except _UNTAKEN as e:  # the template or the tokenizer choked on what the client sent

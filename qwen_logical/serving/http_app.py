@@ -169,7 +169,8 @@ class Serving:
       return JSONResponse(body, status_code=status)
     run.close(200)
     whole = [merge(outputs) for outputs in run.outputs]
-    replies = [reply.whole(o.text) for reply, o in zip(run.replies, whole)] if run.parsed.tools else None
+    split = run.parsed.tools or run.parsed.reasoning is not None
+    replies = [reply.whole(o.text) for reply, o in zip(run.replies, whole)] if split else None
     return JSONResponse(openai_bodies.completion_body(run.parsed, run.id, run.created, whole, self.pieces, replies))
 
   @staticmethod

@@ -23,7 +23,7 @@ class Run:
     tokenizer = serving.served.tokenizer
     self.choices = [Completion(serving.engine, parsed.choice(i), tokenizer, parsed.stop)
                     for i in range(parsed.choices)]
-    self.replies = [ChoiceReply(parsed.tools) for _ in self.choices]
+    self.replies = [ChoiceReply(parsed.tools, parsed.reasoning) for _ in self.choices]
     self.events: asyncio.Queue = asyncio.Queue()
     self.timer = serving.metrics.timer()
     self.outputs: list[list[Output]] = [[] for _ in self.choices]

@@ -8,11 +8,13 @@
 only), context and vocabulary size. Beyond prompt and sampling, a request may ask for `n` choices,
 log-probabilities (chat `logprobs` + `top_logprobs`, completions `logprobs` and `echo`, with
 `max_tokens` 0 to score a prompt), penalties and `logit_bias` (`openai_options`), `tools` and
-`tool_choice` (`openai_tools`), and `response_format` (`structured_output`). Fields OpenAI defines
+`tool_choice` (`openai_tools`), `response_format` (`structured_output`), and chat's
+`chat_template_kwargs` (template variables, as vLLM takes them: `openai_prompts`). Fields OpenAI defines
 but this server does not implement are accepted at their default values and refused otherwise;
 unknown fields are refused. Extensions: `top_k` (0 or -1: off), `repetition_penalty`, `min_tokens`
 and `return_token_ids` (each choice, and each chunk, carries `token_ids`; always on for a server
-without a tokenizer).
+without a tokenizer). A server with a reasoning parser (`ServedModel.reasoning_parser`, "qwen3") splits
+each chat reply's leading `<think>...</think>` block into the message's `reasoning_content` (`reasoning`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import secrets
 import time
 from typing import Any
 
-from qwen_logical.serving import completions, openai_tools, structured_output
+from qwen_logical.serving import completions, openai_tools, reasoning, structured_output
 from qwen_logical.serving.completions import RequestError
 from qwen_logical.serving.engine import EngineRequest
 from qwen_logical.serving.openai_fields import IGNORED_AT_DEFAULT, expect, optional_int, sampling_params
@@ -34,7 +36,7 @@ _SHARED = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p
            "stream", "stream_options", "n", "return_token_ids", "presence_penalty", "frequency_penalty", "logit_bias",
            "repetition_penalty", "min_tokens", "logprobs")
 FIELDS = {"chat": frozenset(_SHARED + ("messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
-                                       "response_format")),
+                                       "response_format", "chat_template_kwargs")),
           "completion": frozenset(_SHARED + ("prompt", "echo", "best_of", "response_format"))}
 MAX_CHOICES = 64  # completions per request: prompts x n
 MAX_STOP = 16  # stop strings per request (each is searched for in the text after every token)
@@ -46,7 +48,8 @@ _ENGINE_PARAMS = {"max_new_tokens": "max_tokens", "sampling": "temperature", "st
 @dataclasses.dataclass(frozen=True)
 class ServedModel:
   """What the server runs: `name` (the only accepted `model`), `tokenizer` (None: token ids only),
-  `context` (prompt + new tokens per request), `vocab_size` (token ids must be below it)."""
+  `context` (prompt + new tokens per request), `vocab_size` (token ids must be below it),
+  `reasoning_parser` ("" off, "qwen3": chat replies' <think> blocks become `reasoning_content`)."""
 
   name: str
   tokenizer: Any
@@ -54,6 +57,10 @@ class ServedModel:
   vocab_size: int
   created: int = dataclasses.field(default_factory=lambda: int(time.time()))
   defaults: dict = dataclasses.field(default_factory=dict)  # request fields' defaults (`generation_defaults`)
+  reasoning_parser: str = ""
+
+  def __post_init__(self):
+    reasoning.check_parser(self.reasoning_parser)
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
@@ -72,7 +79,8 @@ class ParsedRequest:
   options; `options` (n, logprobs, echo, logit processing), `tools` (a ToolRequest or None),
   `grammar` (what every choice's reply must match, or None), `score_only` (max_tokens 0 with echo:
   the prompt's log-probabilities only), `prompts` (completions: each prompt's ids and echo text;
-  `choices` = prompts x n, choice i answering prompt i // n)."""
+  `choices` = prompts x n, choice i answering prompt i // n); `reasoning`: None when replies are not
+  split into reasoning and content, else whether the prompt left a `<think>` block open."""
 
   kind: str
   model: str
@@ -86,6 +94,7 @@ class ParsedRequest:
   grammar: Any = None
   score_only: bool = False
   prompts: tuple = ()  # completions: (token ids, echo text) per prompt; choice i answers prompt i // n
+  reasoning: bool | None = None
 
   @property
   def prompt_param(self) -> str:
@@ -167,7 +176,15 @@ def parse_request(kind: str, body: Any, served: ServedModel) -> ParsedRequest:
   prompts = tuple((tuple(ids), echo_text(text, ids, served) if options.echo else "") for ids, text in
                   (batch if kind == "completion" else []))
   return ParsedRequest(kind, model, request, stop, stream, include_usage, token_ids, options, tools, grammar,
-                       score_only, prompts)
+                       score_only, prompts, _reasoning(kind, tokens, grammar, served))
+
+
+def _reasoning(kind: str, tokens, grammar, served: ServedModel) -> bool | None:
+  """None unless the server splits reasoning from chat replies; else whether the prompt opened a `<think>`
+  block (a grammar shapes the reply from its first token: then it is all content)."""
+  if kind != "chat" or not served.reasoning_parser:
+    return None
+  return grammar is None and reasoning.prompt_opens_thinking(served.tokenizer.decode(list(tokens[-16:])))
 
 
 def _check_fields(kind: str, body: dict) -> None:

@@ -6,8 +6,8 @@
 
 Choices carry `logprobs` in the API's shape when asked (chat: content items with bytes and
 top_logprobs; completions: tokens, token_logprobs, top_logprobs, text_offset), tool calls parsed
-from the reply (`tool_calls`), and `usage.prompt_tokens_details.cached_tokens` the prompt tokens
-served from the prefix cache.
+from the reply (`tool_calls`), the reply's reasoning (`reasoning_content`, when the server splits it),
+and `usage.prompt_tokens_details.cached_tokens` the prompt tokens served from the prefix cache.
 """
 
 from __future__ import annotations
@@ -51,15 +51,18 @@ def logprobs_of(parsed, pieces, entries, offset: int = 0) -> dict | None:
 
 
 def completion_body(parsed, request_id: str, created: int, outputs: Sequence[Output], pieces,
-                    replies: Sequence[tuple[str | None, list]] | None = None) -> dict:
+                    replies: Sequence[tuple[str | None, list, str | None]] | None = None) -> dict:
   """The non-streamed response: one choice per Output (choice i's whole text, reason and log-probabilities);
-  `replies`: per choice (content, tool calls) when the request had tools."""
+  `replies`: per choice (content, tool calls, reasoning) when the request had tools or the server splits
+  reasoning (then each message has `reasoning_content`, None when the reply did not reason)."""
   choices = []
   for i, output in enumerate(outputs):
     reason = output.finish_reason
     if parsed.kind == "chat":
-      content, calls = replies[i] if replies else (output.text, [])
+      content, calls, reasoning = replies[i] if replies else (output.text, [], None)
       message = {"role": "assistant", "content": content}
+      if parsed.reasoning is not None:
+        message["reasoning_content"] = reasoning
       if calls:
         message["tool_calls"] = [call.as_dict() for call in calls]
       reason = tool_calls.finish_reason(reason, calls)
@@ -86,11 +89,13 @@ def _echoed(parsed, output: Output, i: int) -> tuple[str, list]:
 
 def chunk_body(parsed, request_id: str, created: int, index: int = 0, text: str | None = None,
                finish_reason: str | None = None, token_ids: list[int] | None = None, first: bool = False,
-               logprobs: dict | None = None, tool_calls: list | None = None) -> dict:
+               logprobs: dict | None = None, tool_calls: list | None = None, reasoning: str | None = None) -> dict:
   """One streamed chunk of choice `index`: a text delta and/or the finish reason (chat: `first`
-  carries the role), its tokens' log-probabilities, tool-call deltas."""
+  carries the role), its tokens' log-probabilities, tool-call deltas, a reasoning delta."""
   if parsed.kind == "chat":
     delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+    if reasoning:
+      delta["reasoning_content"] = reasoning
     if tool_calls:
       delta["tool_calls"] = tool_calls
     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}

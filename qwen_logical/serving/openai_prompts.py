@@ -1,6 +1,8 @@
 """The prompt of an OpenAI request as token ids: chat messages (roles checked, content parts joined,
-tool calls made template-ready) through the checkpoint's chat template, or completions' prompts (a
-string, token ids, or a list of either), each checked against the vocabulary and the context.
+tool calls made template-ready) through the checkpoint's chat template, with the request's
+`chat_template_kwargs` as template variables (e.g. Qwen3's {"enable_thinking": false}), or
+completions' prompts (a string, token ids, or a list of either), each checked against the
+vocabulary and the context.
 
     ids = chat_tokens(body, served, tools)        # RequestError naming the field on bad input
     batch = prompt_batch(body, served)            # [(ids, text or None), ...]
@@ -10,11 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from qwen_logical.checkpoints.chat_template import RESERVED_NAMES
+from qwen_logical.checkpoints.tokenizer_files import NAMED_SPECIAL_TOKENS
 from qwen_logical.serving import completions, openai_tools
 from qwen_logical.serving.completions import RequestError
 from qwen_logical.serving.openai_fields import expect
 
 ROLES = ("system", "user", "assistant", "tool")
+# Template variables a request's chat_template_kwargs may not set: what the server passes the template itself.
+TEMPLATE_RESERVED = (*RESERVED_NAMES, *NAMED_SPECIAL_TOKENS)
 
 
 def chat_tokens(body: dict, served, tools=None) -> list[int]:
@@ -36,7 +42,22 @@ def chat_tokens(body: dict, served, tools=None) -> list[int]:
     plain.append({**message, "role": role, "content": _content(message.get("content"), f"{where}.content")})
   plain = openai_tools.plain_messages(plain)
   listed = tools.tools_for_template if tools is not None else None
-  return _checked_ids(completions.chat_prompt(served.tokenizer, plain, listed), served, "messages")
+  variables = template_kwargs(body)
+  return _checked_ids(completions.chat_prompt(served.tokenizer, plain, listed, variables), served, "messages")
+
+
+def template_kwargs(body: dict) -> dict:
+  """`chat_template_kwargs`: an object whose entries reach the chat template as variables ({} if absent)."""
+  kwargs = expect(body, "chat_template_kwargs", dict, default={})
+  for name in kwargs:
+    if not isinstance(name, str):
+      raise RequestError(f"chat_template_kwargs has the key {name!r}: its keys are template variable names "
+                         "(strings).", "chat_template_kwargs")
+    if name in TEMPLATE_RESERVED:
+      raise RequestError(f"chat_template_kwargs sets `{name}`, a variable the server gives the chat template "
+                         f"itself (reserved: {', '.join(TEMPLATE_RESERVED)}): leave it out, and send messages and "
+                         "tools as request fields.", "chat_template_kwargs")
+  return kwargs
 
 
 def _content(content: Any, where: str) -> str:

@@ -7,7 +7,8 @@ The handlers read and check bodies themselves (serving.openai_api, with the HTTP
 field); these schemas describe the same rules for clients and for the property-based tests, which
 generate requests from them: the served model's name, token ids below its vocabulary, the
 extensions (`top_k`, `return_token_ids`, `repetition_penalty`, `min_tokens`), logprobs, echo, n,
-penalties, logit_bias, tools, response_format, and the OpenAI fields accepted at their defaults only.
+penalties, logit_bias, tools, response_format, chat_template_kwargs, and the OpenAI fields accepted at
+their defaults only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from qwen_logical.inference.logit_processing import MAX_LOGIT_BIAS, TOP_LOGPROBS
 from qwen_logical.serving.openai_api import MAX_STOP, ServedModel
-from qwen_logical.serving.openai_prompts import ROLES
+from qwen_logical.serving.openai_prompts import ROLES, TEMPLATE_RESERVED
 from qwen_logical.serving.openai_options import MAX_N
 
 _INT = {"type": "integer"}
@@ -102,8 +103,10 @@ def request_schemas(served: ServedModel) -> dict[str, dict[str, Any]]:
           "arguments": {"enum": ["{}", "{\"city\": \"Oslo\"}"], "description": "A JSON object, as text."}}}}}
   calling = {"type": "object", "required": ["role", "tool_calls"], "properties": {
       "role": {"const": "assistant"}, "content": content, "tool_calls": {"type": "array", "items": call}}}
+  kwargs = {"type": "object", "propertyNames": {"not": {"enum": list(TEMPLATE_RESERVED)}},
+            "description": "Extension: variables of the chat template, e.g. {\"enable_thinking\": false} (Qwen3)."}
   chat = {"type": "object", "required": ["model", "messages"], "additionalProperties": False,
-          "properties": {**_shared(served), **_tools(),
+          "properties": {**_shared(served), **_tools(), "chat_template_kwargs": _nullable(kwargs),
                          "messages": {"type": "array", "items": {"anyOf": [message, calling]}, "minItems": 1}}}
   completion = {"type": "object", "required": ["model", "prompt"], "additionalProperties": False,
                 "properties": {**_shared(served), "prompt": {"anyOf": [_STRING, token_ids]},
