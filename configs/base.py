@@ -24,6 +24,7 @@ def get_config() -> ConfigDict:
   config.prompts = ""  # a file with one prompt per line, or prompts joined by '||'; batched together
   config.tokenizer = ""  # directory with tokenizer.json (default: the checkpoint's)
   config.chat = False  # wrap each prompt in the tokenizer's chat template as a user message
+  config.chat_template_kwargs = ""  # JSON object of chat template variables, e.g. '{"enable_thinking": false}' (Qwen3)
   config.max_new_tokens = 64
   config.temperature = 0.0  # 0 = greedy
   config.top_k = 0

@@ -79,3 +79,21 @@ def hf_greedy(model, prompts, new_tokens: int) -> list[list[int]]:
                            do_sample=False, pad_token_id=0)
     out.append(ids[0, len(prompt):].tolist())
   return out
+
+
+def checkpoint_tensors(model) -> dict:
+  """The state dict as numpy under a checkpoint's names: Qwen3-MoE's fused in-memory expert tensors split per
+  expert, as save_pretrained writes them."""
+  tensors, f = {}, getattr(model.config, "moe_intermediate_size", 0)
+  for name, value in model.state_dict().items():
+    value = value.detach().numpy().copy()
+    if name.endswith("experts.gate_up_proj"):
+      for x in range(value.shape[0]):
+        tensors[name.replace("gate_up_proj", f"{x}.gate_proj.weight")] = value[x, :f]
+        tensors[name.replace("gate_up_proj", f"{x}.up_proj.weight")] = value[x, f:]
+    elif name.endswith("experts.down_proj"):
+      for x in range(value.shape[0]):
+        tensors[name.replace("down_proj", f"{x}.down_proj.weight")] = value[x]
+    else:
+      tensors[name] = value
+  return tensors

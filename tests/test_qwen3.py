@@ -10,11 +10,13 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import mesh_of
-from qwen3_reference import FAMILIES, checkpoint, hf_greedy, hf_logits
+from qwen3_reference import FAMILIES, checkpoint, checkpoint_tensors, hf_greedy, hf_logits, hf_model
 from qwen_logical.checkpoints.export import export_checkpoint
+from qwen_logical.checkpoints.hf_names import flax_from_hf
 from qwen_logical.checkpoints.loader import load_checkpoint
 from qwen_logical.inference.generate import generate
 from qwen_logical.model.config import preset
+from qwen_logical.model.hf_config import from_hf_config, to_hf_config
 from qwen_logical.sharding.partitioner import Partitioner
 from qwen_logical.sharding.rules import RuleError, get_table
 
@@ -106,3 +108,41 @@ def test_export_round_trips_bit_exact_and_transformers_loads_it(family, mesh, ta
   model = AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
   with torch.no_grad():
     np.testing.assert_array_equal(model(torch.tensor(TOKENS)).logits.numpy(), _reference(family)[0])
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 1e6}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_yarn_logits_equal_transformers_beyond_the_original_context(family):
+  """Positions up to 3x past original_max_position_embeddings; the plain rotary embedding would be far off."""
+  model = hf_model(family, rope_parameters=YARN, max_position_embeddings=128)
+  cfg = from_hf_config(model.config.to_dict())
+  assert dict(cfg.rope_scaling)["factor"] == 4.0
+  assert from_hf_config(to_hf_config(cfg)).rope_scaling == cfg.rope_scaling  # export keeps it
+  tokens = np.random.RandomState(7).randint(1, 256, (2, 100))
+  expected = hf_logits(model, tokens)
+  tensors = checkpoint_tensors(model)
+  for mesh, table, scaling in (("1x1", "tensor_parallel", cfg.rope_scaling), ("2x4", "tp_fsdp", cfg.rope_scaling),
+                               ("1x1", "tensor_parallel", ())):
+    config = cfg.replace(rope_scaling=scaling)
+    part = Partitioner(config, mesh_of(mesh), get_table(table))
+    got = np.asarray(part.forward(part.place(flax_from_hf(tensors, config, part.layout)), tokens))
+    error = np.abs(got[:, 32:] - expected[:, 32:]).max()
+    assert error <= TOLERANCE if scaling else error > 1.0, (mesh, scaling, error)
+
+
+def test_int8_experts_on_every_expert_layout_give_the_single_device_result():
+  directory, _ = checkpoint("qwen3_moe")
+  single, _, part = load_checkpoint(directory, mesh_of("1x1"), get_table("tensor_parallel"), quantization="int8",
+                                    progress=False)
+  assert single["layers_0"]["mlp"]["gate_kernel"].dtype == np.int8
+  expected = np.asarray(part.forward(single, TOKENS))
+  # int8 rounding moves a token near a routing tie to another expert: compare predictions, not every logit.
+  float32 = _reference("qwen3_moe")[0]
+  assert (expected.argmax(-1) == float32.argmax(-1)).mean() >= 0.9
+  for mesh, overrides in (("1x8", ""), ("4x2", "expert=batch,expert_mlp=model")):
+    params, _, split = load_checkpoint(directory, mesh_of(mesh), get_table("expert_parallel", overrides),
+                                       quantization="int8", progress=False)
+    got = np.asarray(split.forward(params, TOKENS))
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), (mesh, overrides)

@@ -1,8 +1,10 @@
 """Qwen3-MoE's routed experts: a router picks `num_experts_per_tok` of `num_experts` SwiGLU experts per token.
 
 Dropless: every token reaches every expert it picks. A device sorts its (token, choice) pairs by expert
-and runs each expert's rows as one group of `jax.lax.ragged_dot` (a grouped matmul; no capacity factor,
-nothing dropped or padded per expert). The experts' sharding is the rule table's, like every other axis:
+and runs each expert's rows as one group of a grouped product (no capacity factor, nothing dropped):
+`jax.lax.ragged_dot` on accelerators; on XLA:CPU, which lowers ragged_dot to a masked product over every
+expert, a loop over blocks of one expert's rows (`grouped_swiglu`). The experts' sharding is the rule
+table's, like every other axis:
 
 * `expert` splits the experts over mesh axes (expert parallelism), `expert_mlp` each expert's hidden
   dimension (tensor parallelism inside the experts); the validation rejects an expert count the shards
@@ -12,9 +14,6 @@ nothing dropped or padded per expert). The experts' sharding is the rule table's
   over the same mesh axis (experts over 'batch'), the tokens are all-gathered over it first and each
   device's outputs reduce-scattered back; over every other axis that splits experts or their hidden
   dimension the partial outputs are summed (one all-reduce, as after a tensor-parallel MLP).
-
-XLA:CPU lowers `ragged_dot` to a masked product over all of a device's experts (measured 2026-12-04:
-16 groups cost 23x one dense product of the same rows); accelerators run it grouped.
 
 The router's logits (activation_batch, activation_length, None) are sown as
 intermediates/router_logits for the load-balancing loss (`training.loss`).
@@ -57,6 +56,67 @@ def _dequantized(kernel, dtype, after: jax.Array):
   return weights if scale is None else weights * scale[..., None].astype(dtype)
 
 
+def _ragged_swiglu(rows, sizes, gate, up, down, dtype):
+  """The experts' SwiGLU over `rows` [M, E] grouped by expert (int[X] `sizes`; rows past their sum are in no
+  group) as three `ragged_dot`s: the grouped product accelerators run natively."""
+  grouped = lambda lhs, rhs: jax.lax.ragged_dot_general(lhs, rhs, sizes, _ROWS_BY_GROUP)
+  gate_out = grouped(rows, _dequantized(gate, dtype, rows[None]))
+  hidden = jax.nn.silu(gate_out) * grouped(rows, _dequantized(up, dtype, gate_out[None]))
+  return grouped(hidden.astype(dtype), _dequantized(down, dtype, hidden[None]))
+
+
+def block_rows(pairs: int, experts: int) -> int:
+  """Rows per block of `_blocked_swiglu`: about the mean rows per expert, a power of two in [8, 128]."""
+  mean = max(1, pairs // max(experts, 1))
+  return int(min(128, max(8, 1 << (mean - 1).bit_length())))
+
+
+def _blocked_swiglu(rows, sizes, gate, up, down, dtype):
+  """`_ragged_swiglu` as a loop over blocks of rows of one expert each (each group starts a block), every
+  block reading and converting only its own expert's weights. XLA:CPU lowers ragged_dot to a masked product
+  over every expert (measured 2026-12-04: 16 groups cost 23x one dense product of the same rows); this costs
+  the rows plus at most one partial block per expert. A static loop (blocks past the used ones skip their
+  work), so it differentiates like any scan."""
+  m, e = rows.shape
+  count = sizes.shape[0]
+  block = block_rows(m, count)
+  capacity = -(-m // block) + count  # blocks the rows can need
+  blocks_of = (sizes + block - 1) // block
+  ends = jnp.cumsum(sizes)
+  group = jnp.searchsorted(ends, jnp.arange(m), side="right")  # each sorted row's expert (count: none)
+  known = jnp.minimum(group, count - 1)
+  slot = (jnp.cumsum(blocks_of) - blocks_of)[known] * block + jnp.arange(m) - (ends - sizes)[known]
+  slot = jnp.where(group < count, slot, capacity * block)  # rows in no group go nowhere
+  padded = jnp.zeros((capacity * block, e), rows.dtype).at[slot].set(rows, mode="drop")
+  expert_of_block = jnp.minimum(jnp.searchsorted(jnp.cumsum(blocks_of), jnp.arange(capacity), side="right"),
+                                count - 1)
+  used = jnp.sum(blocks_of)
+
+  def weights_of(kernel, expert):
+    w, scale = kernel
+    w = jax.lax.dynamic_index_in_dim(w, expert, keepdims=False).astype(dtype)
+    return w if scale is None else w * jax.lax.dynamic_index_in_dim(scale, expert, keepdims=False)[:, None].astype(dtype)
+
+  def run_block(b, out):
+    x = jax.lax.dynamic_slice_in_dim(padded, b * block, block)
+    expert = expert_of_block[b]
+    product = lambda a, kernel: jnp.einsum("oi,bi->bo", weights_of(kernel, expert), a)
+    hidden = jax.nn.silu(product(x, gate)) * product(x, up)
+    return jax.lax.dynamic_update_slice_in_dim(out, product(hidden.astype(dtype), down), b * block, 0)
+
+  out = jax.lax.fori_loop(0, capacity, lambda b, out: jax.lax.cond(b < used, run_block, lambda b, o: o, b, out),
+                          jnp.zeros((capacity * block, e), dtype))
+  return jnp.take(out, slot, axis=0, mode="fill", fill_value=0)
+
+
+def grouped_swiglu(rows, sizes, gate, up, down, dtype, method: str | None = None):
+  """rows [M, E] sorted by expert, int[X] sizes, kernels (weights, scale | None) -> [M, E]; rows in no group
+  give zeros or anything (callers mask them). `method`: "ragged" (accelerators), "blocks" (XLA:CPU), None:
+  per the default backend."""
+  method = method or ("blocks" if jax.default_backend() == "cpu" else "ragged")
+  return (_blocked_swiglu if method == "blocks" else _ragged_swiglu)(rows, sizes, gate, up, down, dtype)
+
+
 def _local_experts(x, weights, experts, gate, up, down, *, first_expert, dtype):
   """One device's contribution: x [T, E], weights/experts [T, k] -> y [T, E] from its own experts.
 
@@ -71,12 +131,9 @@ def _local_experts(x, weights, experts, gate, up, down, *, first_expert, dtype):
   order = jnp.argsort(group, stable=True)
   sizes = jnp.zeros((count + 1,), jnp.int32).at[group].add(1)[:count]
   rows = jnp.take(x, order // top_k, axis=0)  # [T*k, E]: each routed pair's token, grouped by expert
-  grouped = lambda lhs, rhs: jax.lax.ragged_dot_general(lhs, rhs, sizes, _ROWS_BY_GROUP)
-  gate_out = grouped(rows, _dequantized(gate, dtype, rows[None]))
-  hidden = jax.nn.silu(gate_out) * grouped(rows, _dequantized(up, dtype, gate_out[None]))
-  out = grouped(hidden.astype(dtype), _dequantized(down, dtype, hidden[None]))  # [T*k, E]
+  out = grouped_swiglu(rows, sizes, gate, up, down, dtype)  # [T*k, E]
   weighted = out * weights.reshape(-1)[order].astype(out.dtype)[:, None]
-  weighted = jnp.where(mine[order][:, None], weighted, 0)  # rows in no group: whatever ragged_dot left
+  weighted = jnp.where(mine[order][:, None], weighted, 0)  # rows in no group: whatever the product left
   return jnp.zeros((tokens, x.shape[1]), out.dtype).at[order // top_k].add(weighted)
 
 
