@@ -146,3 +146,52 @@ def test_int8_experts_on_every_expert_layout_give_the_single_device_result():
                                        quantization="int8", progress=False)
     got = np.asarray(split.forward(params, TOKENS))
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), (mesh, overrides)
+
+
+def test_the_30b_a3b_shape_splits_its_experts_8_ways_without_weights():
+  """Abstract shapes only: the sharding report and per-device bytes of Qwen3-30B-A3B on 1x8 expert_parallel."""
+  from qwen_logical.sharding.device_memory import device_memory
+  from qwen_logical.sharding.report import sharding_report
+  cfg = preset("qwen3-30b-a3b").replace(param_dtype="bfloat16")
+  assert abs(cfg.num_parameters - 30.53e9) < 0.01e9  # transformers' count for Qwen3-30B-A3B
+  part = Partitioner(cfg, mesh_of("1x8"), get_table("expert_parallel"))
+  rows = {row.path: row for row in sharding_report(part).rows}
+  for kernel, shard in (("gate_kernel", (16, 768, 2048)), ("up_kernel", (16, 768, 2048)), ("down_kernel", (16, 2048, 768))):
+    assert rows[f"layers_47/mlp/{kernel}"].shard_shape == shard
+  memory, _ = device_memory(part, 8, 16)
+  experts = 48 * 3 * 128 * 768 * 2048 * 2  # bf16 bytes of every expert kernel
+  assert len({m.params for m in memory}) == 1 and memory[0].params > experts / 8
+  assert memory[0].params < (cfg.num_parameters * 2 - experts) + experts / 8  # the experts' share is 1/8
+
+
+def test_main_runs_a_qwen3_moe_preset_under_expert_parallelism(tmp_path):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  report = tmp_path / "report.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run([sys.executable, "main.py", "--config=configs/tp8.py", "--config.mesh=2x4",
+                           "--config.model.preset=tiny-qwen3-moe", "--config.rules=ep", f"--config.report={report}"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  params = {p["path"]: p for p in json.loads(report.read_text())["sharding"]["params"]}
+  gate = params["layers_0/mlp/gate_kernel"]
+  assert gate["logical"] == ["expert", "expert_mlp", "embed"] and gate["mesh_axes"] == [["batch", "model"], None, None]
+  assert gate["shard_shape"] == [1, 32, 64]
+  assert "router: layers_*/mlp/router_kernel" in result.stdout and "Forward pass" in result.stdout
+
+
+def test_the_serving_engine_gives_transformers_greedy_tokens_for_qwen3_moe():
+  """Continuous batching (four prompts on two slots), with log-probabilities asked, under expert parallelism."""
+  from qwen_logical.serving.engine import Engine
+  from qwen_logical.serving.requests import EngineRequest
+  from test_serving_engine import submit_all
+  directory, _ = checkpoint("qwen3_moe")
+  params, _, part = load_checkpoint(directory, mesh_of("2x4"), get_table("expert_parallel"), progress=False)
+  engine = Engine(part, params, slots=2, context=64, queue_size=len(PROMPTS))
+  collector, rids = submit_all(engine, [EngineRequest(tuple(p), NEW, logprobs=2) for p in PROMPTS])
+  engine.start()
+  try:
+    assert collector.wait(rids) == _reference("qwen3_moe")[1]
+  finally:
+    engine.stop(5)
