@@ -33,6 +33,26 @@ Qwen2.5 writes it.
 
 import json
 
+# The pieces Qwen2.5's and Qwen3's templates share: the tools' signatures in the system message, and a past
+# call's arguments (a mapping as JSON, a string as it is). Jinja's "-" trims make indentation irrelevant.
+_TOOL_SIGNATURES = r"""
+  {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+  {%- for tool in tools %}
+    {{- '\n' + (tool | tojson) }}
+  {%- endfor %}
+  {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within ' }}
+  {{- '<tool_call></tool_call> XML tags:\n<tool_call>\n' }}
+  {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' }}
+"""
+_CALL_ARGUMENTS = r"""
+      {%- if fn['arguments'] is mapping %}
+        {{- fn['arguments'] | tojson }}
+      {%- else %}
+        {{- fn['arguments'] }}
+      {%- endif %}
+      {{- '}\n</tool_call>' }}
+"""
+
 QWEN25_TEMPLATE = r"""{%- set first_is_system = messages[0]['role'] == 'system' %}
 {{- '<|im_start|>system\n' }}
 {%- if first_is_system %}
@@ -42,14 +62,7 @@ QWEN25_TEMPLATE = r"""{%- set first_is_system = messages[0]['role'] == 'system' 
 {%- endif %}
 {%- if tools %}
   {{- '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' }}
-  {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
-  {%- for tool in tools %}
-    {{- '\n' + (tool | tojson) }}
-  {%- endfor %}
-  {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within ' }}
-  {{- '<tool_call></tool_call> XML tags:\n<tool_call>\n' }}
-  {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' }}
-{%- endif %}
+""" + _TOOL_SIGNATURES + r"""{%- endif %}
 {{- '<|im_end|>\n' }}
 {%- for message in messages %}
   {%- if loop.first and first_is_system %}
@@ -71,13 +84,7 @@ QWEN25_TEMPLATE = r"""{%- set first_is_system = messages[0]['role'] == 'system' 
     {%- for call in message['tool_calls'] %}
       {%- set fn = call['function'] if call['function'] is defined else call %}
       {{- '\n<tool_call>\n{"name": "' + fn['name'] + '", "arguments": ' }}
-      {%- if fn['arguments'] is mapping %}
-        {{- fn['arguments'] | tojson }}
-      {%- else %}
-        {{- fn['arguments'] }}
-      {%- endif %}
-      {{- '}\n</tool_call>' }}
-    {%- endfor %}
+""" + _CALL_ARGUMENTS + r"""    {%- endfor %}
     {{- '<|im_end|>\n' }}
   {%- else %}
     {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}
@@ -98,14 +105,7 @@ QWEN3_TEMPLATE = r"""{%- if tools or messages[0]['role'] == 'system' %}
   {%- endif %}
   {%- if tools %}
     {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' }}
-    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
-    {%- for tool in tools %}
-      {{- '\n' + (tool | tojson) }}
-    {%- endfor %}
-    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within ' }}
-    {{- '<tool_call></tool_call> XML tags:\n<tool_call>\n' }}
-    {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' }}
-  {%- endif %}
+""" + _TOOL_SIGNATURES + r"""  {%- endif %}
   {{- '<|im_end|>\n' }}
 {%- endif %}
 {%- set state = namespace(last_user=-1) %}
@@ -145,13 +145,7 @@ QWEN3_TEMPLATE = r"""{%- if tools or messages[0]['role'] == 'system' %}
         {{- '\n' }}
       {%- endif %}
       {{- '<tool_call>\n{"name": "' + fn['name'] + '", "arguments": ' }}
-      {%- if fn['arguments'] is mapping %}
-        {{- fn['arguments'] | tojson }}
-      {%- else %}
-        {{- fn['arguments'] }}
-      {%- endif %}
-      {{- '}\n</tool_call>' }}
-    {%- endfor %}
+""" + _CALL_ARGUMENTS + r"""    {%- endfor %}
     {{- '<|im_end|>\n' }}
   {%- else %}
     {{- '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>\n' }}
