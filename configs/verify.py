@@ -21,7 +21,12 @@ def get_config():
   config.model.param_dtype = "float32"
   config.verify = ConfigDict()
   config.verify.meshes = "1x1,1x8,2x4,4x2,8x1"  # batch x model
-  config.verify.tables = "tensor_parallel,data_parallel,fsdp,tp_fsdp"  # --config.rule_overrides applies to each
+  # --config.rule_overrides applies to each; expert_parallel is skipped for a model without experts (for it
+  # the table is tensor_parallel)
+  config.verify.tables = "tensor_parallel,data_parallel,fsdp,tp_fsdp,expert_parallel"
+  # MESH:TABLE,... (e.g. "1x8:tensor_parallel,2x4:tp_fsdp"): only these, in this order, instead of
+  # every mesh x every table
+  config.verify.combinations = ""
   # reference: the 1x1 run's random weights, saved as an HF checkpoint in a temporary directory
   # and loaded onto each mesh | init: sharded random init on each mesh (also checks init)
   config.verify.weights = "reference"

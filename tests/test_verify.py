@@ -1,6 +1,9 @@
-"""The verification suite on tiny models: every mesh x every table, asserted from its report, and
-its verdict: it passes a model whose logits look like a real checkpoint's on every mesh and table,
-and fails genuinely wrong models."""
+"""The verification suite on tiny models, asserted from its report, and its verdict: it passes a model
+whose logits look like a real checkpoint's on every mesh and every table, and fails genuinely wrong models.
+
+The job does the same for each combination however many run, so the real-looking run takes a set that
+has every mesh and every table (test_meshes.py runs every mesh x every table against the single device,
+test_generate.py greedy tokens on six of them)."""
 
 import copy
 import json
@@ -12,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import mesh_of
+from conftest import MESHES, mesh_of
 from hf_reference import hf_logits, real_looking_model
 from qwen_logical.checkpoints.loader import load_checkpoint
+from qwen_logical.jobs.common.build import JobError
 from qwen_logical.jobs.verify.job import verify
 from qwen_logical.sharding.report import compact_paths
 from qwen_logical.jobs.verify.suite import Settings, Suite
@@ -26,7 +30,13 @@ sys.path.insert(0, REPO)
 from configs import verify as verify_config  # noqa: E402
 
 LAYERS = 2  # the tiny preset and the test checkpoint
+NO_EXPERTS = "the model has no experts: expert_parallel shards it exactly as tensor_parallel"
 BROKEN_TP = "heads=None,kv_heads=None,activation_heads=None,activation_kv_heads=None,cache_kv_heads=None"
+# Every mesh and table, each collective case of each table (tp_fsdp: all-reduces only, gathers only, both),
+# the head layout padded at 8 and 4 shards (14 query / 2 KV heads), one device under two tables.
+COMBINATIONS = (("1x1", "tensor_parallel"), ("1x1", "fsdp"), ("1x8", "tensor_parallel"), ("1x8", "tp_fsdp"),
+                ("2x4", "tp_fsdp"), ("4x2", "fsdp"), ("8x1", "data_parallel"), ("8x1", "tp_fsdp"))
+DENSE_TABLES = tuple(t for t in verify_config.get_config().verify.tables.split(",") if t != "expert_parallel")
 
 
 def tiny_config(**verify_settings):
@@ -50,8 +60,8 @@ def real_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_run(real_checkpoint):
-  """The whole suite with the default verdict on the real-looking checkpoint: (report, suite)."""
-  config = tiny_config()
+  """The suite on COMBINATIONS with the default verdict on the real-looking checkpoint: (report, suite)."""
+  config = tiny_config(combinations=",".join(f"{m}:{t}" for m, t in COMBINATIONS))
   config.checkpoint = real_checkpoint[0]
   suite = Suite(config, Settings.from_config(config.verify))
   return verify(config, suite), suite
@@ -69,8 +79,8 @@ def test_every_mesh_and_table_agrees_with_single_device_on_real_looking_logits(r
   # The single-device run every combination matched is itself transformers' model.
   np.testing.assert_allclose(logits, hf_logits(real_checkpoint[1], suite.tokens), atol=1e-4, rtol=0)
   entries = _by_combination(report)
-  assert set(entries) == {(m, t) for m in ("1x1", "1x8", "2x4", "4x2", "8x1")
-                          for t in ("tensor_parallel", "data_parallel", "fsdp", "tp_fsdp")}
+  assert list(entries) == list(COMBINATIONS)
+  assert {m for m, _ in entries} == set(MESHES) and {t for _, t in entries} == set(DENSE_TABLES)
   for key, e in entries.items():
     assert e["status"] == "ok" and e["weights"] == "loaded from the checkpoint", (key, e.get("failures"))
     # Float32 summed in another order: far inside every tolerance (measured: <= 0.001 of the
@@ -90,34 +100,36 @@ def _counts(entry):
 
 
 def test_collectives_are_those_each_table_implies(full_run):
-  entries = _by_combination(full_run[0])
-  for mesh in ("1x1", "1x8", "2x4", "4x2", "8x1"):
+  for (mesh, table), entry in _by_combination(full_run[0]).items():
     batch, model = map(int, mesh.split("x"))
-    # Data parallel: no communication in the forward pass, on any mesh.
-    assert _counts(entries[(mesh, "data_parallel")]) == {}, mesh
-    # Tensor parallel: one all-reduce after attention and one after the MLP per layer, plus
-    # one for the vocab-parallel embedding lookup; nothing when the model axis is 1.
-    tp = _counts(entries[(mesh, "tensor_parallel")])
-    assert tp == ({"all-reduce": 2 * LAYERS + 1} if model > 1 else {}), (mesh, tp)
-    # FSDP: every layer's 7 kernels gathered, no all-reduce.
-    fsdp = _counts(entries[(mesh, "fsdp")])
-    if batch * model > 1:
-      assert fsdp.get("all-gather", 0) >= 7 * LAYERS and "all-reduce" not in fsdp, (mesh, fsdp)
+    counts = _counts(entry)
+    if table == "data_parallel":
+      # Data parallel: no communication in the forward pass, on any mesh.
+      assert counts == {}, mesh
+    elif table == "tensor_parallel":
+      # Tensor parallel: one all-reduce after attention and one after the MLP per layer, plus
+      # one for the vocab-parallel embedding lookup; nothing when the model axis is 1.
+      assert counts == ({"all-reduce": 2 * LAYERS + 1} if model > 1 else {}), (mesh, counts)
+    elif table == "fsdp":
+      # FSDP: every layer's 7 kernels gathered, no all-reduce.
+      if batch * model > 1:
+        assert counts.get("all-gather", 0) >= 7 * LAYERS and "all-reduce" not in counts, (mesh, counts)
+      else:
+        assert counts == {}
     else:
-      assert fsdp == {}
-    # 2-D: tensor parallel's all-reduces over 'model' and FSDP's gathers over 'batch'.
-    two_d = _counts(entries[(mesh, "tp_fsdp")])
-    assert ("all-reduce" in two_d) == (model > 1), (mesh, two_d)
-    assert ("all-gather" in two_d) == (batch > 1), (mesh, two_d)
+      # 2-D: tensor parallel's all-reduces over 'model' and FSDP's gathers over 'batch'.
+      assert ("all-reduce" in counts) == (model > 1), (mesh, counts)
+      assert ("all-gather" in counts) == (batch > 1), (mesh, counts)
 
 
 def test_per_device_bytes_follow_the_table(full_run):
   entries = _by_combination(full_run[0])
   single = max(entries[("1x1", "tensor_parallel")]["bytes_by_device"].values())
-  for mesh in ("1x8", "2x4", "4x2", "8x1"):
-    dp = entries[(mesh, "data_parallel")]
-    assert set(dp["bytes_by_device"].values()) == {single}  # every device holds everything
-    assert max(entries[(mesh, "fsdp")]["bytes_by_device"].values()) < single / 6
+  for (mesh, table), entry in entries.items():
+    if mesh != "1x1" and table == "data_parallel":
+      assert set(entry["bytes_by_device"].values()) == {single}  # every device holds everything
+    if mesh != "1x1" and table == "fsdp":
+      assert max(entry["bytes_by_device"].values()) < single / 6
   assert max(entries[("1x8", "tensor_parallel")]["bytes_by_device"].values()) < single / 4
 
 
@@ -173,7 +185,8 @@ def test_a_table_that_replicates_what_it_claims_fails_with_nonzero_exit(tmp_path
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   result = subprocess.run(
       [sys.executable, "main.py", "--config=configs/verify.py", "--config.model.preset=tiny",
-       "--config.verify.meshes=1x1,1x8", "--config.verify.tables=tensor_parallel,data_parallel",
+       "--config.verify.combinations=1x1:tensor_parallel,1x8:tensor_parallel,1x8:data_parallel",
+       "--config.verify.seq_len=16", "--config.verify.new_tokens=1",
        f"--config.rule_overrides={BROKEN_TP}", f"--config.report={report_path}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1, result.stderr[-3000:]
@@ -194,8 +207,8 @@ def test_a_table_that_replicates_what_it_claims_fails_with_nonzero_exit(tmp_path
   assert entries[("1x8", "data_parallel+overrides")]["status"] == "ok"
 
 
-def test_combinations_that_cannot_fit_are_skipped_with_the_reason():
-  report = verify(tiny_config(meshes="1x8,2x8", tables="tensor_parallel,data_parallel", batch_size=4,
+def test_combinations_that_cannot_fit_are_skipped_with_the_reason(capsys):
+  report = verify(tiny_config(meshes="1x8,2x8", tables="tensor_parallel,data_parallel,expert_parallel", batch_size=4,
                               weights="init"))
   entries = _by_combination(report)
   assert report["ok"], report["verdict"]
@@ -203,10 +216,41 @@ def test_combinations_that_cannot_fit_are_skipped_with_the_reason():
   assert skipped["status"] == "skipped"
   assert "token batch (4, 16)" in skipped["reason"] and "(--config.verify.batch_size)" in skipped["reason"]
   assert entries[("1x8", "tensor_parallel")]["status"] == "ok"  # sharded init is the same model
-  for table in ("tensor_parallel", "data_parallel"):
+  assert entries[("1x8", "expert_parallel")] == {"mesh": "1x8", "rules": "expert_parallel", "status": "skipped",
+                                                 "reason": NO_EXPERTS}
+  for table in ("tensor_parallel", "data_parallel", "expert_parallel"):
     assert entries[("2x8", table)]["status"] == "skipped"
     assert "needs 16 devices; 8 available" in entries[("2x8", table)]["reason"]
-  assert "1 agree, 0 FAILED, 3 skipped" in report["verdict"]
+  assert "1 agree, 0 FAILED, 5 skipped" in report["verdict"]
+  assert f"skipped 1x8 x expert_parallel: {NO_EXPERTS}\n" in capsys.readouterr().out
+
+
+def test_expert_parallel_is_skipped_for_a_dense_model_and_runs_for_experts():
+  config = verify_config.get_config()
+  assert config.verify.tables.split(",")[-1] == "expert_parallel" and config.verify.combinations == ""
+  config.model.preset = "tiny"
+  config.rule_overrides = "mlp=None"
+  suite = Suite(config, Settings.from_config(config.verify))
+  assert not suite.model_config.is_moe and suite.model_config.scan_layers  # fsdp in the tables: scanned
+  for mesh in MESHES:  # nothing built, nothing compiled: no reference needed
+    assert suite.run_combination(mesh, "ep") == {"mesh": mesh, "rules": "expert_parallel+overrides",
+                                                 "status": "skipped", "reason": NO_EXPERTS}
+  config.model.preset = "tiny-qwen3-moe"
+  moe = Suite(config, Settings.from_config(config.verify))
+  assert moe.model_config.is_moe and moe._partitioner("2x4", "ep", {}).table.name == "expert_parallel+overrides"
+
+
+def test_combinations_are_every_mesh_x_every_table_or_the_listed_ones():
+  v = verify_config.get_config().verify
+  every = Settings.from_config(v)
+  assert every.combinations == tuple((m, t) for m in MESHES for t in every.tables)
+  v.combinations = " 2x4:tp_fsdp, 1x8:ep,2x4:fsdp "
+  listed = Settings.from_config(v)
+  assert listed.combinations == (("2x4", "tp_fsdp"), ("1x8", "ep"), ("2x4", "fsdp"))
+  assert listed.meshes == ("2x4", "1x8") and listed.tables == ("tp_fsdp", "ep", "fsdp")
+  v.combinations = "2x4"
+  with pytest.raises(JobError, match="list MESH:TABLE items"):
+    Settings.from_config(v)
 
 
 def test_unclaimed_replication_names_parameter_and_axis():

@@ -1,7 +1,8 @@
 """The verification job: every mesh x every rule table against the single-device run.
 
 For each (mesh, rule table) combination the suite (suite.py) builds a Partitioner (or
-records, as skipped, the validation message that says why the table does not fit the mesh),
+records, as skipped, the validation message that says why the table does not fit the mesh, or
+that the model has no experts for expert_parallel to split),
 puts the same weights on the mesh, compiles and runs the forward pass on a [B, L] token batch,
 generates greedy tokens with the KV cache, and the verdict (verdict.py) compares with
 the 1x1 run:
@@ -41,13 +42,20 @@ def devices_needed(config: ConfigDict) -> int:
   return max(b * m for b, m in map(parse_mesh_shape, Settings.from_config(config.verify).meshes))
 
 
+def _combinations_text(settings: Settings) -> str:
+  every = tuple((mesh, table) for mesh in settings.meshes for table in settings.tables)
+  if settings.combinations == every:
+    return f"meshes {', '.join(settings.meshes)} x tables {', '.join(settings.tables)}"
+  return "combinations " + ", ".join(f"{mesh} x {table}" for mesh, table in settings.combinations)
+
+
 def _header(config: ConfigDict, suite: Suite) -> str:
   import jax
   settings, cfg = suite.settings, suite.model_config
   return (f"Verifying {cfg.name} ({cfg.num_layers} {'scanned' if cfg.scan_layers else 'unrolled'} layers, "
           f"{cfg.num_parameters / 1e9:.2f}B parameters, {np.dtype(cfg.param_dtype).name}) on "
-          f"{len(jax.devices())} {jax.default_backend()} devices: meshes {', '.join(settings.meshes)} x tables "
-          f"{', '.join(settings.tables)}" + (f" (overrides: {config.rule_overrides})" if config.rule_overrides else ""))
+          f"{len(jax.devices())} {jax.default_backend()} devices: " + _combinations_text(settings)
+          + (f" (overrides: {config.rule_overrides})" if config.rule_overrides else ""))
 
 
 def _reference_text(reference: dict[str, Any]) -> str:
@@ -75,12 +83,11 @@ def verify(config: ConfigDict, suite: Suite | None = None) -> dict[str, Any]:
   try:
     reference = suite.run_reference()
     say(_reference_text(reference))
-    for mesh_shape in settings.meshes:
-      for table_name in settings.tables:
-        entries.append(suite.run_combination(mesh_shape, table_name))
-        say(format_combination(entries[-1], settings.tolerances))
-        if config.show_sharding and "layouts" in entries[-1]:
-          say(draw(entries[-1]["layouts"]))
+    for mesh_shape, table_name in settings.combinations:
+      entries.append(suite.run_combination(mesh_shape, table_name))
+      say(format_combination(entries[-1], settings.tolerances))
+      if config.show_sharding and "layouts" in entries[-1]:
+        say(draw(entries[-1]["layouts"]))
   finally:
     suite.close()
   failed = [e for e in entries if e["status"] == "fail"]

@@ -42,6 +42,7 @@ class Settings:
 
   meshes: tuple[str, ...]
   tables: tuple[str, ...]
+  combinations: tuple[tuple[str, str], ...]  # (mesh, table) in the order they run
   weights: str  # "reference": the 1x1 run's weights loaded onto each mesh | "init": sharded init per mesh
   batch_size: int
   seq_len: int
@@ -57,7 +58,17 @@ class Settings:
                            "loaded onto each mesh) or 'init' (sharded random init on each mesh).")
     tolerances = Tolerances(rtol=v.rtol, atol=v.atol, min_pcc=v.min_pcc, max_kl=v.max_kl, top_k=v.top_k,
                             min_top_k_overlap=v.min_top_k_overlap)
-    return cls(split(v.meshes), split(v.tables), v.weights, v.batch_size, v.seq_len, v.new_tokens,
+    meshes, tables = split(v.meshes), split(v.tables)
+    chosen = split(v.get("combinations", ""))
+    if chosen:
+      if any(item.count(":") != 1 for item in chosen):
+        raise build.JobError(f"--config.verify.combinations={v.combinations!r}: list MESH:TABLE items, "
+                             "e.g. '1x8:tensor_parallel,2x4:tp_fsdp' (empty: every mesh x every table).")
+      combinations = tuple(tuple(s.strip() for s in item.split(":")) for item in chosen)
+      meshes, tables = (tuple(dict.fromkeys(c[i] for c in combinations)) for i in (0, 1))
+    else:
+      combinations = tuple((mesh, table) for mesh in meshes for table in tables)
+    return cls(meshes, tables, combinations, v.weights, v.batch_size, v.seq_len, v.new_tokens,
                tolerances, split(v.key_params))
 
 
@@ -153,6 +164,8 @@ class Suite:
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:batch * model])
     table = get_table(table_name, self.config.rule_overrides)
     entry["rules"] = table.name
+    if get_table(table_name).name == "expert_parallel" and not self.source.config.is_moe:
+      raise RuleError("the model has no experts: expert_parallel shards it exactly as tensor_parallel")
     partitioner = build.make_partitioner(self.source, mesh, table)
     partitioner.check_batch(self.settings.batch_size, self.settings.seq_len, flag=BATCH_FLAG)
     return partitioner
