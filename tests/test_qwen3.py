@@ -99,7 +99,8 @@ def test_export_round_trips_bit_exact_and_transformers_loads_it(family, mesh, ta
   directory, _ = checkpoint(family)
   params, cfg, part = load_checkpoint(directory, mesh_of(mesh), get_table(table), scan_layers=True, progress=False)
   export_checkpoint(params, part, str(tmp_path), progress=False)
-  original, exported = load_file(os.path.join(directory, "model.safetensors")), load_file(tmp_path / "model.safetensors")
+  original = load_file(os.path.join(directory, "model.safetensors"))
+  exported = load_file(tmp_path / "model.safetensors")
   assert sorted(exported) == sorted(original)
   for name, value in original.items():
     assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
@@ -154,9 +155,11 @@ def test_the_30b_a3b_shape_splits_its_experts_8_ways_without_weights():
   from qwen_logical.sharding.report import sharding_report
   cfg = preset("qwen3-30b-a3b").replace(param_dtype="bfloat16")
   assert abs(cfg.num_parameters - 30.53e9) < 0.01e9  # transformers' count for Qwen3-30B-A3B
+  assert abs(cfg.active_parameters - 3.35e9) < 0.01e9  # "A3B": 8 of 128 experts per token
   part = Partitioner(cfg, mesh_of("1x8"), get_table("expert_parallel"))
   rows = {row.path: row for row in sharding_report(part).rows}
-  for kernel, shard in (("gate_kernel", (16, 768, 2048)), ("up_kernel", (16, 768, 2048)), ("down_kernel", (16, 2048, 768))):
+  for kernel, shard in (("gate_kernel", (16, 768, 2048)), ("up_kernel", (16, 768, 2048)),
+                        ("down_kernel", (16, 2048, 768))):
     assert rows[f"layers_47/mlp/{kernel}"].shard_shape == shard
   memory, _ = device_memory(part, 8, 16)
   experts = 48 * 3 * 128 * 768 * 2048 * 2  # bf16 bytes of every expert kernel
@@ -195,3 +198,16 @@ def test_the_serving_engine_gives_transformers_greedy_tokens_for_qwen3_moe():
     assert collector.wait(rids) == _reference("qwen3_moe")[1]
   finally:
     engine.stop(5)
+
+
+def test_speculative_decoding_gives_the_plain_greedy_tokens_for_qwen3_moe():
+  """Prompt lookup, and a draft model (the same checkpoint under tensor_parallel), under expert parallelism."""
+  from qwen_logical.inference.speculative import DraftModel, Speculation
+  directory, _ = checkpoint("qwen3_moe")
+  params, _, part = load_checkpoint(directory, mesh_of("2x4"), get_table("expert_parallel"), progress=False)
+  draft_params, _, draft_part = load_checkpoint(directory, mesh_of("2x4"), get_table("tensor_parallel"),
+                                                progress=False)
+  expected = _reference("qwen3_moe")[1]  # transformers' greedy tokens
+  draft = DraftModel(draft_part, draft_params)
+  for speculation in (Speculation("prompt_lookup", 4, 2), Speculation("draft", 3, draft=draft)):
+    assert generate(part, params, PROMPTS, max_new_tokens=NEW, speculation=speculation).tokens == expected

@@ -131,7 +131,7 @@ def _train(config: ConfigDict, partitioner, params, data) -> tuple[Any, Any, dic
   rows = train.batch_size // steps.data_shard(partitioner)[1]
   loop_settings = loop.LoopSettings(
       steps=train.steps, batch_size=train.batch_size, rows=rows, eval_every=train.eval_every, seed=train.seed,
-      peak_flops=_peak_flops(config, partitioner.mesh), num_parameters=partitioner.config.num_parameters)
+      peak_flops=_peak_flops(config, partitioner.mesh), num_parameters=partitioner.config.active_parameters)
   start = time.perf_counter()
   state, history = loop.train_loop(
       fns, state, frozen, *data, loop_settings, learning_rate=opt.learning_rate_schedule(settings),

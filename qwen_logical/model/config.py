@@ -164,6 +164,12 @@ class ModelConfig:
     head = 0 if self.tie_word_embeddings else self.vocab_size * e
     return self.vocab_size * e + self.num_layers * layer + e + head
 
+  @property
+  def active_parameters(self) -> int:
+    """Parameters one token runs through: a mixture's unchosen experts left out (the 6N of training FLOPs)."""
+    unchosen = self.num_experts - self.num_experts_per_tok
+    return self.num_parameters - self.num_layers * unchosen * 3 * self.hidden_size * self.moe_intermediate_size
+
 
 def _preset(name, vocab, hidden, inter, layers, heads, kv, tied, eps, **family) -> ModelConfig:
   return ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
