@@ -104,6 +104,13 @@ def test_unsupported_model_configs():
   with pytest.raises(ConfigError, match="rope scaling type 'linear'"):
     from_hf_config({**base, "rope_scaling": {"type": "linear", "factor": 4.0}})
   assert dict(from_hf_config({**base, "rope_scaling": {"type": "yarn", "factor": 4.0}}).rope_scaling)["factor"] == 4.0
+  # Keys left out mean what transformers' config classes assume (checked against them).
+  from transformers import Qwen3Config, Qwen3MoeConfig
+  qwen3 = {k: v for k, v in base.items() if k != "num_key_value_heads"} | {"model_type": "qwen3", "num_attention_heads": 32}
+  assert (from_hf_config(qwen3).head_dim, from_hf_config(qwen3).num_kv_heads) == (128, 32) == (
+      Qwen3Config(**qwen3).head_dim, Qwen3Config(**qwen3).num_key_value_heads)
+  moe = qwen3 | {"model_type": "qwen3_moe", "num_attention_heads": 8, "num_experts": 4, "num_experts_per_tok": 2}
+  assert from_hf_config(moe).num_kv_heads == Qwen3MoeConfig(**moe).num_key_value_heads == 4
   with pytest.raises(ConfigError, match="decoder_sparse_step"):
     from_hf_config({**base, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
                     "moe_intermediate_size": 16, "mlp_only_layers": [0]})

@@ -17,6 +17,12 @@ from qwen_logical.model.config import MODEL_TYPES, ConfigError, ModelConfig
 # model_type -> the HF architecture class that writes it.
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 assert set(ARCHITECTURES) == set(MODEL_TYPES)
+# What transformers' config classes assume for a key config.json leaves out (a null head_dim or KV head count
+# means hidden_size // heads and one KV head per query head, as there).
+_MISSING = {"qwen2": {"num_key_value_heads": 32},
+            "qwen3": {"num_key_value_heads": 32, "head_dim": 128},
+            "qwen3_moe": {"num_key_value_heads": 4, "intermediate_size": 6144, "num_experts": 128,
+                          "num_experts_per_tok": 8, "moe_intermediate_size": 768}}
 
 
 def _load_json(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[dict, str]:
@@ -49,15 +55,16 @@ def _model_type(hf: dict, where: str) -> str:
 
 def _moe_fields(hf: dict, where: str) -> dict[str, Any]:
   """Qwen3-MoE's expert settings; every layer must be sparse (as in every released checkpoint)."""
-  if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
-    raise ConfigError(f"{where}: decoder_sparse_step={hf.get('decoder_sparse_step')} / mlp_only_layers="
-                      f"{hf.get('mlp_only_layers')} mix dense and expert layers, which is not supported; "
+  step, dense = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
+  if step != 1 or dense:
+    raise ConfigError(f"{where}: decoder_sparse_step={step} / mlp_only_layers={dense} mix dense and expert "
+                      "layers, which is not supported; "
                       "qwen_logical runs Qwen3-MoE with experts in every layer (step 1, no mlp_only_layers).")
-  experts = hf.get("num_experts", hf.get("num_local_experts"))
+  experts = hf.get("num_local_experts", hf.get("num_experts"))  # a saved config names it num_local_experts
   missing = [k for k, v in (("num_experts", experts), ("num_experts_per_tok", hf.get("num_experts_per_tok")),
                             ("moe_intermediate_size", hf.get("moe_intermediate_size"))) if v is None]
   if missing:
-    raise ConfigError(f"{where} lacks required Qwen3-MoE field(s) {missing}.")
+    raise ConfigError(f"{where}: Qwen3-MoE field(s) {missing} are null; give their values.")
   return dict(num_experts=experts, num_experts_per_tok=hf["num_experts_per_tok"],
               moe_intermediate_size=hf["moe_intermediate_size"],
               norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
@@ -84,8 +91,9 @@ def from_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any], **overri
   if qwen3 and hf.get("attention_bias", False):
     raise ConfigError(f"{where}: attention_bias=true is not supported for {model_type} (released Qwen3 "
                       "checkpoints have no attention biases); set it to false.")
-  missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-             + (() if model_type == "qwen3_moe" else ("intermediate_size",)) if k not in hf]
+  hf = {**_MISSING[model_type], **hf}
+  missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads") if k not in hf]
   if missing:
     raise ConfigError(f"{where} lacks required field(s) {missing}.")
   heads = hf["num_attention_heads"]
@@ -93,7 +101,7 @@ def from_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any], **overri
   fields = dict(
       vocab_size=hf["vocab_size"],
       hidden_size=hf["hidden_size"],
-      intermediate_size=hf.get("intermediate_size") or hf["hidden_size"] * 4,
+      intermediate_size=hf["intermediate_size"],
       num_layers=hf["num_hidden_layers"],
       num_heads=heads,
       num_kv_heads=hf.get("num_key_value_heads") or heads,
