@@ -135,7 +135,7 @@ def test_yarn_logits_equal_transformers_beyond_the_original_context(family):
     assert error <= TOLERANCE if scaling else error > 1.0, (mesh, scaling, error)
 
 
-def test_int8_experts_on_every_expert_layout_give_the_single_device_result():
+def test_int8_experts_on_every_expert_layout_give_the_single_device_result(tmp_path):
   directory, _ = checkpoint("qwen3_moe")
   single, _, part = load_checkpoint(directory, mesh_of("1x1"), get_table("tensor_parallel"), quantization="int8",
                                     progress=False)
@@ -149,6 +149,12 @@ def test_int8_experts_on_every_expert_layout_give_the_single_device_result():
                                        quantization="int8", progress=False)
     got = np.asarray(split.forward(params, TOKENS))
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), (mesh, overrides)
+  export_checkpoint(params, split, str(tmp_path), progress=False)  # dequantised: within half a scale per row
+  original = load_file(os.path.join(directory, "model.safetensors"))
+  exported = load_file(tmp_path / "model.safetensors")
+  for name in (n for n in original if ".experts." in n):
+    half_scale = np.abs(original[name]).max(axis=1, keepdims=True) / 127 / 2
+    assert np.all(np.abs(exported[name] - original[name]) <= half_scale * (1 + 1e-5)), name
 
 
 def test_the_30b_a3b_shape_splits_its_experts_8_ways_without_weights():

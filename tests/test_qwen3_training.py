@@ -70,9 +70,12 @@ def test_loss_with_the_load_balancing_term_and_every_gradient_equal_torch_autogr
   batch = random_batch(part.config.vocab_size)
   expected_loss, aux, expected = _torch_loss_and_grads(hf, batch)
   assert aux > 1.0 and part.config.router_aux_loss_coef == 0.01  # the term really weighs in
-  metrics, grads = make_train_step(part, optax.sgd(1.0)).gradients(params, None, batch)
+  fns = make_train_step(part, optax.sgd(1.0))
+  metrics, grads = fns.gradients(params, None, batch)
   loss_tolerance, gradient_tolerance = _tolerances(part.config, batch)
   assert abs(float(metrics["loss"]) - expected_loss) <= loss_tolerance * abs(expected_loss)
+  cross_entropy = expected_loss - part.config.router_aux_loss_coef * aux  # evaluation reports it alone
+  assert abs(float(fns.eval_step(params, None, batch)["loss"]) - cross_entropy) <= loss_tolerance * cross_entropy
   got = canonical(part, grads)
   assert sorted(got) == sorted(expected)
   for name in expected:

@@ -14,7 +14,7 @@ import numpy as np
 
 from qwen_logical.checkpoints import safetensors_io
 from qwen_logical.checkpoints.directory import INDEX_FILE, SINGLE_FILE
-from qwen_logical.checkpoints.hf_names import CheckpointError, hf_tensor_from_flax, tensor_specs
+from qwen_logical.checkpoints.hf_names import CheckpointError, HostValues, hf_tensor_from_flax, tensor_specs
 from qwen_logical.common.host import is_main_process
 from qwen_logical.common.progress import Progress
 from qwen_logical.model.config import SUPPORTED_DTYPES
@@ -73,10 +73,12 @@ def export_checkpoint(params, partitioner: Partitioner, directory: str, *, dtype
   if writer:
     os.makedirs(directory, exist_ok=True)
   bar = Progress(f"Exporting to {directory}", len(specs), sum(sizes), enabled=progress)
+  host = HostValues(params, config)
   for name, members in zip(names, files):
     tensors = []
     for i in members:  # every process gathers every tensor, in the same order
-      tensors.append((specs[i].hf_name, hf_tensor_from_flax(params, specs[i], config, layout).astype(out_dtype)))
+      tensor = hf_tensor_from_flax(params, specs[i], config, layout, host)
+      tensors.append((specs[i].hf_name, tensor.astype(out_dtype)))
       bar.update(1, sizes[i])
     if writer:
       safetensors_io.write_file(os.path.join(directory, name), tensors)

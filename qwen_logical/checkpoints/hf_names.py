@@ -260,23 +260,41 @@ def flax_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig,
   return params
 
 
-def _host_value(params: Mapping, spec: TensorSpec, config: ModelConfig) -> np.ndarray:
-  """The parameter of `spec` on the host (a stacked layer is sliced before the host copy)."""
-  value = get_path(params, spec.flax_path)
-  if spec.stack:
-    value = value[spec.stack]
+class HostValues:
+  """Parameters of `spec`s on the host: a layer's stacked experts come over as one array (one gather, not one
+  per expert) and are sliced on the host; the last two stacks are kept (an int8 kernel's and its scale's)."""
+
+  def __init__(self, params: Mapping, config: ModelConfig):
+    self.params, self.config, self._stacks = params, config, {}
+
+  def __call__(self, spec: TensorSpec) -> np.ndarray:
+    value = get_path(self.params, spec.flax_path)
+    if len(spec.stack) <= int(self.config.scan_layers):  # not an expert's tensor
+      return _on_host(value[spec.stack] if spec.stack else value)
+    key = (spec.flax_path, spec.stack[:-1])
+    if key not in self._stacks:
+      self._stacks = dict(list(self._stacks.items())[-1:])
+      self._stacks[key] = _on_host(value[spec.stack[:-1]] if spec.stack[:-1] else value)
+    return self._stacks[key][spec.stack[-1]]
+
+
+def _on_host(value) -> np.ndarray:
   return np.asarray(value) if isinstance(value, np.ndarray) else to_host(value)
 
 
-def hf_tensor_from_flax(params: Mapping, spec: TensorSpec, config: ModelConfig, layout: HeadLayout) -> np.ndarray:
-  """One HF tensor from Flax params (numpy or jax); an int8 kernel comes back dequantised (float32)."""
-  host = _host_value(params, spec, config)
+def hf_tensor_from_flax(params: Mapping, spec: TensorSpec, config: ModelConfig, layout: HeadLayout,
+                        host: HostValues | None = None) -> np.ndarray:
+  """One HF tensor from Flax params (numpy or jax); an int8 kernel comes back dequantised (float32). Pass one
+  `host` (HostValues) for a run of tensors, so a layer's experts are fetched once."""
+  host = host or HostValues(params, config)
+  value = host(spec)
   if spec.scale is not None:
-    host = quant.dequantize(host, _host_value(params, spec.scale, config), spec.contracted, np.float32)
-  return np.ascontiguousarray(spec.from_flax(host, layout))
+    value = quant.dequantize(value, host(spec.scale), spec.contracted, np.float32)
+  return np.ascontiguousarray(spec.from_flax(value, layout))
 
 
 def hf_from_flax(params: Mapping, config: ModelConfig, layout: HeadLayout | None = None) -> dict[str, np.ndarray]:
   """Flax params (numpy or jax) -> HF-named numpy tensors, the head plan undone."""
   layout = layout or plan_heads(config.num_heads, config.num_kv_heads, 1)
-  return {spec.hf_name: hf_tensor_from_flax(params, spec, config, layout) for spec in tensor_specs(config)}
+  host = HostValues(params, config)
+  return {spec.hf_name: hf_tensor_from_flax(params, spec, config, layout, host) for spec in tensor_specs(config)}

@@ -46,23 +46,26 @@ def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, ja
   return weights, experts.astype(jnp.int32)
 
 
-def _dequantized(kernel, dtype, after: jax.Array):
-  """A stored expert kernel in the compute dtype, converted only once `after` exists: XLA would otherwise
+def _converted(weights, dtype, after: jax.Array):
+  """Stored expert weights in the compute dtype, converted only once `after` exists: XLA would otherwise
   hoist every layer's conversion to the start and hold them all (projections.dense does the same)."""
-  weights, scale = kernel
-  if weights.dtype == dtype and scale is None:
-    return weights
-  weights = weights.astype(dtype) + zero_after(after).astype(dtype)
-  return weights if scale is None else weights * scale[..., None].astype(dtype)
+  return weights if weights.dtype == dtype else weights.astype(dtype) + zero_after(after).astype(dtype)
 
 
 def _ragged_swiglu(rows, sizes, gate, up, down, dtype):
   """The experts' SwiGLU over `rows` [M, E] grouped by expert (int[X] `sizes`; rows past their sum are in no
-  group) as three `ragged_dot`s: the grouped product accelerators run natively."""
+  group) as three `ragged_dot`s. An int8 kernel's scales multiply the products' output channels, as
+  projections.dense does."""
   grouped = lambda lhs, rhs: jax.lax.ragged_dot_general(lhs, rhs, sizes, _ROWS_BY_GROUP)
-  gate_out = grouped(rows, _dequantized(gate, dtype, rows[None]))
-  hidden = jax.nn.silu(gate_out) * grouped(rows, _dequantized(up, dtype, gate_out[None]))
-  return grouped(hidden.astype(dtype), _dequantized(down, dtype, hidden[None]))
+  expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(rows.shape[0]), side="right"),
+                       sizes.shape[0] - 1)  # each row's group
+
+  def product(x, kernel):
+    y = grouped(x, _converted(kernel[0], dtype, x[None]))
+    return y if kernel[1] is None else y * jnp.take(kernel[1], expert, axis=0).astype(dtype)
+
+  hidden = jax.nn.silu(product(rows, gate)) * product(rows, up)
+  return product(hidden.astype(dtype), down)
 
 
 def block_rows(pairs: int, experts: int) -> int:
@@ -92,15 +95,14 @@ def _blocked_swiglu(rows, sizes, gate, up, down, dtype):
                                 count - 1)
   used = jnp.sum(blocks_of)
 
-  def weights_of(kernel, expert):
-    w, scale = kernel
-    w = jax.lax.dynamic_index_in_dim(w, expert, keepdims=False).astype(dtype)
-    return w if scale is None else w * jax.lax.dynamic_index_in_dim(scale, expert, keepdims=False)[:, None].astype(dtype)
-
   def run_block(b, out):
     x = jax.lax.dynamic_slice_in_dim(padded, b * block, block)
-    expert = expert_of_block[b]
-    product = lambda a, kernel: jnp.einsum("oi,bi->bo", weights_of(kernel, expert), a)
+    pick = lambda array: jax.lax.dynamic_index_in_dim(array, expert_of_block[b], keepdims=False)
+
+    def product(a, kernel):  # an int8 kernel's scales multiply the output channels, as projections.dense
+      y = jnp.einsum("oi,bi->bo", pick(kernel[0]).astype(dtype), a)
+      return y if kernel[1] is None else y * pick(kernel[1]).astype(dtype)
+
     hidden = jax.nn.silu(product(x, gate)) * product(x, up)
     return jax.lax.dynamic_update_slice_in_dim(out, product(hidden.astype(dtype), down), b * block, 0)
 

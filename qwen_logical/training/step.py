@@ -78,13 +78,14 @@ class _Program:
   grad_accum: int
   clip_norm: float | None
 
-  def loss_sums(self, trainable, frozen, batch):
-    """(summed token loss, trained-token count); a mixture of experts adds router_aux_loss_coef times its
-    load-balancing loss per trained token, so the mean is transformers' loss + coef * aux."""
+  def loss_sums(self, trainable, frozen, batch, router_loss: bool = True):
+    """(summed token loss, trained-token count). With `router_loss` a mixture of experts adds
+    router_aux_loss_coef times its load-balancing loss per trained token, so the mean is transformers'
+    training loss with output_router_logits (loss + coef * aux); evaluation reports the cross-entropy alone."""
     tokens = constrain(batch["tokens"], ax.TOKENS)
     params = {"params": self.combine(trainable, frozen)}
     cfg = self.model.config
-    if not (cfg.is_moe and cfg.router_aux_loss_coef):
+    if not (router_loss and cfg.is_moe and cfg.router_aux_loss_coef):
       logits = self.model.apply(params, tokens, batch["attention_mask"])
       return masked_cross_entropy(logits, tokens, batch["loss_mask"])
     logits, sown = self.model.apply(params, tokens, batch["attention_mask"], mutable=["intermediates"])
@@ -141,7 +142,7 @@ class _Program:
     return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
   def evaluate(self, trainable, frozen, batch):
-    loss_sum, count = self.loss_sums(trainable, frozen, batch)
+    loss_sum, count = self.loss_sums(trainable, frozen, batch, router_loss=False)
     return {"loss": loss_sum / jnp.maximum(count, 1.0), "loss_sum": loss_sum, "tokens": count.astype(jnp.int32)}
 
 
