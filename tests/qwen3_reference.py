@@ -42,8 +42,9 @@ def hf_model(family: str, seed: int = 0, **changes):
   2 per token, normalised weights)."""
   sizes = {**_SIZES, **changes}
   if family == "qwen3_moe":
-    config = Qwen3MoeConfig(**sizes, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                            norm_topk_prob=True, router_aux_loss_coef=0.01)
+    experts = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                   router_aux_loss_coef=0.01)
+    config = Qwen3MoeConfig(**{**experts, **sizes})
     model_class = Qwen3MoeForCausalLM
   elif family == "qwen3":
     config, model_class = Qwen3Config(**sizes), Qwen3ForCausalLM

@@ -135,6 +135,18 @@ def test_yarn_logits_equal_transformers_beyond_the_original_context(family):
     assert error <= TOLERANCE if scaling else error > 1.0, (mesh, scaling, error)
 
 
+def test_unnormalised_expert_weights_equal_transformers():
+  """norm_topk_prob false (transformers' default): the chosen experts weigh their softmax probabilities."""
+  model = hf_model("qwen3_moe", norm_topk_prob=False, num_experts_per_tok=3)
+  cfg = from_hf_config(model.config.to_dict())
+  assert not cfg.norm_topk_prob and cfg.num_experts_per_tok == 3
+  expected = hf_logits(model, TOKENS)
+  for mesh in ("1x1", "2x4"):
+    part = Partitioner(cfg, mesh_of(mesh), get_table("expert_parallel"))
+    got = np.asarray(part.forward(part.place(flax_from_hf(checkpoint_tensors(model), cfg, part.layout)), TOKENS))
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
 def test_int8_experts_on_every_expert_layout_give_the_single_device_result(tmp_path):
   directory, _ = checkpoint("qwen3_moe")
   single, _, part = load_checkpoint(directory, mesh_of("1x1"), get_table("tensor_parallel"), quantization="int8",

@@ -2,8 +2,9 @@
 
 Dropless: every token reaches every expert it picks. A device sorts its (token, choice) pairs by expert
 and runs each expert's rows as one group of a grouped product (no capacity factor, nothing dropped):
-`jax.lax.ragged_dot` on accelerators; on XLA:CPU, which lowers ragged_dot to a masked product over every
-expert, a loop over blocks of one expert's rows (`grouped_swiglu`). The experts' sharding is the rule
+`jax.lax.ragged_dot` on accelerators (TPUs run it grouped; XLA's default GPU lowering may expand it, unmeasured
+here); on XLA:CPU, which lowers ragged_dot to a masked product over every expert, a loop over blocks of one
+expert's rows (`grouped_swiglu`). The experts' sharding is the rule
 table's, like every other axis:
 
 * `expert` splits the experts over mesh axes (expert parallelism), `expert_mlp` each expert's hidden
