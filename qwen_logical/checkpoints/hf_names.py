@@ -1,22 +1,20 @@
 """The HF name map: HF Qwen2 / Qwen3 / Qwen3-MoE tensors <-> Flax parameters in the head layout.
 
-One table (`tensor_specs`) says, for every HF tensor, which Flax parameter it
-becomes, its HF shape, the view that turns it into the canonical Flax shape
-(reshapes only, so a memory-mapped tensor is not read), and which axis carries
-heads for the head layout plan. Flax kernels keep HF's [out, in] order (outputs
-first, the contracted dimension last), so every view is a plain reshape or the
-identity and a loaded slice is a contiguous copy. Full conversions (`flax_from_hf`,
-`hf_from_flax`) and the slice-wise checkpoint loader all read that table.
+One table (`tensor_specs`) says, for every HF tensor, which Flax parameter it becomes, its HF shape, the view
+that turns it into the canonical Flax shape (reshapes only, so a memory-mapped tensor is not read), and which
+axis carries heads for the head layout plan. Flax kernels keep HF's [out, in] order (outputs first, the
+contracted dimension last), so every view is a plain reshape or the identity and a loaded slice is a
+contiguous copy. Full conversions (`flax_from_hf`, `hf_from_flax`) and the slice-wise checkpoint loader all
+read that table.
 
-Several HF tensors can make one stacked Flax parameter: scanned layers stack on a leading `layers`
-axis, and Qwen3-MoE's per-expert tensors (`mlp.experts.<j>.gate_proj.weight` ...) on an `expert`
-axis; a spec's `stack` is its index into those leading axes.
+Several HF tensors can make one stacked Flax parameter: scanned layers stack on a leading `layers` axis, and
+Qwen3-MoE's per-expert tensors (`mlp.experts.<j>.gate_proj.weight` ...) on an `expert` axis; a spec's
+`stack` is its index into those leading axes.
 
-With int8 quantization (`ModelConfig.quantization`) a kernel's spec carries a second
-spec, `scale`, for its `<kernel>_scale` parameter: the tensor's per-output-channel
-scales (`quantization.row_scales`, f32[out] in HF order) through the same head layout
-as the kernel's output dimensions. Loading quantises each slice with its scales;
-exporting writes the dequantised kernel.
+With int8 quantization (`ModelConfig.quantization`) a kernel's spec carries a second spec, `scale`, for its
+`<kernel>_scale` parameter: the tensor's per-output-channel scales (`quantization.row_scales`, f32[out] in
+HF order) through the same head layout as the kernel's output dimensions. Loading quantises each slice with
+its scales; exporting writes the dequantised kernel.
 """
 
 from __future__ import annotations
@@ -211,6 +209,11 @@ def _with_scale(kernel: TensorSpec) -> TensorSpec:
   return dataclasses.replace(kernel, scale=scale)
 
 
+def stack_shape(stacks) -> tuple[int, ...]:
+  """The leading (stacked) shape that the `stack` indices of one parameter's tensors fill."""
+  return tuple(max(column) + 1 for column in zip(*stacks))
+
+
 def set_path(tree: dict, path: tuple[str, ...], value) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
@@ -251,7 +254,7 @@ def flax_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig,
       else:
         set_path(params, part.flax_path, value)
   for path, values in stacked.items():
-    lead = tuple(max(index[a] for index in values) + 1 for a in range(len(next(iter(values)))))
+    lead = stack_shape(values)
     first = next(iter(values.values()))
     array = np.empty(lead + first.shape, first.dtype)
     for index, value in values.items():
@@ -270,16 +273,12 @@ class HostValues:
   def __call__(self, spec: TensorSpec) -> np.ndarray:
     value = get_path(self.params, spec.flax_path)
     if len(spec.stack) <= int(self.config.scan_layers):  # not an expert's tensor
-      return _on_host(value[spec.stack] if spec.stack else value)
+      return to_host(value[spec.stack])
     key = (spec.flax_path, spec.stack[:-1])
     if key not in self._stacks:
       self._stacks = dict(list(self._stacks.items())[-1:])
-      self._stacks[key] = _on_host(value[spec.stack[:-1]] if spec.stack[:-1] else value)
+      self._stacks[key] = to_host(value[spec.stack[:-1]])
     return self._stacks[key][spec.stack[-1]]
-
-
-def _on_host(value) -> np.ndarray:
-  return np.asarray(value) if isinstance(value, np.ndarray) else to_host(value)
 
 
 def hf_tensor_from_flax(params: Mapping, spec: TensorSpec, config: ModelConfig, layout: HeadLayout,

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from qwen_logical.checkpoints.directory import Checkpoint, open_checkpoint
-from qwen_logical.checkpoints.hf_names import TensorSpec, tensor_specs
+from qwen_logical.checkpoints.hf_names import TensorSpec, stack_shape, tensor_specs
 from qwen_logical.common.progress import Progress
 from qwen_logical.model import quantization as quant
 from qwen_logical.model.config import ModelConfig
@@ -111,7 +111,7 @@ def _read_tasks(checkpoint: Checkpoint, specs: list[TensorSpec], layout, stacked
   if stacked:  # one task per tensor: its place in the leading (layers, expert) axes of each slice
     by_stack = {spec.stack: spec for spec in specs}
     depth = len(specs[0].stack)
-    lead = tuple(max(stack[a] for stack in by_stack) + 1 for a in range(depth))
+    lead = stack_shape(by_stack)
     reads_of: dict[tuple, list] = defaultdict(list)
     for index, out in slices:
       ranges = [range(n)[i] for n, i in zip(lead, index[:depth])]

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from qwen_logical.model import axes as ax
 from qwen_logical.model.config import ModelConfig
 from qwen_logical.model.params import constrain, kernel_param, logical_param
-from qwen_logical.model.projections import dense, zero_after
+from qwen_logical.model.projections import bound_mesh_axes, dense, zero_after
 
 ROUTER_LOGITS = "router_logits"  # the sown intermediate: f32[B, L, X] per layer
 _ROWS_BY_GROUP = jax.lax.RaggedDotDimensionNumbers(
@@ -142,9 +142,7 @@ def _local_experts(x, weights, experts, gate, up, down, *, first_expert, dtype):
 
 def _mesh_axes(name: str, mesh) -> tuple[str, ...]:
   """The mesh axes of logical `name` under the bound rules that split it (of size > 1)."""
-  spec = nn.logical_to_mesh_axes((name,))[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-  return tuple(a for a in axes if mesh.shape[a] > 1)
+  return tuple(a for a in bound_mesh_axes((name,))[0] if mesh.shape[a] > 1)
 
 
 def routed_experts(x, weights, experts, gate, up, down, dtype):

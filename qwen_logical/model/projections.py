@@ -36,16 +36,21 @@ _BLOCK_BYTES = 16 * 2**20  # per device, one converted block
 _MAX_BLOCKS = 64
 
 
+def bound_mesh_axes(names: Sequence[str]) -> list[tuple[str, ...]]:
+  """The mesh axes each dimension of logical `names` is split over under the bound rule table and mesh
+  (every one () when none is bound)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return [()] * len(names)
+  spec = tuple(nn.logical_to_mesh_axes(tuple(names)))
+  spec += (None,) * (len(names) - len(spec))
+  return [() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec]
+
+
 def mesh_shards(names: Sequence[str]) -> tuple[int, ...]:
   """How many devices split each dimension of logical `names` under the bound rule table and mesh
   (1 each when none is bound)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return (1,) * len(names)
-  spec = tuple(nn.logical_to_mesh_axes(tuple(names)))
-  spec += (None,) * (len(names) - len(spec))
-  axes = [() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec]
-  return tuple(math.prod(mesh.shape[a] for a in entry) for entry in axes)
+  return tuple(math.prod(mesh.shape[a] for a in entry) for entry in bound_mesh_axes(names))
 
 
 def zero_after(y: jax.Array) -> jax.Array:

@@ -78,9 +78,9 @@ def global_array(host: np.ndarray, sharding: jax.sharding.Sharding):
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def to_host(array: jax.Array) -> np.ndarray:
-  """The whole of a global array as numpy, on every process (gathered across hosts if needed)."""
-  if array.is_fully_addressable:
+def to_host(array: jax.Array | np.ndarray) -> np.ndarray:
+  """The whole of a global array as numpy, on every process (gathered across hosts if needed); numpy as it is."""
+  if isinstance(array, np.ndarray) or array.is_fully_addressable:
     return np.asarray(array)
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
